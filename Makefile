@@ -1,0 +1,57 @@
+# Every target sets up what it needs: a fresh Debian machine runs `make demo` or
+# `make test` and nothing else. A second run is quick: the venv is rebuilt only
+# when pyproject.toml changes, fonts are installed only when none covers Chinese.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TORCH  := torch==2.13.0
+DEMO   := outputs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup fonts demo test test-fast bench clean-demo
+
+setup: $(STAMP) fonts
+
+# torch first (the CPU build on this machine's disk), then deepspeed without build
+# isolation (its setup.py imports torch; an isolated build would fetch a CUDA torch),
+# then the project itself, editable.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# fonts-noto-cjk covers Simplified and Traditional Chinese, Japanese and Korean.
+fonts:
+	@if command -v fc-list >/dev/null && [ -n "$$(fc-list :lang=zh-cn family)" ]; then :; else \
+		echo "no CJK font found: installing fonts-noto-cjk"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends fontconfig fonts-noto-cjk fonts-dejavu-core && \
+		fc-cache -f >/dev/null; \
+	fi
+
+# The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract).
+demo: setup
+	$(VENV)/bin/qwenimg-data --config-name synthetic out_dir=$(DEMO)/data/synthetic \
+		num_shards=4 samples_per_shard=32 workers=2 ocr=crops
+	$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/synthetic \
+		out=$(DEMO)/preview/synthetic.png num_samples=24
+	@echo "demo outputs under $(DEMO)/"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_render.py
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,213 @@
+"""The shard sample schema: one module that every writer and reader imports.
+
+A sample in a WebDataset shard is a group of tar members sharing one key:
+
+    <key>.jpg | <key>.png   the target image (RGB)
+    <key>.txt               the caption (UTF-8), quoting the rendered text exactly
+    <key>.json              `SampleMeta` as JSON (see below)
+
+Later sources add members (edit pairs add the source image and the instruction;
+precomputed samples add latents and encoder outputs); the members named here are
+present in every sample.
+
+Text classes are computed from the per-line metadata by `classify_text`, once, when
+the sample is written; the curriculum filters on the stored value. Thresholds are
+the module constants below, documented in docs/data.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+SCHEMA_VERSION = 1
+
+# Tar member extensions.
+IMAGE_EXTENSIONS = ("jpg", "png")
+CAPTION_EXTENSION = "txt"
+META_EXTENSION = "json"
+
+# Keys become tar member names `<key>.<ext>`: WebDataset splits a member name at its
+# first dot, so a key must not contain one.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+
+
+class TextClass(str, enum.Enum):
+    """How much text an image holds; the curriculum's unit of filtering."""
+
+    NONE = "none"  # no legible text
+    SIMPLE = "simple"  # one short horizontal line in one language
+    COMPLEX = "complex"  # anything else with text
+
+
+class Source(str, enum.Enum):
+    SYNTHETIC = "synthetic"
+    DESIGN = "design"
+    NATURAL = "natural"
+    EDIT = "edit"
+
+
+class Direction(str, enum.Enum):
+    HORIZONTAL = "horizontal"
+    VERTICAL = "vertical"  # columns top to bottom, placed right to left
+
+
+# BCP 47 tags for the languages the renderer knows. A line that mixes languages
+# carries the sorted tags joined by "+", e.g. "en+zh-Hans".
+LANGUAGES = ("zh-Hans", "zh-Hant", "en", "ja", "ko")
+MIXED_SEPARATOR = "+"
+
+# --- text-class thresholds (the only place they live) --------------------------
+# A `simple` sample has exactly one line, horizontal, in one language, with at most
+# this many non-whitespace characters. 16 covers a short Chinese slogan
+# ("新品上市限时优惠") or two to three English words ("Grand Opening Sale").
+SIMPLE_MAX_CHARS = 16
+# Lines with fewer non-whitespace characters than this do not count as text (an OCR
+# hit of one stray glyph on a photo is not "text in the image").
+MIN_TEXT_CHARS = 1
+
+
+def count_chars(text: str) -> int:
+    """Number of non-whitespace code points: the unit of every length threshold."""
+    return sum(1 for ch in text if not ch.isspace())
+
+
+def split_language(language: str) -> list[str]:
+    """'en+zh-Hans' -> ['en', 'zh-Hans']."""
+    return [part for part in language.split(MIXED_SEPARATOR) if part]
+
+
+def join_languages(languages: Iterable[str]) -> str:
+    """The line-level tag for a set of languages: sorted, '+'-joined."""
+    return MIXED_SEPARATOR.join(sorted(set(languages)))
+
+
+def script_languages(text: str) -> list[str]:
+    """Best-effort languages of a string from its Unicode scripts.
+
+    Used where nobody told us the language (design data, OCR output). Han characters
+    count as Japanese when kana are present, else as Chinese (simplified unless the
+    caller knows better). Digits and punctuation say nothing.
+    """
+    found: set[str] = set()
+    has_kana = False
+    has_han = False
+    for ch in text:
+        cp = ord(ch)
+        if 0x3040 <= cp <= 0x30FF or 0x31F0 <= cp <= 0x31FF:
+            has_kana = True
+        elif 0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0xF900 <= cp <= 0xFAFF:
+            has_han = True
+        elif 0xAC00 <= cp <= 0xD7A3 or 0x1100 <= cp <= 0x11FF or 0x3130 <= cp <= 0x318F:
+            found.add("ko")
+        elif ch.isalpha() and unicodedata.name(ch, "").startswith("LATIN"):
+            found.add("en")
+    if has_kana:
+        found.add("ja")
+    elif has_han:
+        found.add("zh-Hans")
+    return sorted(found)
+
+
+@dataclass
+class LineMeta:
+    """One rendered line (or one vertical column) of text.
+
+    `polygon` is four [x, y] points in pixels of the stored image, clockwise from the
+    top-left corner of the text as read; it encloses the line's ink.
+    """
+
+    text: str
+    language: str
+    polygon: list[list[float]]
+    direction: str = Direction.HORIZONTAL.value
+    font: str = ""  # font file name, with "#<face index>" for collections
+    font_size: int = 0  # pixels (em size)
+    role: str = "body"  # title | subtitle | body | list_item | label
+    ocr_text: str | None = None  # what OCR read back, when verification ran
+    ocr_score: float | None = None  # 1 - normalised edit distance to `text`
+
+    def validate(self, width: int, height: int) -> None:
+        if len(self.polygon) != 4 or any(len(p) != 2 for p in self.polygon):
+            raise ValueError(f"line {self.text!r}: polygon must be 4 [x, y] points, got {self.polygon}")
+        for x, y in self.polygon:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"line {self.text!r}: polygon point ({x}, {y}) outside {width}x{height}")
+        if self.direction not in (d.value for d in Direction):
+            raise ValueError(f"line {self.text!r}: unknown direction {self.direction!r}")
+        for lang in split_language(self.language):
+            if lang not in LANGUAGES:
+                raise ValueError(f"line {self.text!r}: unknown language {lang!r}; known: {LANGUAGES}")
+
+
+@dataclass
+class SampleMeta:
+    """The JSON member of every sample."""
+
+    key: str
+    source: str
+    width: int
+    height: int
+    text_class: str
+    languages: list[str]
+    lines: list[LineMeta] = field(default_factory=list)
+    layout: str = ""  # horizontal | vertical | wrap | none | ... (what the generator did)
+    format: str = ""  # title | paragraph | list | composition | ...
+    background: str = ""  # solid | gradient | texture | photo | ...
+    seed: int | None = None
+    ocr: dict[str, Any] | None = None  # {"engine":..., "mode":..., "score":...} when verified
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        if not _KEY_RE.match(self.key):
+            raise ValueError(f"sample key {self.key!r} may hold only letters, digits, '_', '-' and '/'")
+        if self.source not in (s.value for s in Source):
+            raise ValueError(f"sample {self.key}: unknown source {self.source!r}")
+        if self.text_class not in (c.value for c in TextClass):
+            raise ValueError(f"sample {self.key}: unknown text class {self.text_class!r}")
+        for line in self.lines:
+            line.validate(self.width, self.height)
+        expected = classify_text(self.lines).value
+        if expected != self.text_class:
+            raise ValueError(f"sample {self.key}: text_class {self.text_class!r} but its lines say {expected!r}")
+
+    def to_json(self) -> str:
+        # sort_keys + fixed separators: the same sample always encodes to the same
+        # bytes, which the byte-identical-shards guarantee relies on.
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> "SampleMeta":
+        obj = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
+        version = obj.get("schema_version", SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"sample schema version {version} is newer than this code ({SCHEMA_VERSION})")
+        obj["lines"] = [LineMeta(**line) for line in obj.get("lines", [])]
+        return cls(**obj)
+
+
+def classify_text(lines: Sequence[LineMeta]) -> TextClass:
+    """The text class of an image from its lines (module thresholds above)."""
+    text_lines = [line for line in lines if count_chars(line.text) >= MIN_TEXT_CHARS]
+    if not text_lines:
+        return TextClass.NONE
+    if len(text_lines) > 1:
+        return TextClass.COMPLEX
+    (line,) = text_lines
+    if (
+        line.direction == Direction.HORIZONTAL.value
+        and len(split_language(line.language)) <= 1
+        and count_chars(line.text) <= SIMPLE_MAX_CHARS
+    ):
+        return TextClass.SIMPLE
+    return TextClass.COMPLEX
+
+
+def sample_languages(lines: Sequence[LineMeta]) -> list[str]:
+    """Sorted union of the languages of the lines."""
+    return sorted({lang for line in lines for lang in split_language(line.language)})

@@ -1,0 +1,568 @@
+"""The synthetic text renderer: one seed in, one image + caption + metadata out.
+
+A sample is composed in four steps, each a plain function of a `random.Random`:
+1. canvas: size bucket, background (solid / gradient / texture / photo);
+2. layout: a format (single line, title, paragraph, list, composition, vertical,
+   wrap-around, or no text) becomes blocks of positioned lines; text is measured
+   with the chosen face, broken by `linebreak.break_lines`, shrunk until it fits;
+3. colour: per block, a text colour whose WCAG contrast against the darkest, the
+   lightest and the mean colour under the block reaches `min_contrast` (else a
+   plate goes behind the block);
+4. drawing and metadata: the ink box of every drawn line becomes its polygon.
+
+Vertical text is set one glyph per cell, columns right to left; CJK punctuation is
+replaced by its vertical presentation form (U+FE10-FE19, U+FE30-FE4F) when the face
+has it, else shifted to the upper right of its cell as vertical typesetting does.
+The metadata keeps the original characters (what OCR and captions compare to).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from PIL import Image, ImageDraw
+
+from data_pipelines.color import RGB, pick_text_color, region_extremes
+from data_pipelines.fonts import FontFace, FontRegistry, load_font
+from data_pipelines.schema import (
+    Direction,
+    LineMeta,
+    SampleMeta,
+    Source,
+    classify_text,
+    sample_languages,
+)
+from data_pipelines.synthetic import background as bgmod
+from data_pipelines.synthetic.captions import CaptionBlock, caption
+from data_pipelines.synthetic.linebreak import NO_LINE_START, break_lines
+from data_pipelines.synthetic.text import CJK_LANGUAGES, MIXED, VERTICAL_LANGUAGES, TextSampler
+
+FORMATS = ("none", "single_line", "title", "paragraph", "list", "composition", "vertical", "wrap")
+
+VERTICAL_FORMS = {
+    "，": "︐", "、": "︑", "。": "︒", "：": "︓", "；": "︔", "！": "︕", "？": "︖",
+    "「": "﹁", "」": "﹂", "『": "﹃", "』": "﹄", "（": "︵", "）": "︶", "【": "︻", "】": "︼",
+    "《": "︽", "》": "︾", "〈": "︿", "〉": "﹀", "…": "︙", "—": "︱", "～": "≀",
+}
+# Punctuation that sits in the upper-right quadrant of its cell when no vertical form exists.
+_CORNER_PUNCT = frozenset("，、。．")
+
+
+@dataclass
+class RenderConfig:
+    """How samples look; the `render:` section of configs/data_gen/synthetic.yaml."""
+
+    sizes: Mapping[str, float] = field(default_factory=lambda: {"512x512": 1.0})
+    """Canvas sizes "WxH" with sampling weights."""
+    formats: Mapping[str, float] = field(default_factory=lambda: {f: 1.0 for f in FORMATS})
+    """Layout formats (see FORMATS) with sampling weights."""
+    backgrounds: Mapping[str, float] = field(default_factory=lambda: {"solid": 1.0, "gradient": 1.0, "texture": 1.0, "photo": 0.0})
+    """Background kinds with weights; `photo` needs `photo_dir`."""
+    photo_dir: str | None = None
+    """Folder of photos for backgrounds and picture regions."""
+    min_contrast: float = 4.5
+    """Minimum WCAG contrast ratio of text against its local background (4.5 = WCAG AA)."""
+    margin: float = 0.06
+    """Canvas margin as a fraction of the shorter side."""
+    min_font_px: int = 14
+    """Smallest font size drawn; smaller text is not legible at training resolution."""
+    bold_fraction: float = 0.3
+    """Probability that a block prefers a bold face."""
+    caption_zh_fraction: float = 0.5
+    """Probability of a Chinese caption (else English)."""
+
+    def __post_init__(self) -> None:
+        self.size_list = [_parse_size(s) for s in self.sizes]
+        self.size_weights = _weights("render.sizes", self.sizes)
+        for name in self.formats:
+            if name not in FORMATS:
+                raise ValueError(f"render.formats: unknown format {name!r}; use {FORMATS}")
+        self.format_weights = _weights("render.formats", self.formats)
+        for name in self.backgrounds:
+            if name not in bgmod.BACKGROUND_KINDS:
+                raise ValueError(f"render.backgrounds: unknown kind {name!r}; use {bgmod.BACKGROUND_KINDS}")
+        self.background_weights = _weights("render.backgrounds", self.backgrounds)
+        if self.backgrounds.get("photo", 0) > 0 and not self.photo_dir:
+            raise ValueError("render.backgrounds.photo > 0 needs render.photo_dir (a folder of photos)")
+        if not 1.0 <= self.min_contrast <= 21.0:
+            raise ValueError(f"render.min_contrast = {self.min_contrast} must lie in [1, 21] (WCAG ratio)")
+        if not 0 <= self.margin < 0.4:
+            raise ValueError(f"render.margin = {self.margin} must lie in [0, 0.4)")
+        for name in ("bold_fraction", "caption_zh_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"render.{name} = {getattr(self, name)} must lie in [0, 1]")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"render.sizes: {text!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
+    if w < 64 or h < 64:
+        raise ValueError(f"render.sizes: {text!r} is smaller than 64x64")
+    return w, h
+
+
+def _weights(name: str, mapping: Mapping[str, float]) -> list[float]:
+    values = [float(v) for v in mapping.values()]
+    if any(v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"{name}: weights must be >= 0 with a positive sum, got {dict(mapping)}")
+    return values
+
+
+@dataclass
+class Line:
+    """A positioned line (horizontal) or column (vertical), before drawing."""
+
+    text: str
+    x: float  # horizontal: left edge; vertical: column centre
+    y: float  # horizontal: top of the line box; vertical: centre of the first cell
+    pitch: float = 0.0  # vertical: distance between cell centres
+
+
+@dataclass
+class Block:
+    role: str
+    text: str  # the rendered text of the block (lines rejoined as in the source)
+    language: str
+    face: FontFace
+    size: int
+    direction: str
+    lines: list[Line]
+    bullet: bool = False  # draw a bullet mark left of each line's first line
+
+
+@dataclass
+class RenderedSample:
+    image: Image.Image
+    caption: str
+    meta: SampleMeta
+
+
+def rejoin(source: str, lines: list[str]) -> str:
+    """The span of `source` that `lines` render, with the spaces the breaks removed."""
+    pos = 0
+    for line in lines:
+        idx = source.find(line, pos)
+        assert idx >= 0, (source, line)
+        pos = idx + len(line)
+    return source[:pos].strip()
+
+
+class SyntheticRenderer:
+    def __init__(self, *, fonts: FontRegistry, text: TextSampler, config: RenderConfig):
+        self.fonts = fonts
+        self.text = text
+        self.config = config
+        self.photos = bgmod.PhotoPool(config.photo_dir)
+        self._width_cache: dict[tuple[str, int, int], dict[str, float]] = {}
+
+    # --- measuring -------------------------------------------------------------
+
+    def _measure(self, face: FontFace, size: int) -> Callable[[str], float]:
+        cache = self._width_cache.setdefault((face.path, face.index, size), {})
+        font = load_font(face.path, face.index, size)
+
+        def measure(unit: str) -> float:
+            w = cache.get(unit)
+            if w is None:
+                w = cache[unit] = font.getlength(unit)
+            return w
+
+        return measure
+
+    # --- blocks ----------------------------------------------------------------
+
+    def _face(self, rng: random.Random, text: str, language: str) -> FontFace:
+        return self.fonts.choose(text, language, rng, bold=rng.random() < self.config.bold_fraction)
+
+    def _horizontal_block(
+        self,
+        rng: random.Random,
+        *,
+        role: str,
+        source: str,
+        language: str,
+        size: int,
+        boxes: list[tuple[float, float, float]],
+        align: str,
+        line_height: float,
+        prefix: str = "",
+        indent: float = 0.0,
+        face: FontFace | None = None,
+    ) -> Block | None:
+        """Flow `source` into `boxes` (x0, x1, top) one line per box; None if nothing fits."""
+        face = face or self._face(rng, prefix + source, language)
+        measure = self._measure(face, size)
+        font = load_font(face.path, face.index, size)
+        first_extra = measure(prefix) if prefix else 0.0
+        widths = [x1 - x0 - indent - (first_extra if i == 0 else 0) for i, (x0, x1, _) in enumerate(boxes)]
+        # 2% slack: the sum of unit widths can differ from the whole line's by kerning.
+        lines = break_lines(source, lambda i: (widths[i] if i < len(widths) else 0) * 0.98, measure, max_lines=len(boxes))
+        if not lines:
+            return None
+        lines_text = [prefix + lines[0], *lines[1:]] if prefix else lines
+        placed = []
+        for i, text in enumerate(lines_text):
+            x0, x1, top = boxes[i]
+            w = font.getlength(text)
+            left = x0 + indent + (0 if i == 0 or not prefix else first_extra)
+            if w > x1 - left:
+                return None  # cannot happen with the slack above, but never draw outside the box
+            if align == "center":
+                left = left + (x1 - left - w) / 2
+            elif align == "right":
+                left = x1 - w
+            placed.append(Line(text, left, top))
+        text = prefix + rejoin(source, lines)
+        return Block(role, text, language, face, size, Direction.HORIZONTAL.value, placed)
+
+    def _vertical_block(
+        self, rng: random.Random, *, source: str, language: str, size: int, right: float, left: float, top: float, bottom: float
+    ) -> Block | None:
+        face = self._face(rng, source, language)
+        pitch = size * rng.uniform(1.02, 1.15)
+        col_pitch = size * rng.uniform(1.3, 1.8)
+        rows = int((bottom - top) // pitch)
+        cols = int((right - left - size) // col_pitch) + 1
+        if rows < 2 or cols < 1:
+            return None
+        text = source.replace(" ", "")
+        columns = break_lines(text, lambda i: rows, lambda u: len(u), max_lines=cols)
+        if not columns:
+            return None
+        placed = []
+        for j, col in enumerate(columns):
+            cx = right - size / 2 - j * col_pitch
+            placed.append(Line(col, cx, top + pitch / 2, pitch))
+        return Block("body", "".join(columns), language, face, size, Direction.VERTICAL.value, placed)
+
+    # --- formats ----------------------------------------------------------------
+
+    def _content_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        m = self.config.margin * min(w, h)
+        return m, m, w - m, h - m
+
+    def _size(self, rng: random.Random, h: int, w: int, lo: float, hi: float) -> int:
+        return max(self.config.min_font_px, int(min(w, h) * rng.uniform(lo, hi)))
+
+    def _stack(self, rng, specs, box, align) -> list[Block] | None:
+        """Lay out specs (role, text, language, size, max_lines, options) top to bottom."""
+        left, top, right, bottom = box
+        blocks: list[Block] = []
+        y = top
+        for role, source, language, size, max_lines, opts in specs:
+            lh = size * opts.get("line_spacing", 1.35)
+            avail = int((bottom - y) // lh)
+            n = min(max_lines, avail)
+            if n < 1:
+                break
+            boxes = [(left, right, y + i * lh) for i in range(n)]
+            block = self._horizontal_block(
+                rng, role=role, source=source, language=language, size=size, boxes=boxes, align=align,
+                line_height=lh, prefix=opts.get("prefix", ""), indent=opts.get("indent", 0.0),
+            )
+            if block is None:
+                break
+            block.bullet = opts.get("bullet", False)
+            blocks.append(block)
+            y += len(block.lines) * lh + size * opts.get("gap", 0.6)
+        if not blocks:
+            return None
+        # Shift the whole stack vertically within the box (top / middle / bottom).
+        used = y - top
+        slack = max(0.0, bottom - top - used)
+        shift = rng.choice((0.0, slack / 2, slack, rng.uniform(0, slack)))
+        for block in blocks:
+            for line in block.lines:
+                line.y += shift
+        return blocks
+
+    def _layout(self, rng: random.Random, fmt: str, w: int, h: int) -> tuple[list[Block], dict]:
+        """Blocks for a format; retried at smaller sizes when nothing fits."""
+        info: dict = {}
+        if fmt == "none":
+            return [], info
+        box = self._content_box(w, h)
+        left, top, right, bottom = box
+        # Lists stay left-aligned (bullets and numbers line up); titles go anywhere.
+        align = rng.choice(("left", "center", "right")) if fmt in ("single_line", "title", "composition") else "left" if fmt == "list" else rng.choice(("left", "left", "center"))
+        lang = self.text.language(rng)
+        scale = 1.0
+        for _ in range(5):
+            if fmt == "single_line":
+                text, tag = self.text.short(rng, lang, max_chars=rng.choice((4, 8, 12, 16)))
+                specs = [("title", text, tag, self._size(rng, h, w, 0.06 * scale, 0.14 * scale), 1, {})]
+            elif fmt == "title":
+                text, tag = self.text.paragraph(rng, lang, rng.randint(6, 16)) if rng.random() < 0.5 else self.text.short(rng, lang, 16)
+                specs = [("title", text, tag, self._size(rng, h, w, 0.07 * scale, 0.12 * scale), 2, {"line_spacing": 1.25})]
+            elif fmt == "paragraph":
+                text, tag = self.text.paragraph(rng, lang, rng.randint(20, 140))
+                specs = [("body", text, tag, self._size(rng, h, w, 0.035 * scale, 0.06 * scale), 12, {})]
+            elif fmt == "list":
+                specs = self._list_specs(rng, lang, h, w, scale)
+            elif fmt == "composition":
+                specs = self._composition_specs(rng, lang, h, w, scale)
+            elif fmt == "vertical":
+                vlang = lang if lang in VERTICAL_LANGUAGES else self.text.language(rng, allowed=VERTICAL_LANGUAGES)
+                text, tag = self.text.paragraph(rng, vlang, rng.randint(4, 60))
+                size = self._size(rng, h, w, 0.045 * scale, 0.09 * scale)
+                block = self._vertical_block(rng, source=text, language=tag, size=size, right=right, left=left, top=top, bottom=bottom)
+                if block:
+                    return [block], info
+                scale *= 0.8
+                continue
+            elif fmt == "wrap":
+                blocks = self._wrap_layout(rng, lang, w, h, box, scale, info)
+                if blocks:
+                    return blocks, info
+                scale *= 0.8
+                continue
+            else:
+                raise ValueError(f"unknown format {fmt!r}")
+            blocks = self._stack(rng, specs, box, align)
+            if blocks:
+                return blocks, info
+            scale *= 0.8
+        return [], info
+
+    def _list_specs(self, rng, lang, h, w, scale):
+        size = self._size(rng, h, w, 0.035 * scale, 0.055 * scale)
+        numbered = rng.random() < 0.5
+        specs = []
+        if rng.random() < 0.6:
+            text, tag = self.text.short(rng, lang, 12)
+            specs.append(("title", text, tag, int(size * 1.6), 1, {"gap": 0.8}))
+        for i in range(rng.randint(2, 6)):
+            text, tag = self.text.paragraph(rng, lang, rng.randint(4, 30)) if rng.random() < 0.4 else self.text.short(rng, lang, 14)
+            cjk = tag in CJK_LANGUAGES
+            if numbered:
+                prefix = f"{i + 1}、" if (cjk and rng.random() < 0.5) else f"{i + 1}. "
+                opts = {"prefix": prefix, "gap": 0.35}
+            else:
+                opts = {"bullet": True, "indent": size * 1.0, "gap": 0.35}
+            specs.append(("list_item", text, tag, size, 2, opts))
+        return specs
+
+    def _composition_specs(self, rng, lang, h, w, scale):
+        title, ttag = self.text.short(rng, lang, 12)
+        sub_lang = "en" if (lang in CJK_LANGUAGES and rng.random() < 0.3) else lang
+        subtitle, stag = self.text.paragraph(rng, sub_lang, rng.randint(6, 20))
+        body, btag = self.text.paragraph(rng, lang, rng.randint(20, 90))
+        return [
+            ("title", title, ttag, self._size(rng, h, w, 0.08 * scale, 0.13 * scale), 2, {"gap": 0.5, "line_spacing": 1.2}),
+            ("subtitle", subtitle, stag, self._size(rng, h, w, 0.045 * scale, 0.065 * scale), 2, {"gap": 0.9}),
+            ("body", body, btag, self._size(rng, h, w, 0.032 * scale, 0.045 * scale), 10, {}),
+        ]
+
+    def _wrap_layout(self, rng, lang, w, h, box, scale, info) -> list[Block] | None:
+        """Paragraph text flowing around a picture region (rectangle or ellipse) on one side."""
+        left, top, right, bottom = box
+        side = rng.choice(("left", "right"))
+        shape = rng.choice(("rectangle", "ellipse"))
+        pw = (right - left) * rng.uniform(0.35, 0.5)
+        ph = (bottom - top) * rng.uniform(0.3, 0.55)
+        py = top + (bottom - top - ph) * rng.uniform(0.0, 0.6)
+        px = left if side == "left" else right - pw
+        region = (px, py, px + pw, py + ph)
+        size = self._size(rng, h, w, 0.035 * scale, 0.05 * scale)
+        lh = size * 1.35
+        pad = size * 0.5
+        text, tag = self.text.paragraph(rng, lang, rng.randint(60, 220))
+        boxes = []
+        y = top
+        while y + lh <= bottom:
+            x0, x1 = left, right
+            blocked = _shape_extent(shape, region, y, y + lh)
+            if blocked is not None:
+                bx0, bx1 = blocked
+                if side == "left":
+                    x0 = max(x0, bx1 + pad)
+                else:
+                    x1 = min(x1, bx0 - pad)
+            if x1 - x0 >= size * 3:
+                boxes.append((x0, x1, y))
+            y += lh
+        if not boxes:
+            return None
+        block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left", line_height=lh)
+        if block is None:
+            return None
+        info["picture"] = {"box": [round(v, 1) for v in region], "shape": shape, "side": side}
+        return [block]
+
+    # --- drawing -----------------------------------------------------------------
+
+    def render(self, seed: int, key: str) -> RenderedSample:
+        rng = random.Random(seed)
+        cfg = self.config
+        w, h = rng.choices(cfg.size_list, cfg.size_weights)[0]
+        fmt = rng.choices(list(cfg.formats), cfg.format_weights)[0]
+        kind = rng.choices(list(cfg.backgrounds), cfg.background_weights)[0]
+        image, kind = bgmod.background(rng, (w, h), kind, self.photos)
+        blocks, info = self._layout(rng, fmt, w, h)
+        if fmt != "none" and not blocks:
+            fmt = "none"  # nothing fitted even at the smallest size: a text-free sample, said so in its metadata
+        picture = info.get("picture")
+        if picture is None and fmt == "none" and rng.random() < 0.5:
+            pw, ph = int(w * rng.uniform(0.3, 0.7)), int(h * rng.uniform(0.3, 0.7))
+            px, py = rng.randint(0, w - pw), rng.randint(0, h - ph)
+            picture = {"box": [px, py, px + pw, py + ph], "shape": rng.choice(("rectangle", "ellipse")), "side": None}
+        bg_color = tuple(int(c) for c in image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0)))
+        draw = ImageDraw.Draw(image)
+        # Order: colours are chosen against the bare background (plates drawn where
+        # needed), then the picture (it never overlaps text), then the text.
+        colours = [self._block_colour(rng, image, draw, block) for block in blocks]
+        if picture is not None:
+            self._draw_picture(rng, image, picture)
+        lines_meta: list[LineMeta] = []
+        caption_blocks: list[CaptionBlock] = []
+        for block, colour in zip(blocks, colours):
+            lines_meta += self._draw_block(draw, block, colour, w, h)
+            caption_blocks.append(CaptionBlock(block.role, block.text, colour))
+
+        text_class = classify_text(lines_meta)
+        zh = rng.random() < cfg.caption_zh_fraction
+        cap = caption(
+            zh=zh, fmt=fmt, background_kind=kind, background_color=bg_color, blocks=caption_blocks,  # type: ignore[arg-type]
+            vertical=any(b.direction == Direction.VERTICAL.value for b in blocks),
+            picture_side=(picture or {}).get("side") if fmt == "wrap" else None,
+        )
+        layout = "none" if not blocks else ("vertical" if fmt == "vertical" else "wrap" if fmt == "wrap" else "horizontal")
+        meta = SampleMeta(
+            key=key,
+            source=Source.SYNTHETIC.value,
+            width=w,
+            height=h,
+            text_class=text_class.value,
+            languages=sample_languages(lines_meta),
+            lines=lines_meta,
+            layout=layout,
+            format=fmt,
+            background=kind,
+            seed=seed,
+            extra={"picture": picture} if picture else {},
+        )
+        return RenderedSample(image, cap, meta)
+
+    def _draw_picture(self, rng: random.Random, image: Image.Image, picture: dict) -> None:
+        x0, y0, x1, y1 = (int(round(v)) for v in picture["box"])
+        pic = bgmod.picture(rng, (max(1, x1 - x0), max(1, y1 - y0)), self.photos)
+        if picture["shape"] == "ellipse":
+            mask = Image.new("L", pic.size, 0)
+            ImageDraw.Draw(mask).ellipse([0, 0, pic.size[0] - 1, pic.size[1] - 1], fill=255)
+            image.paste(pic, (x0, y0), mask)
+        else:
+            image.paste(pic, (x0, y0))
+
+    def _block_region(self, block: Block) -> tuple[int, int, int, int]:
+        font = load_font(block.face.path, block.face.index, block.size)
+        boxes = [self._line_bbox(font, block, line) for line in block.lines]
+        return (
+            int(min(b[0] for b in boxes)), int(min(b[1] for b in boxes)),
+            int(max(b[2] for b in boxes)) + 1, int(max(b[3] for b in boxes)) + 1,
+        )
+
+    def _line_bbox(self, font, block: Block, line: Line) -> tuple[float, float, float, float]:
+        if block.direction == Direction.HORIZONTAL.value:
+            return _offset(font.getbbox(line.text, anchor="la"), line.x, line.y)
+        n = len(line.text)
+        half = block.size / 2
+        return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (n - 0.5) * line.pitch)
+
+    def _block_colour(self, rng: random.Random, image: Image.Image, draw: ImageDraw.ImageDraw, block: Block) -> RGB:
+        import numpy as np
+
+        x0, y0, x1, y1 = self._block_region(block)
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(image.width, x1), min(image.height, y1)
+        crop = image.crop((x0, y0, x1, y1))
+        if crop.width > 64 or crop.height > 64:
+            crop = crop.reduce(max(1, min(crop.width, crop.height) // 16))
+        colours = region_extremes(np.asarray(crop))
+        colour = pick_text_color(rng, colours, self.config.min_contrast)
+        if colour is None:
+            # The background varies too much under the block: plates of its mean colour
+            # behind each line (not the block's bounding box, which may hold a picture).
+            plate = colours[2]
+            pad = block.size * 0.3
+            font = load_font(block.face.path, block.face.index, block.size)
+            for line in block.lines:
+                lx0, ly0, lx1, ly1 = self._line_bbox(font, block, line)
+                draw.rounded_rectangle([lx0 - pad, ly0 - pad, lx1 + pad, ly1 + pad], radius=pad, fill=plate)
+            colour = pick_text_color(rng, [plate], self.config.min_contrast)
+            assert colour is not None  # black or white always reaches 4.5 against one colour
+        return colour
+
+    def _draw_block(self, draw: ImageDraw.ImageDraw, block: Block, colour: RGB, w: int, h: int) -> list[LineMeta]:
+        font = load_font(block.face.path, block.face.index, block.size)
+        metas = []
+        for i, line in enumerate(block.lines):
+            if block.direction == Direction.HORIZONTAL.value:
+                draw.text((line.x, line.y), line.text, font=font, fill=colour, anchor="la")
+                box = _offset(font.getbbox(line.text, anchor="la"), line.x, line.y)
+                if block.bullet and i == 0:
+                    r = block.size * 0.16
+                    cy = (box[1] + box[3]) / 2
+                    cx = line.x - block.size * 0.6
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                box = self._draw_column(draw, font, block, line, colour)
+            pad = 2
+            x0, y0 = max(0.0, box[0] - pad), max(0.0, box[1] - pad)
+            x1, y1 = min(float(w), box[2] + pad), min(float(h), box[3] + pad)
+            polygon = [[round(x0, 1), round(y0, 1)], [round(x1, 1), round(y0, 1)], [round(x1, 1), round(y1, 1)], [round(x0, 1), round(y1, 1)]]
+            metas.append(
+                LineMeta(
+                    text=line.text, language=block.language, polygon=polygon, direction=block.direction,
+                    font=block.face.name, font_size=block.size, role=block.role,
+                )
+            )
+        return metas
+
+    def _draw_column(self, draw, font, block: Block, line: Line, colour: RGB) -> tuple[float, float, float, float]:
+        boxes = []
+        for k, ch in enumerate(line.text):
+            cx, cy = line.x, line.y + k * line.pitch
+            glyph = VERTICAL_FORMS.get(ch)
+            if glyph is not None and self.fonts.covers(block.face, glyph):
+                ch_draw = glyph
+            else:
+                ch_draw = ch
+                if ch in _CORNER_PUNCT:
+                    cx, cy = cx + block.size * 0.3, cy - block.size * 0.3
+            draw.text((cx, cy), ch_draw, font=font, fill=colour, anchor="mm")
+            boxes.append(_offset(font.getbbox(ch_draw, anchor="mm"), cx, cy))
+        # The polygon is the column of glyph cells (one em wide, `pitch` tall each),
+        # grown to any ink that overhangs: readers can then cut it into its n cells.
+        half = block.size / 2
+        cells = (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
+        boxes.append(cells)
+        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _offset(box, dx: float, dy: float) -> tuple[float, float, float, float]:
+    return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+
+
+def _shape_extent(shape: str, region, y0: float, y1: float) -> tuple[float, float] | None:
+    """Horizontal extent of a rectangle/ellipse within the band [y0, y1], or None."""
+    rx0, ry0, rx1, ry1 = region
+    if y1 <= ry0 or y0 >= ry1:
+        return None
+    if shape == "rectangle":
+        return rx0, rx1
+    cx, cy = (rx0 + rx1) / 2, (ry0 + ry1) / 2
+    a, b = (rx1 - rx0) / 2, (ry1 - ry0) / 2
+    # Widest chord of the ellipse inside the band: at the band point closest to the centre.
+    yc = min(max(cy, y0), y1)
+    t = 1 - ((yc - cy) / b) ** 2
+    if t <= 0:
+        return None
+    half = a * t**0.5
+    return cx - half, cx + half
+
+
+__all__ = ["FORMATS", "RenderConfig", "RenderedSample", "SyntheticRenderer", "MIXED", "NO_LINE_START"]
