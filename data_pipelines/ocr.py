@@ -104,7 +104,8 @@ class OcrEngine:
         return "".join(txts), float(np.mean(scores))
 
     def detect_and_recognize(self, image: Image.Image) -> list[tuple[list[list[float]], str, float]]:
-        out = self.engine(np.asarray(image.convert("RGB")))
+        # Flags are explicit on every call: rapidocr keeps the last call's flags.
+        out = self.engine(np.asarray(image.convert("RGB")), use_det=True, use_cls=True, use_rec=True)
         if out.boxes is None:
             return []
         return [(box.tolist(), txt, float(score)) for box, txt, score in zip(out.boxes, out.txts, out.scores)]

@@ -3,8 +3,8 @@
 CJK text may break between any two characters except where the line-start and
 line-end prohibitions (Chinese 避头尾 / Japanese 禁則処理, JIS X 4051 §3.1.7) forbid:
 closing punctuation, small kana and the prolonged-sound mark never start a line,
-opening brackets never end one. When a break would violate that, the character
-before the break moves to the next line with its neighbour (追い出し, "push out").
+opening brackets never end one. When a break would violate that, the characters
+before the break move to the next line with it (追い出し, "push out").
 Latin words, numbers and their attached punctuation are unbreakable units; spaces
 are break opportunities and vanish at a break. A unit wider than a whole line is
 broken between characters, as a last resort.
@@ -100,10 +100,12 @@ def break_lines(
         # Break before `unit`.
         while line and line[-1] == " ":
             line.pop()
-        if unit[0] in NO_LINE_START and len(line) > 1:
-            # Push the previous unit down with the closing punctuation.
-            moved = line.pop()
-            items.insert(i, moved)
+        # Push units down until the new line starts with a character allowed there
+        # (a run of closing marks moves down together with the character before it).
+        while len(line) > 1 and items[i][0] in NO_LINE_START:
+            items.insert(i, line.pop())
+            while len(line) > 1 and line[-1] == " ":
+                line.pop()
         while len(line) > 1 and line[-1] and line[-1][-1] in NO_LINE_END:
             items.insert(i, line.pop())
         lines.append([])

@@ -370,7 +370,6 @@ class SyntheticRenderer:
         size = self._size(rng, h, w, 0.035 * scale, 0.05 * scale)
         lh = size * 1.35
         pad = size * 0.5
-        text, tag = self.text.paragraph(rng, lang, rng.randint(60, 220))
         boxes = []
         y = top
         while y + lh <= bottom:
@@ -387,6 +386,9 @@ class SyntheticRenderer:
             y += lh
         if not boxes:
             return None
+        # Enough text to fill most of the flow area, so it visibly wraps the picture.
+        capacity = sum(x1 - x0 for x0, x1, _ in boxes) / size
+        text, tag = self.text.paragraph(rng, lang, max(20, int(capacity * rng.uniform(0.6, 0.95))))
         block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left", line_height=lh)
         if block is None:
             return None
@@ -395,7 +397,10 @@ class SyntheticRenderer:
 
     # --- drawing -----------------------------------------------------------------
 
-    def render(self, seed: int, key: str) -> RenderedSample:
+    def render(self, seed: int, key: str, *, draw_text: bool = True) -> RenderedSample:
+        """The sample of `seed`. With `draw_text=False` the same sample without its glyphs
+        (identical background, picture and plates; metadata unchanged): the text-removed
+        twin that ink checks and text-removal edit pairs need."""
         rng = random.Random(seed)
         cfg = self.config
         w, h = rng.choices(cfg.size_list, cfg.size_weights)[0]
@@ -420,7 +425,7 @@ class SyntheticRenderer:
         lines_meta: list[LineMeta] = []
         caption_blocks: list[CaptionBlock] = []
         for block, colour in zip(blocks, colours):
-            lines_meta += self._draw_block(draw, block, colour, w, h)
+            lines_meta += self._draw_block(draw if draw_text else _NullDraw(), block, colour, w, h)
             caption_blocks.append(CaptionBlock(block.role, block.text, colour))
 
         text_class = classify_text(lines_meta)
@@ -541,6 +546,16 @@ class SyntheticRenderer:
         cells = (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
         boxes.append(cells)
         return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+class _NullDraw:
+    """Stands in for ImageDraw when glyphs are not to be drawn (metadata still computed)."""
+
+    def text(self, *args, **kwargs) -> None:
+        pass
+
+    def ellipse(self, *args, **kwargs) -> None:
+        pass
 
 
 def _offset(box, dx: float, dy: float) -> tuple[float, float, float, float]:

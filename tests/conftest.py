@@ -1,0 +1,62 @@
+"""Shared fixtures: fonts, a renderer, tiny job configs. Everything offline and on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.fonts import FontRegistry
+from data_pipelines.synthetic.job import FontsConfig, OcrConfig, SyntheticJob, TextConfig, build_renderer
+from data_pipelines.synthetic.render import RenderConfig
+
+
+def make_font(path: Path, chars: str, family: str = "QwenimgTest") -> Path:
+    """A tiny TrueType font whose cmap holds exactly `chars` (each glyph a filled box)."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    def box_glyph():
+        pen = TTGlyphPen(None)
+        pen.moveTo((100, 0))
+        pen.lineTo((100, 700))
+        pen.lineTo((500, 700))
+        pen.lineTo((500, 0))
+        pen.closePath()
+        return pen.glyph()
+
+    names = [".notdef"] + [f"uni{ord(c):04X}" for c in chars]
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder(names)
+    fb.setupCharacterMap({ord(c): f"uni{ord(c):04X}" for c in chars})
+    fb.setupGlyf({name: box_glyph() for name in names})
+    fb.setupHorizontalMetrics({name: (600, 100) for name in names})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": family, "styleName": "Regular"})
+    fb.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    fb.setupPost()
+    fb.save(str(path))
+    return path
+
+
+def small_job(out_dir: Path, **overrides) -> SyntheticJob:
+    """A job small enough for a unit test (2 shards x 6 samples)."""
+    kwargs = dict(out_dir=str(out_dir), seed=7, num_shards=2, samples_per_shard=6, workers=1, progress=False)
+    kwargs.update(overrides)
+    return SyntheticJob(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def fonts() -> FontRegistry:
+    return FontRegistry.discover()
+
+
+@pytest.fixture(scope="session")
+def renderer():
+    return build_renderer(SyntheticJob(out_dir="unused", fonts=FontsConfig(), text=TextConfig(), render=RenderConfig(), ocr=OcrConfig()))
+
+
+@pytest.fixture(scope="session")
+def samples(renderer):
+    """A fixed set of renders covering every format (seeded)."""
+    return [renderer.render(seed, f"s_{seed:04d}") for seed in range(120)]
