@@ -22,10 +22,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines.color import RGB, pick_text_color, region_extremes
-from data_pipelines.fonts import FontFace, FontRegistry, load_font
+from data_pipelines.fonts import FontFace, FontRegistry, face_advances, load_font
 from data_pipelines.schema import (
     Direction,
     LineMeta,
@@ -38,6 +39,8 @@ from data_pipelines.synthetic import background as bgmod
 from data_pipelines.synthetic.captions import CaptionBlock, caption
 from data_pipelines.synthetic.linebreak import NO_LINE_START, break_lines
 from data_pipelines.synthetic.text import CJK_LANGUAGES, MIXED, VERTICAL_LANGUAGES, TextSampler
+
+_STAT_REDUCE = 4  # background statistics are read from a 4x-reduced copy
 
 FORMATS = ("none", "single_line", "title", "paragraph", "list", "composition", "vertical", "wrap")
 
@@ -120,6 +123,7 @@ class Line:
     x: float  # horizontal: left edge; vertical: column centre
     y: float  # horizontal: top of the line box; vertical: centre of the first cell
     pitch: float = 0.0  # vertical: distance between cell centres
+    ink: tuple[float, float, float, float] | None = None  # horizontal: glyph box relative to (x, y)
 
 
 @dataclass
@@ -162,13 +166,15 @@ class SyntheticRenderer:
     # --- measuring -------------------------------------------------------------
 
     def _measure(self, face: FontFace, size: int) -> Callable[[str], float]:
+        """Width of a unit in pixels, from the face's advance table (see fonts.face_advances)."""
         cache = self._width_cache.setdefault((face.path, face.index, size), {})
-        font = load_font(face.path, face.index, size)
+        upem, advances = face_advances(face.path, face.index)
+        scale = size / upem
 
         def measure(unit: str) -> float:
             w = cache.get(unit)
             if w is None:
-                w = cache[unit] = font.getlength(unit)
+                w = cache[unit] = float(sum(int(advances.get(ord(ch), upem) * scale + 0.5) for ch in unit))
             return w
 
         return measure
@@ -207,15 +213,17 @@ class SyntheticRenderer:
         placed = []
         for i, text in enumerate(lines_text):
             x0, x1, top = boxes[i]
-            w = font.getlength(text)
+            # The glyph box, measured once: it aligns the line, checks it fits, and
+            # becomes the polygon after drawing.
+            bx0, by0, bx1, by1 = font.getbbox(text, anchor="la")
             left = x0 + indent + (0 if i == 0 or not prefix else first_extra)
-            if w > x1 - left:
-                return None  # cannot happen with the slack above, but never draw outside the box
+            if left + bx1 > x1:
+                return None  # beyond the slack above (rare): the caller retries smaller
             if align == "center":
-                left = left + (x1 - left - w) / 2
+                left = left + (x1 - left - bx1) / 2
             elif align == "right":
-                left = x1 - w
-            placed.append(Line(text, left, top))
+                left = x1 - bx1
+            placed.append(Line(text, left, top, ink=(bx0, by0, bx1, by1)))
         text = prefix + rejoin(source, lines)
         return Block(role, text, language, face, size, Direction.HORIZONTAL.value, placed)
 
@@ -246,7 +254,9 @@ class SyntheticRenderer:
         return m, m, w - m, h - m
 
     def _size(self, rng: random.Random, h: int, w: int, lo: float, hi: float) -> int:
-        return max(self.config.min_font_px, int(min(w, h) * rng.uniform(lo, hi)))
+        # Even sizes only: halves the (face, size) combinations, so font objects and
+        # glyph measurements are found in the caches far more often.
+        return max(self.config.min_font_px, int(min(w, h) * rng.uniform(lo, hi)) // 2 * 2)
 
     def _stack(self, rng, specs, box, align) -> list[Block] | None:
         """Lay out specs (role, text, language, size, max_lines, options) top to bottom."""
@@ -415,11 +425,15 @@ class SyntheticRenderer:
             pw, ph = int(w * rng.uniform(0.3, 0.7)), int(h * rng.uniform(0.3, 0.7))
             px, py = rng.randint(0, w - pw), rng.randint(0, h - ph)
             picture = {"box": [px, py, px + pw, py + ph], "shape": rng.choice(("rectangle", "ellipse")), "side": None}
-        bg_color = tuple(int(c) for c in image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0)))
+        # A 4x-reduced copy of the bare background answers every colour question
+        # (caption colour, local extremes under each block) without cropping the
+        # full image again per block.
+        small = np.asarray(image.reduce(_STAT_REDUCE))
+        bg_color = tuple(int(c) for c in small[::8, ::8].reshape(-1, 3).mean(axis=0))
         draw = ImageDraw.Draw(image)
         # Order: colours are chosen against the bare background (plates drawn where
         # needed), then the picture (it never overlaps text), then the text.
-        colours = [self._block_colour(rng, image, draw, block) for block in blocks]
+        colours = [self._block_colour(rng, small, draw, block) for block in blocks]
         if picture is not None:
             self._draw_picture(rng, image, picture)
         lines_meta: list[LineMeta] = []
@@ -472,21 +486,18 @@ class SyntheticRenderer:
 
     def _line_bbox(self, font, block: Block, line: Line) -> tuple[float, float, float, float]:
         if block.direction == Direction.HORIZONTAL.value:
-            return _offset(font.getbbox(line.text, anchor="la"), line.x, line.y)
+            if line.ink is None:
+                line.ink = font.getbbox(line.text, anchor="la")
+            return _offset(line.ink, line.x, line.y)
         n = len(line.text)
         half = block.size / 2
         return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (n - 0.5) * line.pitch)
 
-    def _block_colour(self, rng: random.Random, image: Image.Image, draw: ImageDraw.ImageDraw, block: Block) -> RGB:
-        import numpy as np
-
+    def _block_colour(self, rng: random.Random, small: np.ndarray, draw: ImageDraw.ImageDraw, block: Block) -> RGB:
         x0, y0, x1, y1 = self._block_region(block)
-        x0, y0 = max(0, x0), max(0, y0)
-        x1, y1 = min(image.width, x1), min(image.height, y1)
-        crop = image.crop((x0, y0, x1, y1))
-        if crop.width > 64 or crop.height > 64:
-            crop = crop.reduce(max(1, min(crop.width, crop.height) // 16))
-        colours = region_extremes(np.asarray(crop))
+        k = _STAT_REDUCE
+        region = small[max(0, y0 // k) : max(1, -(-y1 // k)), max(0, x0 // k) : max(1, -(-x1 // k))]
+        colours = region_extremes(region if region.size else small)
         colour = pick_text_color(rng, colours, self.config.min_contrast)
         if colour is None:
             # The background varies too much under the block: plates of its mean colour
@@ -507,7 +518,7 @@ class SyntheticRenderer:
         for i, line in enumerate(block.lines):
             if block.direction == Direction.HORIZONTAL.value:
                 draw.text((line.x, line.y), line.text, font=font, fill=colour, anchor="la")
-                box = _offset(font.getbbox(line.text, anchor="la"), line.x, line.y)
+                box = self._line_bbox(font, block, line)
                 if block.bullet and i == 0:
                     r = block.size * 0.16
                     cy = (box[1] + box[3]) / 2
@@ -528,7 +539,6 @@ class SyntheticRenderer:
         return metas
 
     def _draw_column(self, draw, font, block: Block, line: Line, colour: RGB) -> tuple[float, float, float, float]:
-        boxes = []
         for k, ch in enumerate(line.text):
             cx, cy = line.x, line.y + k * line.pitch
             glyph = VERTICAL_FORMS.get(ch)
@@ -539,13 +549,11 @@ class SyntheticRenderer:
                 if ch in _CORNER_PUNCT:
                     cx, cy = cx + block.size * 0.3, cy - block.size * 0.3
             draw.text((cx, cy), ch_draw, font=font, fill=colour, anchor="mm")
-            boxes.append(_offset(font.getbbox(ch_draw, anchor="mm"), cx, cy))
-        # The polygon is the column of glyph cells (one em wide, `pitch` tall each),
-        # grown to any ink that overhangs: readers can then cut it into its n cells.
+        # The polygon is the column of glyph cells (one em wide, `pitch` >= 1 em tall
+        # each, glyphs centred): CJK glyphs keep their ink inside the em box, so the
+        # cells enclose it, and readers can cut the column back into its n cells.
         half = block.size / 2
-        cells = (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
-        boxes.append(cells)
-        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
 
 
 class _NullDraw:

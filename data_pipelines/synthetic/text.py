@@ -49,17 +49,31 @@ def builtin_phrases(language: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _random_chars_fn(language: str, level2_fraction: float) -> Callable[[random.Random, int], str]:
-    """A function drawing `n` random characters of the language's standard sets."""
+def _random_chars_fn(
+    language: str, level2_fraction: float, covered: Callable[[str], bool]
+) -> Callable[[random.Random, int], str]:
+    """A function drawing `n` random characters of the language's standard sets.
+
+    The sets are screened once against the fonts (`covered`), so every draw is
+    renderable without a per-string check.
+    """
+
+    def screened(chars: str) -> str:
+        kept = "".join(ch for ch in chars if covered(ch))
+        return kept or chars  # nothing covered: the renderer's font choice reports it
+
     if language == "zh-Hans":
-        l1, l2 = charsets.gb2312_level1(), charsets.gb2312_level2()
+        l1, l2 = screened(charsets.gb2312_level1()), screened(charsets.gb2312_level2())
         return lambda rng, n: "".join(rng.choice(l2 if rng.random() < level2_fraction else l1) for _ in range(n))
     if language == "zh-Hant":
-        pool = charsets.big5_level1()
+        pool = screened(charsets.big5_level1())
+        return lambda rng, n: "".join(rng.choice(pool) for _ in range(n))
+    if language == "ko":
+        pool = screened(charsets.ksx1001_hangul())
         return lambda rng, n: "".join(rng.choice(pool) for _ in range(n))
     if language == "ja":
-        kana = charsets.hiragana() + charsets.katakana()
-        kanji1, kanji2 = charsets.jis_level1_kanji(), charsets.jis_level2_kanji()
+        kana = screened(charsets.hiragana() + charsets.katakana())
+        kanji1, kanji2 = screened(charsets.jis_level1_kanji()), screened(charsets.jis_level2_kanji())
 
         def ja(rng: random.Random, n: int) -> str:
             out = []
@@ -69,9 +83,6 @@ def _random_chars_fn(language: str, level2_fraction: float) -> Callable[[random.
             return "".join(out)
 
         return ja
-    if language == "ko":
-        pool = charsets.ksx1001_hangul()
-        return lambda rng, n: "".join(rng.choice(pool) for _ in range(n))
     if language == "en":
         letters = charsets.LATIN_LETTERS
         digits = charsets.DIGITS
@@ -135,7 +146,7 @@ class TextSampler:
                 if phrases:
                     pool.append(("phrases", phrase_weight, lambda rng, n, items=tuple(phrases): rng.choice(items)))
             if random_chars_weight > 0:
-                pool.append(("chars", random_chars_weight, _random_chars_fn(lang, level2_fraction)))
+                pool.append(("chars", random_chars_weight, _random_chars_fn(lang, level2_fraction, self.covered)))
             self.sources[lang] = pool
         for corpus in corpora:
             if corpus.language not in LANGUAGES:
@@ -190,11 +201,12 @@ class TextSampler:
         """One word/phrase-sized item of `language` (a single-language tag)."""
         pool = self.sources[language]
         _, _, draw = rng.choices(pool, [w for _, w, _ in pool])[0]
+        # Every source was screened against the fonts when it was built.
         for _ in range(8):
             text = draw(rng, n_chars).strip()
-            if text and self.covered(text):
+            if text:
                 return text
-        raise ValueError(f"could not draw a covered string for {language!r}; check fonts and corpora")
+        raise ValueError(f"{language!r}: the text sources give only empty strings; check corpora")
 
     def short(self, rng: random.Random, language: str, max_chars: int = 12) -> tuple[str, str]:
         """A title/label-sized string and its language tag."""
