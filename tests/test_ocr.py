@@ -82,7 +82,7 @@ def test_job_with_ocr_records_readings(tmp_path):
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     ocr_counts = manifest["counts"]["ocr"]
-    assert sum(ocr_counts.get(k, 0) for k in ("passed", "unscored")) == 4
+    assert sum(ocr_counts.get(k, 0) for k in ("passed", "unscored", "no_text")) == 4
     assert "not_checked" not in ocr_counts
 
 

@@ -123,7 +123,7 @@ def test_render_is_deterministic(renderer):
 def test_other_sizes_and_aspect_ratios(renderer):
     from data_pipelines.synthetic.render import SyntheticRenderer
 
-    r = SyntheticRenderer(fonts=renderer.fonts, text=renderer.text, config=RenderConfig(sizes={"768x384": 1.0, "384x640": 1.0}))
+    r = SyntheticRenderer(fonts=renderer.fonts, text=renderer.text, config=RenderConfig(sizes=["768x384", "384x640:2"]))
     sizes = {r.render(seed, "k").image.size for seed in range(12)}
     assert sizes == {(768, 384), (384, 640)}
 
@@ -131,7 +131,8 @@ def test_other_sizes_and_aspect_ratios(renderer):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"sizes": {"512": 1.0}}, "WIDTHxHEIGHT"),
+        ({"sizes": ["512"]}, "WIDTHxHEIGHT"),
+        ({"sizes": ["512x512:-1"]}, "positive sum"),
         ({"formats": {"spiral": 1.0}}, "spiral"),
         ({"backgrounds": {"photo": 1.0}}, "photo_dir"),
         ({"min_contrast": 30.0}, "min_contrast"),

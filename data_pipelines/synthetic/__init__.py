@@ -1,0 +1,1 @@
+"""Synthetic text renders: text sources, line breaking, layout, rendering, the job."""

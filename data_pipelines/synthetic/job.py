@@ -176,6 +176,9 @@ def _init_worker(job: SyntheticJob, counter) -> None:
 
 def verify(sample: RenderedSample, ocr: OcrEngine, mode: str) -> float | None:
     """Read the sample back; fill per-line OCR fields; return its NED (None: nothing scorable)."""
+    if not sample.meta.lines:
+        sample.meta.ocr = {"engine": "rapidocr", "mode": mode, "ned": None}
+        return None
     readings = ocr.read_lines(sample.image, sample.meta.lines, mode)
     errors = total = 0.0
     for line, reading in zip(sample.meta.lines, readings):
@@ -213,8 +216,10 @@ def generate_shard(index: int) -> dict[str, Any]:
                 sample = renderer.render(seed, key)
                 if ocr is not None and derive_seed(seed, "ocr") / 2**63 < job.ocr.fraction:
                     score = verify(sample, ocr, job.ocr.mode)
-                    if score is None:
-                        counts["ocr"]["unscored"] += 1
+                    if not sample.meta.lines:
+                        counts["ocr"]["no_text"] += 1
+                    elif score is None:
+                        counts["ocr"]["unscored"] += 1  # only languages the recogniser does not read
                     elif score > job.ocr.max_ned:
                         counts["ocr"]["dropped"] += 1
                         continue

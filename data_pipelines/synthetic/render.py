@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,11 +57,16 @@ _CORNER_PUNCT = frozenset("，、。．")
 class RenderConfig:
     """How samples look; the `render:` section of configs/data_gen/synthetic.yaml."""
 
-    sizes: Mapping[str, float] = field(default_factory=lambda: {"512x512": 1.0})
-    """Canvas sizes "WxH" with sampling weights."""
-    formats: Mapping[str, float] = field(default_factory=lambda: {f: 1.0 for f in FORMATS})
-    """Layout formats (see FORMATS) with sampling weights."""
-    backgrounds: Mapping[str, float] = field(default_factory=lambda: {"solid": 1.0, "gradient": 1.0, "texture": 1.0, "photo": 0.0})
+    sizes: Sequence[str] = ("512x512",)
+    """Canvas sizes as "WxH" or "WxH:weight" (weight 1 when omitted), e.g. ["512x512", "768x512:0.5"]."""
+    formats: Mapping[str, float] = field(
+        default_factory=lambda: {
+            "none": 0.1, "single_line": 0.3, "title": 0.1, "paragraph": 0.1,
+            "list": 0.1, "composition": 0.1, "vertical": 0.1, "wrap": 0.1,
+        }
+    )
+    """Layout formats (see FORMATS) with sampling weights (configs/data_gen/synthetic.yaml)."""
+    backgrounds: Mapping[str, float] = field(default_factory=lambda: {"solid": 0.3, "gradient": 0.35, "texture": 0.35, "photo": 0.0})
     """Background kinds with weights; `photo` needs `photo_dir`."""
     photo_dir: str | None = None
     """Folder of photos for backgrounds and picture regions."""
@@ -77,8 +82,11 @@ class RenderConfig:
     """Probability of a Chinese caption (else English)."""
 
     def __post_init__(self) -> None:
-        self.size_list = [_parse_size(s) for s in self.sizes]
-        self.size_weights = _weights("render.sizes", self.sizes)
+        if isinstance(self.sizes, str):
+            self.sizes = [self.sizes]
+        parsed = [_parse_size(s) for s in self.sizes]
+        self.size_list = [size for size, _ in parsed]
+        self.size_weights = _weights("render.sizes", {str(s): w for s, (_, w) in zip(self.sizes, parsed)})
         for name in self.formats:
             if name not in FORMATS:
                 raise ValueError(f"render.formats: unknown format {name!r}; use {FORMATS}")
@@ -98,14 +106,17 @@ class RenderConfig:
                 raise ValueError(f"render.{name} = {getattr(self, name)} must lie in [0, 1]")
 
 
-def _parse_size(text: str) -> tuple[int, int]:
+def _parse_size(text: str) -> tuple[tuple[int, int], float]:
+    """ "768x512:0.5" -> ((768, 512), 0.5)."""
+    dims, _, weight = str(text).partition(":")
     try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
+        w, h = (int(v) for v in dims.lower().split("x"))
+        wt = float(weight) if weight else 1.0
     except ValueError:
-        raise ValueError(f"render.sizes: {text!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
+        raise ValueError(f"render.sizes: {text!r} is not WIDTHxHEIGHT or WIDTHxHEIGHT:WEIGHT (e.g. 512x512)") from None
     if w < 64 or h < 64:
         raise ValueError(f"render.sizes: {text!r} is smaller than 64x64")
-    return w, h
+    return (w, h), wt
 
 
 def _weights(name: str, mapping: Mapping[str, float]) -> list[float]:
