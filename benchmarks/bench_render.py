@@ -24,9 +24,9 @@ import time
 from PIL import Image, ImageDraw
 
 from data_pipelines.fonts import load_font
-from data_pipelines.ocr import OcrEngine
+from data_pipelines.ocr import OcrEngine, verify_sample
 from data_pipelines.shards import encode_image
-from data_pipelines.synthetic.job import SyntheticJob, build_renderer, verify
+from data_pipelines.synthetic.job import SyntheticJob, build_renderer
 
 
 def run_renderer(renderer, seeds, ocr=None, mode="crops"):
@@ -34,7 +34,7 @@ def run_renderer(renderer, seeds, ocr=None, mode="crops"):
     for seed in seeds:
         sample = renderer.render(seed, "bench")
         if ocr is not None:
-            verify(sample, ocr, mode)
+            verify_sample(ocr, sample.image, sample.meta, mode)
         encode_image(sample.image, "jpg", 90)
         sample.meta.to_json().encode()
         sample.caption.encode()
@@ -90,7 +90,8 @@ def main() -> None:
 
     ocr = OcrEngine(threads=1)
     ocr_seeds = seeds[: args.ocr_samples]
-    verify(renderer.render(0, "warm"), ocr, "crops")
+    warm = renderer.render(0, "warm")
+    verify_sample(ocr, warm.image, warm.meta, "crops")
     c = run_renderer(renderer, ocr_seeds, ocr, "crops")
     d = run_renderer(renderer, ocr_seeds[:5], ocr, "full")
 

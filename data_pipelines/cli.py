@@ -1,6 +1,7 @@
 """`qwenimg-data`: the data jobs, one Hydra app.
 
     qwenimg-data --config-name synthetic out_dir=... num_shards=... workers=...
+    qwenimg-data --config-name verify in_dir=... out_dir=...
     qwenimg-data --config-name preview shards=... out=...
 
 Root configs live in configs/data_gen/ (one per job); each names its `job`. This
@@ -44,15 +45,27 @@ def _preview(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"preview": str(out)}
 
 
+def _verify(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.verify import VerifyJob, run
+
+    return run(from_mapping(VerifyJob, cfg))
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "synthetic": _synthetic,
     "preview": _preview,
+    "verify": _verify,
 }
 
 
 def run_job(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Dispatch a composed config to its job; the function tests call."""
-    plain = to_plain(cfg)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        plain = to_plain(cfg)
+    except MissingMandatoryValue as exc:  # a `???` key left unset
+        raise ValueError(f"{exc.full_key} is required: pass {exc.full_key}=...") from None
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     name = plain.pop("job", None)
     if name not in JOBS:

@@ -23,7 +23,7 @@ def to_plain(cfg: Any) -> Any:
     except ImportError:  # pragma: no cover - hydra-core is a dependency
         return cfg
     if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     return cfg
 
 

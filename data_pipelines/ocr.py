@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
-from data_pipelines.schema import Direction, LineMeta, split_language
+from data_pipelines.schema import Direction, LineMeta, SampleMeta, split_language
 
 OCR_MODES = ("off", "crops", "full")
 # Languages the PP-OCR Chinese/English model in the rapidocr wheel reads (it also
@@ -167,3 +167,26 @@ def _matched_text(detections, line: LineMeta) -> str:
         if x0 <= cx <= x1 and y0 <= cy <= y1:
             hits.append((cy if line.direction == Direction.VERTICAL.value else cx, text))
     return "".join(text for _, text in sorted(hits))
+
+
+def verify_sample(ocr: OcrEngine, image: Image.Image, meta: SampleMeta, mode: str) -> float | None:
+    """Read a sample back: fill each line's `ocr_text`/`ocr_score` and `meta.ocr`.
+
+    Returns the sample's normalised edit distance (edits over characters, summed over
+    the lines OCR can score), or None when no line can be scored (no text, or only
+    languages the recogniser does not read).
+    """
+    if not meta.lines:
+        meta.ocr = {"engine": "rapidocr", "mode": mode, "ned": None}
+        return None
+    readings = ocr.read_lines(image, meta.lines, mode)
+    errors = total = 0.0
+    for line, reading in zip(meta.lines, readings):
+        line.ocr_text, line.ocr_score = reading.text, reading.score
+        if reading.score is not None:
+            n = max(1, len(normalize(line.text)))
+            errors += (1 - reading.score) * n
+            total += n
+    score = None if total == 0 else round(errors / total, 4)
+    meta.ocr = {"engine": "rapidocr", "mode": mode, "ned": score}
+    return score

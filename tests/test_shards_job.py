@@ -161,3 +161,43 @@ def test_resume_after_a_killed_run(tmp_path):
     subprocess.run(fresh, cwd=REPO, check=True, capture_output=True)
     assert tar_bytes(tmp_path / "killed") == tar_bytes(tmp_path / "fresh")
     assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["num_samples"] == 160
+
+
+def test_verify_stage_filters_counts_and_skips_bad_samples(tmp_path):
+    from data_pipelines.shards import AtomicShardWriter, iter_tar_samples
+    from data_pipelines.verify import VerifyJob
+    from data_pipelines.verify import run as verify_run
+
+    src = tmp_path / "rendered"
+    synth.run(small_job(src, num_shards=2, samples_per_shard=4))
+    # Corrupt one sample of shard 1 (an undecodable image) and blank another's text.
+    samples = list(iter_tar_samples(src / "synthetic-000001.tar"))
+    samples[0]["jpg"] = b"not a jpeg"
+    writer = AtomicShardWriter(src / "synthetic-000001.tar")
+    for s in samples:
+        writer.write(s["__key__"], {k: v for k, v in s.items() if k != "__key__"})
+    writer.commit()
+
+    out = tmp_path / "verified"
+    summary = verify_run(VerifyJob(in_dir=str(src), out_dir=str(out), progress=False))
+    assert summary["shards_verified"] == 2 and summary["manifest"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["skipped"] == {"UnidentifiedImageError": 1}
+    ocr = manifest["counts"]["ocr"]
+    assert sum(ocr.values()) == 7 and manifest["num_samples"] == 7 - ocr.get("dropped", 0)
+    verified = list(wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False, empty_check=False))
+    for s in verified:
+        meta = SampleMeta.from_json(s["json"])
+        assert meta.ocr["mode"] == "crops"
+        assert all(line.ocr_text is not None or "ko" in line.language for line in meta.lines)
+    again = verify_run(VerifyJob(in_dir=str(src), out_dir=str(out), progress=False))
+    assert again["shards_verified"] == 0
+    with pytest.raises(ValueError, match="differ"):
+        VerifyJob(in_dir=str(src), out_dir=str(src))
+
+
+def test_missing_required_keys_are_named():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="verify", overrides=["out_dir=/tmp/x"])
+        with pytest.raises(ValueError, match="in_dir is required"):
+            run_job(cfg)

@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_pipelines.fonts import FontRegistry
-from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OCR_MODES, OcrEngine
+from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OCR_MODES, OcrEngine, verify_sample
 from data_pipelines.schema import CAPTION_EXTENSION, META_EXTENSION
 from data_pipelines.shards import (
     AtomicShardWriter,
@@ -34,7 +34,7 @@ from data_pipelines.shards import (
     node_shards,
     node_split,
 )
-from data_pipelines.synthetic.render import RenderConfig, RenderedSample, SyntheticRenderer
+from data_pipelines.synthetic.render import RenderConfig, SyntheticRenderer
 from data_pipelines.synthetic.text import Corpus, TextSampler
 
 log = logging.getLogger(__name__)
@@ -174,24 +174,6 @@ def _init_worker(job: SyntheticJob, counter) -> None:
     _STATE["counter"] = counter
 
 
-def verify(sample: RenderedSample, ocr: OcrEngine, mode: str) -> float | None:
-    """Read the sample back; fill per-line OCR fields; return its NED (None: nothing scorable)."""
-    if not sample.meta.lines:
-        sample.meta.ocr = {"engine": "rapidocr", "mode": mode, "ned": None}
-        return None
-    readings = ocr.read_lines(sample.image, sample.meta.lines, mode)
-    errors = total = 0.0
-    for line, reading in zip(sample.meta.lines, readings):
-        line.ocr_text, line.ocr_score = reading.text, reading.score
-        if reading.score is not None:
-            n = max(1, len(line.text))
-            errors += (1 - reading.score) * n
-            total += n
-    score = None if total == 0 else round(errors / total, 4)
-    sample.meta.ocr = {"engine": "rapidocr", "mode": mode, "ned": score}
-    return score
-
-
 def generate_shard(index: int) -> dict[str, Any]:
     """Render, verify and write one shard; returns its statistics."""
     job: SyntheticJob = _STATE["job"]
@@ -215,7 +197,7 @@ def generate_shard(index: int) -> dict[str, Any]:
                 key = f"{SHARD_PREFIX}_{index:06d}_{j:06d}"
                 sample = renderer.render(seed, key)
                 if ocr is not None and derive_seed(seed, "ocr") / 2**63 < job.ocr.fraction:
-                    score = verify(sample, ocr, job.ocr.mode)
+                    score = verify_sample(ocr, sample.image, sample.meta, job.ocr.mode)
                     if not sample.meta.lines:
                         counts["ocr"]["no_text"] += 1
                     elif score is None:
