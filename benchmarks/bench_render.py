@@ -23,7 +23,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from data_pipelines.fonts import load_font
+from data_pipelines.fonts import face_tables
 from data_pipelines.ocr import OcrEngine, verify_sample
 from data_pipelines.shards import encode_image
 from data_pipelines.synthetic.job import SyntheticJob, build_renderer
@@ -49,8 +49,7 @@ def baseline_jobs(renderer, seeds):
         meta = renderer.render(seed, "bench").meta
         draws = []
         for line in meta.lines:
-            face = fonts[line.font]
-            font = load_font(face.path, face.index, line.font_size)
+            font = renderer.fonts.font(fonts[line.font], line.font_size)
             draws.append((font, (line.polygon[0][0], line.polygon[0][1]), line.text))
         jobs.append(((meta.width, meta.height), draws))
     return jobs
@@ -77,7 +76,9 @@ def main() -> None:
 
     renderer = build_renderer(SyntheticJob(out_dir="unused"))
     seeds = list(range(10_000, 10_000 + args.samples))
-    for seed in range(200):  # warm-up: font coverage tables, glyph caches
+    for face in renderer.fonts.faces:  # warm-up: every face's tables (a one-off per process)
+        face_tables(face.path, face.index)
+    for seed in range(300):  # warm-up: font objects and measurement caches
         renderer.render(seed, "warm")
     jobs = baseline_jobs(renderer, seeds)
     chars = sum(len(text) for _, draws in jobs for _, _, text in draws)

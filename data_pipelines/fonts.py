@@ -13,10 +13,13 @@ names carry its region tag and falls back to any face that covers the string.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import re
 import shutil
 import subprocess
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,6 +37,18 @@ LANGUAGE_REGION_TAGS = {
     "ja": ("JP",),
     "ko": ("KR",),
 }
+
+# Font sizes in pixels that renderers snap to: steps of ~8%, fine enough for variety,
+# few enough that font objects and measurements are reused.
+SIZE_LADDER = (12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 33, 36, 39, 42, 46, 50, 54, 58, 63, 68, 74, 80, 87, 94, 102, 110, 120, 130, 140, 152, 164, 178, 192)
+
+
+def snap_size(size: float) -> int:
+    """The ladder size nearest to `size` (sizes beyond the ladder are kept, rounded)."""
+    if size > SIZE_LADDER[-1]:
+        return int(round(size))
+    return min(SIZE_LADDER, key=lambda s: abs(s - size))
+
 
 BOLD_WEIGHT = 600  # CSS / OpenType usWeightClass at and above which a face is bold
 
@@ -72,43 +87,60 @@ class FontFace:
         return self.weight >= BOLD_WEIGHT
 
 
+@dataclass(frozen=True)
+class FaceTables:
+    """What layout needs from a face's tables, in compact arrays indexed by code point.
+
+    fontTools objects for a CJK face hold ~65k parsed entries (tens of MB); these
+    arrays hold the same facts in ~0.6 MB, so a job can know every installed face.
+    """
+
+    units_per_em: int
+    covered: bytes  # covered[cp] == 1 when the cmap maps cp to a glyph
+    advances: array  # "H": horizontal advance in font units (0 where not covered)
+
+    def covers(self, cp: int) -> bool:
+        return cp < len(self.covered) and self.covered[cp] == 1
+
+    def advance(self, cp: int) -> int:
+        """Advance of `cp`, one em for characters the face lacks (never drawn in it)."""
+        if cp < len(self.advances) and self.covered[cp]:
+            return self.advances[cp]
+        return self.units_per_em
+
+
 @functools.lru_cache(maxsize=None)
-def face_coverage(path: str, index: int) -> frozenset[int]:
-    """Code points the face's cmap maps to a glyph."""
-    from fontTools.ttLib import TTFont
+def face_tables(path: str, index: int) -> FaceTables:
+    """The cmap coverage and advance widths of a face, read once per process.
 
-    font = TTFont(path, fontNumber=index, lazy=True)
-    try:
-        cmap = font.getBestCmap() or {}
-        return frozenset(cmap)
-    finally:
-        font.close()
-
-
-@functools.lru_cache(maxsize=None)
-def face_advances(path: str, index: int) -> tuple[int, dict[int, int]]:
-    """(units per em, {code point: horizontal advance in font units}) of a face.
-
-    Layout measures candidate lines with these instead of asking FreeType glyph by
-    glyph: FreeType's hinted advance at an integer pixel size is the scaled advance
-    rounded to a whole pixel (off by one pixel for ~0.1% of glyphs, measured on Noto
-    CJK and DejaVu), and final line widths are measured by Pillow anyway.
+    FreeType's hinted advance at an integer pixel size is the scaled advance rounded
+    to a whole pixel (off by one pixel for ~0.1% of glyphs, measured on Noto CJK and
+    DejaVu), so layout measures candidate lines from these without FreeType; final
+    glyph boxes come from Pillow.
     """
     from fontTools.ttLib import TTFont
 
     font = TTFont(path, fontNumber=index, lazy=True)
     try:
         upem = int(font["head"].unitsPerEm)
-        hmtx = font["hmtx"].metrics
         cmap = font.getBestCmap() or {}
-        return upem, {cp: hmtx[name][0] for cp, name in cmap.items() if name in hmtx}
+        metrics = font["hmtx"].metrics
+        size = max(cmap, default=0) + 1
+        covered = bytearray(size)
+        advances = array("H", bytes(2 * size))
+        for cp, name in cmap.items():
+            covered[cp] = 1
+            advances[cp] = metrics[name][0] if name in metrics else upem
+        return FaceTables(upem, bytes(covered), advances)
     finally:
         font.close()
+        del font
+        gc.collect()  # parsed tables form reference cycles: free them now, not at some later GC pass
 
 
-@functools.lru_cache(maxsize=512)
-def load_font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
-    """A Pillow font object; cached because opening a CJK collection costs milliseconds."""
+def open_font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
+    """A Pillow font object with the basic layout engine (no shaping: CJK, Latin and
+    precomposed Hangul need none, and it is faster than raqm)."""
     return ImageFont.truetype(path, size=size, index=index, layout_engine=ImageFont.Layout.BASIC)
 
 
@@ -169,7 +201,7 @@ def _folder_faces(folder: Path) -> list[FontFace]:
 class FontRegistry:
     """The faces a job may draw with, and the rule for choosing one for a string."""
 
-    def __init__(self, faces: Sequence[FontFace]):
+    def __init__(self, faces: Sequence[FontFace], *, cache_size: int = 256):
         if not faces:
             raise ValueError(
                 "no fonts found: install fonts-noto-cjk (the Makefile does) or set fonts.dirs "
@@ -178,6 +210,29 @@ class FontRegistry:
         # Sorted so that the choice for a given seed does not depend on discovery order.
         self.faces = sorted(set(faces), key=lambda f: (f.path, f.index))
         self._groups: dict[str, list[list[FontFace]]] = {}
+        if cache_size < 1:
+            raise ValueError(f"fonts.cache_size = {cache_size} must be >= 1")
+        self.cache_size = cache_size
+        self._fonts: OrderedDict[tuple[str, int, int], ImageFont.FreeTypeFont] = OrderedDict()
+
+    def font(self, face: FontFace, size: int) -> ImageFont.FreeTypeFont:
+        """The Pillow font for (face, size), from a bounded LRU cache.
+
+        Opening one costs ~0.3 ms (FreeType parses the face), and each is a FreeType
+        face of its own: 0.7 MB for a Noto CJK face when opened, ~3.5 MB once it has
+        rendered many glyphs (measured). `cache_size` trades memory for speed:
+        256 keeps a worker under ~1 GB; renderers snap sizes to `SIZE_LADDER` so the
+        cache keeps hitting.
+        """
+        key = (face.path, face.index, size)
+        font = self._fonts.get(key)
+        if font is None:
+            font = self._fonts[key] = open_font(face.path, face.index, size)
+            if len(self._fonts) > self.cache_size:
+                self._fonts.popitem(last=False)
+        else:
+            self._fonts.move_to_end(key)
+        return font
 
     @classmethod
     def discover(
@@ -187,6 +242,7 @@ class FontRegistry:
         use_fontconfig: bool = True,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        cache_size: int = 256,
     ) -> "FontRegistry":
         """Faces from fontconfig and folders, filtered by family-name regexes."""
         faces: list[FontFace] = []
@@ -200,17 +256,15 @@ class FontRegistry:
         if exclude:
             patterns = [re.compile(p) for p in exclude]
             faces = [f for f in faces if not any(p.search(f.family) for p in patterns)]
-        return cls(faces)
+        return cls(faces, cache_size=cache_size)
 
     def covers(self, face: FontFace, text: str) -> bool:
-        coverage = face_coverage(face.path, face.index)
-        if coverage.issuperset(map(ord, text)):  # the common case, at C speed
-            return True
-        return all(ord(ch) in coverage for ch in text if not ch.isspace())
+        tables = face_tables(face.path, face.index)
+        return all(tables.covers(ord(ch)) or ch.isspace() for ch in text)
 
     def missing(self, face: FontFace, text: str) -> list[str]:
-        coverage = face_coverage(face.path, face.index)
-        return [ch for ch in text if not ch.isspace() and ord(ch) not in coverage]
+        tables = face_tables(face.path, face.index)
+        return [ch for ch in text if not ch.isspace() and not tables.covers(ord(ch))]
 
     def preference_groups(self, language: str) -> list[list[FontFace]]:
         """Faces in groups tried in order: the language's region faces, then the rest."""

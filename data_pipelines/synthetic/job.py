@@ -52,6 +52,8 @@ class FontsConfig:
     """Regexes on family names; when set, only matching faces are used."""
     exclude: list[str] = field(default_factory=list)
     """Regexes on family names of faces never used."""
+    cache_size: int = 256
+    """Pillow font objects (face x size) kept open per process: ~3.5 MB each at most."""
 
 
 @dataclass
@@ -154,7 +156,11 @@ _STATE: dict[str, Any] = {}
 
 def build_renderer(job: SyntheticJob) -> SyntheticRenderer:
     fonts = FontRegistry.discover(
-        dirs=job.fonts.dirs, use_fontconfig=job.fonts.use_fontconfig, include=job.fonts.include, exclude=job.fonts.exclude
+        dirs=job.fonts.dirs,
+        use_fontconfig=job.fonts.use_fontconfig,
+        include=job.fonts.include,
+        exclude=job.fonts.exclude,
+        cache_size=job.fonts.cache_size,
     )
     text = TextSampler(
         language_weights=job.text.language_weights,

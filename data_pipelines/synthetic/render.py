@@ -8,7 +8,8 @@ A sample is composed in four steps, each a plain function of a `random.Random`:
 3. colour: per block, a text colour whose WCAG contrast against the darkest, the
    lightest and the mean colour under the block reaches `min_contrast` (else a
    plate goes behind the block);
-4. drawing and metadata: the ink box of every drawn line becomes its polygon.
+4. drawing and metadata: the box of the pixels each line's drawing changed (its
+   ink) becomes its polygon; a vertical column's polygon is its stack of cells.
 
 Vertical text is set one glyph per cell, columns right to left; CJK punctuation is
 replaced by its vertical presentation form (U+FE10-FE19, U+FE30-FE4F) when the face
@@ -23,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from data_pipelines.color import RGB, pick_text_color, region_extremes
-from data_pipelines.fonts import FontFace, FontRegistry, face_advances, load_font
+from data_pipelines.fonts import FontFace, FontRegistry, face_tables, snap_size
 from data_pipelines.schema import (
     Direction,
     LineMeta,
@@ -37,10 +38,11 @@ from data_pipelines.schema import (
 )
 from data_pipelines.synthetic import background as bgmod
 from data_pipelines.synthetic.captions import CaptionBlock, caption
-from data_pipelines.synthetic.linebreak import NO_LINE_START, break_lines
+from data_pipelines.synthetic.linebreak import NO_LINE_START, break_lines, units
 from data_pipelines.synthetic.text import CJK_LANGUAGES, MIXED, VERTICAL_LANGUAGES, TextSampler
 
 _STAT_REDUCE = 4  # background statistics are read from a 4x-reduced copy
+_WIDTH_CACHE_LIMIT = 20_000  # measured units kept per (face, size) before the cache restarts
 
 FORMATS = ("none", "single_line", "title", "paragraph", "list", "composition", "vertical", "wrap")
 
@@ -134,7 +136,7 @@ class Line:
     x: float  # horizontal: left edge; vertical: column centre
     y: float  # horizontal: top of the line box; vertical: centre of the first cell
     pitch: float = 0.0  # vertical: distance between cell centres
-    ink: tuple[float, float, float, float] | None = None  # horizontal: glyph box relative to (x, y)
+    width: float = 0.0  # horizontal: advance width in pixels (from the face's advance table)
 
 
 @dataclass
@@ -177,15 +179,18 @@ class SyntheticRenderer:
     # --- measuring -------------------------------------------------------------
 
     def _measure(self, face: FontFace, size: int) -> Callable[[str], float]:
-        """Width of a unit in pixels, from the face's advance table (see fonts.face_advances)."""
-        cache = self._width_cache.setdefault((face.path, face.index, size), {})
-        upem, advances = face_advances(face.path, face.index)
-        scale = size / upem
+        """Width of a unit in pixels, from the face's advance table (see fonts.face_tables)."""
+        key = (face.path, face.index, size)
+        cache = self._width_cache.get(key)
+        if cache is None or len(cache) > _WIDTH_CACHE_LIMIT:
+            cache = self._width_cache[key] = {}  # bounded: a long job must not grow without end
+        tables = face_tables(face.path, face.index)
+        scale = size / tables.units_per_em
 
         def measure(unit: str) -> float:
             w = cache.get(unit)
             if w is None:
-                w = cache[unit] = float(sum(int(advances.get(ord(ch), upem) * scale + 0.5) for ch in unit))
+                w = cache[unit] = float(sum(int(tables.advance(ord(ch)) * scale + 0.5) for ch in unit))
             return w
 
         return measure
@@ -205,15 +210,12 @@ class SyntheticRenderer:
         size: int,
         boxes: list[tuple[float, float, float]],
         align: str,
-        line_height: float,
         prefix: str = "",
         indent: float = 0.0,
-        face: FontFace | None = None,
     ) -> Block | None:
         """Flow `source` into `boxes` (x0, x1, top) one line per box; None if nothing fits."""
-        face = face or self._face(rng, prefix + source, language)
+        face = self._face(rng, prefix + source, language)
         measure = self._measure(face, size)
-        font = load_font(face.path, face.index, size)
         first_extra = measure(prefix) if prefix else 0.0
         widths = [x1 - x0 - indent - (first_extra if i == 0 else 0) for i, (x0, x1, _) in enumerate(boxes)]
         # 2% slack: the sum of unit widths can differ from the whole line's by kerning.
@@ -224,17 +226,15 @@ class SyntheticRenderer:
         placed = []
         for i, text in enumerate(lines_text):
             x0, x1, top = boxes[i]
-            # The glyph box, measured once: it aligns the line, checks it fits, and
-            # becomes the polygon after drawing.
-            bx0, by0, bx1, by1 = font.getbbox(text, anchor="la")
+            width = sum(measure(unit) for unit in units(text))
             left = x0 + indent + (0 if i == 0 or not prefix else first_extra)
-            if left + bx1 > x1:
+            if left + width > x1:
                 return None  # beyond the slack above (rare): the caller retries smaller
             if align == "center":
-                left = left + (x1 - left - bx1) / 2
+                left = left + (x1 - left - width) / 2
             elif align == "right":
-                left = x1 - bx1
-            placed.append(Line(text, left, top, ink=(bx0, by0, bx1, by1)))
+                left = x1 - width
+            placed.append(Line(text, left, top, width=width))
         text = prefix + rejoin(source, lines)
         return Block(role, text, language, face, size, Direction.HORIZONTAL.value, placed)
 
@@ -265,9 +265,9 @@ class SyntheticRenderer:
         return m, m, w - m, h - m
 
     def _size(self, rng: random.Random, h: int, w: int, lo: float, hi: float) -> int:
-        # Even sizes only: halves the (face, size) combinations, so font objects and
-        # glyph measurements are found in the caches far more often.
-        return max(self.config.min_font_px, int(min(w, h) * rng.uniform(lo, hi)) // 2 * 2)
+        # Snapped to the font-size ladder: few (face, size) combinations, so font
+        # objects and glyph measurements are found in the caches (fonts.SIZE_LADDER).
+        return max(self.config.min_font_px, snap_size(min(w, h) * rng.uniform(lo, hi)))
 
     def _stack(self, rng, specs, box, align) -> list[Block] | None:
         """Lay out specs (role, text, language, size, max_lines, options) top to bottom."""
@@ -283,7 +283,7 @@ class SyntheticRenderer:
             boxes = [(left, right, y + i * lh) for i in range(n)]
             block = self._horizontal_block(
                 rng, role=role, source=source, language=language, size=size, boxes=boxes, align=align,
-                line_height=lh, prefix=opts.get("prefix", ""), indent=opts.get("indent", 0.0),
+                prefix=opts.get("prefix", ""), indent=opts.get("indent", 0.0),
             )
             if block is None:
                 break
@@ -355,7 +355,7 @@ class SyntheticRenderer:
         specs = []
         if rng.random() < 0.6:
             text, tag = self.text.short(rng, lang, 12)
-            specs.append(("title", text, tag, int(size * 1.6), 1, {"gap": 0.8}))
+            specs.append(("title", text, tag, snap_size(size * 1.6), 1, {"gap": 0.8}))
         for i in range(rng.randint(2, 6)):
             text, tag = self.text.paragraph(rng, lang, rng.randint(4, 30)) if rng.random() < 0.4 else self.text.short(rng, lang, 14)
             cjk = tag in CJK_LANGUAGES
@@ -410,7 +410,7 @@ class SyntheticRenderer:
         # Enough text to fill most of the flow area, so it visibly wraps the picture.
         capacity = sum(x1 - x0 for x0, x1, _ in boxes) / size
         text, tag = self.text.paragraph(rng, lang, max(20, int(capacity * rng.uniform(0.6, 0.95))))
-        block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left", line_height=lh)
+        block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left")
         if block is None:
             return None
         info["picture"] = {"box": [round(v, 1) for v in region], "shape": shape, "side": side}
@@ -447,10 +447,13 @@ class SyntheticRenderer:
         colours = [self._block_colour(rng, small, draw, block) for block in blocks]
         if picture is not None:
             self._draw_picture(rng, image, picture)
+        # The text-free twin: glyphs go onto a scratch copy, so its metadata is
+        # exactly that of the sample with text.
+        target = image if draw_text else image.copy()
         lines_meta: list[LineMeta] = []
         caption_blocks: list[CaptionBlock] = []
         for block, colour in zip(blocks, colours):
-            lines_meta += self._draw_block(draw if draw_text else _NullDraw(), block, colour, w, h)
+            lines_meta += self._draw_block(target, block, colour)
             caption_blocks.append(CaptionBlock(block.role, block.text, colour))
 
         text_class = classify_text(lines_meta)
@@ -488,18 +491,19 @@ class SyntheticRenderer:
             image.paste(pic, (x0, y0))
 
     def _block_region(self, block: Block) -> tuple[int, int, int, int]:
-        font = load_font(block.face.path, block.face.index, block.size)
-        boxes = [self._line_bbox(font, block, line) for line in block.lines]
+        font = self.fonts.font(block.face, block.size)
+        boxes = [self._line_box(font, block, line) for line in block.lines]
         return (
             int(min(b[0] for b in boxes)), int(min(b[1] for b in boxes)),
             int(max(b[2] for b in boxes)) + 1, int(max(b[3] for b in boxes)) + 1,
         )
 
-    def _line_bbox(self, font, block: Block, line: Line) -> tuple[float, float, float, float]:
+    def _line_box(self, font, block: Block, line: Line) -> tuple[float, float, float, float]:
+        """The line's layout box: advance width by ascent + descent (horizontal), or its
+        column of cells (vertical). Ink lies inside it, give or take overhangs."""
         if block.direction == Direction.HORIZONTAL.value:
-            if line.ink is None:
-                line.ink = font.getbbox(line.text, anchor="la")
-            return _offset(line.ink, line.x, line.y)
+            ascent, descent = font.getmetrics()
+            return (line.x, line.y, line.x + line.width, line.y + ascent + descent)
         n = len(line.text)
         half = block.size / 2
         return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (n - 0.5) * line.pitch)
@@ -515,21 +519,22 @@ class SyntheticRenderer:
             # behind each line (not the block's bounding box, which may hold a picture).
             plate = colours[2]
             pad = block.size * 0.3
-            font = load_font(block.face.path, block.face.index, block.size)
+            font = self.fonts.font(block.face, block.size)
             for line in block.lines:
-                lx0, ly0, lx1, ly1 = self._line_bbox(font, block, line)
+                lx0, ly0, lx1, ly1 = self._line_box(font, block, line)
                 draw.rounded_rectangle([lx0 - pad, ly0 - pad, lx1 + pad, ly1 + pad], radius=pad, fill=plate)
             colour = pick_text_color(rng, [plate], self.config.min_contrast)
             assert colour is not None  # black or white always reaches 4.5 against one colour
         return colour
 
-    def _draw_block(self, draw: ImageDraw.ImageDraw, block: Block, colour: RGB, w: int, h: int) -> list[LineMeta]:
-        font = load_font(block.face.path, block.face.index, block.size)
+    def _draw_block(self, image: Image.Image, block: Block, colour: RGB) -> list[LineMeta]:
+        draw = ImageDraw.Draw(image)
+        w, h = image.size
+        font = self.fonts.font(block.face, block.size)
         metas = []
         for i, line in enumerate(block.lines):
             if block.direction == Direction.HORIZONTAL.value:
-                draw.text((line.x, line.y), line.text, font=font, fill=colour, anchor="la")
-                box = self._line_bbox(font, block, line)
+                box = self._draw_line(image, draw, font, block, line, colour)
                 if block.bullet and i == 0:
                     r = block.size * 0.16
                     cy = (box[1] + box[3]) / 2
@@ -549,6 +554,26 @@ class SyntheticRenderer:
             )
         return metas
 
+    def _draw_line(self, image, draw, font, block: Block, line: Line, colour: RGB) -> tuple[float, float, float, float]:
+        """Draw a horizontal line; return its ink box: the pixels the drawing changed.
+
+        Reading the box off the pixels costs two small crops instead of a second
+        FreeType layout pass (`getbbox` cost as much as drawing), and it is the ink by
+        definition: pixels that differ from what lay beneath.
+        """
+        x0, y0, x1, y1 = self._line_box(font, block, line)
+        m = block.size // 2 + 2  # room for overhangs (accents, italics) beyond the layout box
+        region = (max(0, int(x0) - m), max(0, int(y0) - m), min(image.width, int(x1) + m), min(image.height, int(y1) + m))
+        before = image.crop(region)
+        draw.text((line.x, line.y), line.text, font=font, fill=colour, anchor="la")
+        changed = ImageChops.difference(image.crop(region), before).getbbox()
+        if changed is None:  # nothing visible changed (cannot happen at the minimum contrast)
+            return _offset(font.getbbox(line.text, anchor="la"), line.x, line.y)
+        return (
+            float(region[0] + changed[0]), float(region[1] + changed[1]),
+            float(region[0] + changed[2]), float(region[1] + changed[3]),
+        )
+
     def _draw_column(self, draw, font, block: Block, line: Line, colour: RGB) -> tuple[float, float, float, float]:
         for k, ch in enumerate(line.text):
             cx, cy = line.x, line.y + k * line.pitch
@@ -565,16 +590,6 @@ class SyntheticRenderer:
         # cells enclose it, and readers can cut the column back into its n cells.
         half = block.size / 2
         return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
-
-
-class _NullDraw:
-    """Stands in for ImageDraw when glyphs are not to be drawn (metadata still computed)."""
-
-    def text(self, *args, **kwargs) -> None:
-        pass
-
-    def ellipse(self, *args, **kwargs) -> None:
-        pass
 
 
 def _offset(box, dx: float, dy: float) -> tuple[float, float, float, float]:
