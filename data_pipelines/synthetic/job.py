@@ -50,10 +50,12 @@ class FontsConfig:
     """Also use every font fontconfig (`fc-list`) knows."""
     include: list[str] = field(default_factory=list)
     """Regexes on family names; when set, only matching faces are used."""
-    exclude: list[str] = field(default_factory=list)
-    """Regexes on family names of faces never used."""
-    cache_size: int = 256
-    """Pillow font objects (face x size) kept open per process: ~3.5 MB each at most."""
+    exclude: list[str] = field(default_factory=lambda: ["Mono CJK"])
+    """Regexes on family names of faces never used. Default: Noto's Mono CJK faces, whose
+    CJK glyphs repeat Sans CJK's (fewer faces: the font cache hits more often)."""
+    cache_size: int = 128
+    """Pillow font objects (face x size) kept open per process: up to ~5 MB each once
+    used; 128 keeps a worker near 0.9 GB, 256 near 1.5 GB and ~5% faster (measured)."""
 
 
 @dataclass
