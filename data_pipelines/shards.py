@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -104,11 +105,22 @@ class ShardSet:
             )
         return True
 
-    def clean(self) -> None:
-        """Remove this job's shards, statistics, temporary files and manifest (overwrite=true)."""
-        for path in self.out_dir.glob(f"{self.prefix}-*"):
-            path.unlink()
+    def clean(self, indices: Iterable[int]) -> None:
+        """Remove these shards, their statistics and temporary files, and the manifest.
+
+        Only the given indices: with several nodes, each cleans its own shards and
+        never touches another node's work in progress.
+        """
+        for index in indices:
+            for path in self.out_dir.glob(f"{self.prefix}-{index:06d}.*"):
+                path.unlink(missing_ok=True)
         (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    def remove_partial(self, indices: Iterable[int]) -> None:
+        """Delete temporary files a killed run left for these shards (this node's only)."""
+        for index in indices:
+            for path in self.out_dir.glob(f"{self.prefix}-{index:06d}.*.tmp-*"):
+                path.unlink(missing_ok=True)
 
     def write_stats(self, index: int, stats: Mapping[str, Any]) -> None:
         _atomic_write_text(self.stats_path(index), json.dumps(dict(stats, fingerprint=self.fingerprint), sort_keys=True, ensure_ascii=False, indent=1))
@@ -147,7 +159,7 @@ class AtomicShardWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = _tmp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp, "wb")
         # encoder=False: every field is already bytes, encoded by the caller.
@@ -173,8 +185,13 @@ class AtomicShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+def _tmp_path(path: Path) -> Path:
+    # Host and pid: nodes sharing a file system never write the same temporary file.
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     tmp.write_text(text, "utf-8")
     os.replace(tmp, path)
 

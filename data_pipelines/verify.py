@@ -139,9 +139,8 @@ def run(job: VerifyJob) -> dict[str, Any]:
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     shards = ShardSet(job.out_dir, prefix, len(paths), fingerprint(_settings(job)))
     mine = node_shards(len(paths), node_rank, num_nodes)
+    shards.remove_partial(mine)
     todo = [i for i in mine if not shards.is_complete(i)]
-    for stale in Path(job.out_dir).glob(f"{prefix}-*.tmp-*"):
-        stale.unlink()
     bar = tqdm(total=len(todo), unit="shard", desc=f"verify [node {node_rank}/{num_nodes}]", disable=not job.progress)
     if job.workers == 1 or len(todo) <= 1:
         _init(job, None)

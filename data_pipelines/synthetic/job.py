@@ -122,7 +122,7 @@ class SyntheticJob:
     num_nodes: int | None = None
     """Nodes sharing the job by shard index; null reads SLURM_ARRAY_TASK_COUNT or WORLD_SIZE."""
     overwrite: bool = False
-    """Delete this job's existing shards first (else complete shards are kept: resume)."""
+    """Delete this node's existing shards first (else complete shards are kept: resume)."""
     image_format: str = "jpg"
     jpeg_quality: int = 90
     max_attempts_factor: int = 4
@@ -175,9 +175,9 @@ def build_renderer(job: SyntheticJob) -> SyntheticRenderer:
     return SyntheticRenderer(fonts=fonts, text=text, config=job.render)
 
 
-def _init_worker(job: SyntheticJob, counter) -> None:
+def _init_worker(job: SyntheticJob, counter, renderer: SyntheticRenderer | None = None) -> None:
     _STATE["job"] = job
-    _STATE["renderer"] = build_renderer(job)
+    _STATE["renderer"] = renderer or build_renderer(job)
     _STATE["ocr"] = OcrEngine(threads=job.ocr.threads, languages=job.ocr.languages) if job.ocr.mode != "off" else None
     _STATE["counter"] = counter
 
@@ -259,21 +259,20 @@ def run(job: SyntheticJob, resolved_config: dict[str, Any] | None = None) -> dic
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = ShardSet(out_dir, SHARD_PREFIX, job.num_shards, fingerprint(job.content_settings()))
-    if job.overwrite and node_rank == 0:
-        shards.clean()
     mine = node_shards(job.num_shards, node_rank, num_nodes)
+    if job.overwrite:
+        shards.clean(mine)
+    shards.remove_partial(mine)  # temporary files of a killed run (this node's shards only)
     todo = [i for i in mine if not shards.is_complete(i)]
     kept = len(mine) - len(todo)
     if kept:
         log.info("resuming: %d of this node's %d shards are complete and kept", kept, len(mine))
-    for stale in out_dir.glob(f"{SHARD_PREFIX}-*.tmp-*"):
-        stale.unlink()  # partial shards of a killed run
 
     start = time.perf_counter()
     total = len(mine) * job.samples_per_shard
     bar = tqdm(total=total, initial=kept * job.samples_per_shard, unit="img", desc=f"synthetic [node {node_rank}/{num_nodes}]", disable=not job.progress)
     if job.workers == 1 or len(todo) <= 1:
-        _init_worker(job, None)
+        _init_worker(job, None, checked)
         for index in todo:
             stats = generate_shard(index)
             bar.update(stats["num_samples"])
