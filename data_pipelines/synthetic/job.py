@@ -12,28 +12,16 @@ so the same seed and config give byte-identical shards for any worker count.
 
 from __future__ import annotations
 
+import functools
 import logging
-import multiprocessing as mp
-import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import Any, Iterator
 
 from data_pipelines.fonts import FontRegistry
 from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OCR_MODES, OcrEngine, verify_sample
 from data_pipelines.schema import CAPTION_EXTENSION, META_EXTENSION
-from data_pipelines.shards import (
-    AtomicShardWriter,
-    ShardSet,
-    derive_seed,
-    encode_image,
-    fingerprint,
-    node_shards,
-    node_split,
-)
+from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
+from data_pipelines.shards import derive_seed, encode_image
 from data_pipelines.synthetic.render import RenderConfig, SyntheticRenderer
 from data_pipelines.synthetic.text import Corpus, TextSampler
 
@@ -151,9 +139,7 @@ class SyntheticJob:
         return d
 
 
-# --- per-process state ---------------------------------------------------------------
-
-_STATE: dict[str, Any] = {}
+# --- the producer ------------------------------------------------------------------
 
 
 def build_renderer(job: SyntheticJob) -> SyntheticRenderer:
@@ -175,24 +161,35 @@ def build_renderer(job: SyntheticJob) -> SyntheticRenderer:
     return SyntheticRenderer(fonts=fonts, text=text, config=job.render)
 
 
-def _init_worker(job: SyntheticJob, counter, renderer: SyntheticRenderer | None = None) -> None:
-    _STATE["job"] = job
-    _STATE["renderer"] = renderer or build_renderer(job)
-    _STATE["ocr"] = OcrEngine(threads=job.ocr.threads, languages=job.ocr.languages) if job.ocr.mode != "off" else None
-    _STATE["counter"] = counter
+def ocr_check(ocr: OcrEngine | None, config: OcrConfig, seed: int, image, meta, tally: Tally) -> bool:
+    """Verify a fresh render when the seed selects it; False means drop it. Counts outcomes."""
+    if ocr is None or derive_seed(seed, "ocr") / 2**63 >= config.fraction:
+        tally.add("ocr", "not_checked")
+        return True
+    score = verify_sample(ocr, image, meta, config.mode)
+    if not meta.lines:
+        tally.add("ocr", "no_text")
+    elif score is None:
+        tally.add("ocr", "unscored")  # only languages the recogniser does not read
+    elif score > config.max_ned:
+        tally.add("ocr", "dropped")
+        return False
+    else:
+        tally.add("ocr", "passed")
+    return True
 
 
-def generate_shard(index: int) -> dict[str, Any]:
-    """Render, verify and write one shard; returns its statistics."""
-    job: SyntheticJob = _STATE["job"]
-    renderer: SyntheticRenderer = _STATE["renderer"]
-    ocr: OcrEngine | None = _STATE["ocr"]
-    counter = _STATE.get("counter")
-    shards = ShardSet(job.out_dir, SHARD_PREFIX, job.num_shards, fingerprint(job.content_settings()))
-    counts: dict[str, Counter] = {k: Counter() for k in ("text_class", "language", "layout", "format", "background", "ocr")}
-    writer = AtomicShardWriter(shards.tar_path(index))
-    attempts = 0
-    try:
+class SyntheticProducer:
+    """Renders shard `index` from derived seeds; OCR drops are replaced by new renders."""
+
+    def __init__(self, job: SyntheticJob, renderer: SyntheticRenderer | None = None):
+        self.job = job
+        self.renderer = renderer or build_renderer(job)
+        self.ocr = OcrEngine(threads=job.ocr.threads, languages=job.ocr.languages) if job.ocr.mode != "off" else None
+
+    def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
+        job = self.job
+        attempts = 0
         for j in range(job.samples_per_shard):
             while True:
                 if attempts >= job.samples_per_shard * job.max_attempts_factor:
@@ -203,116 +200,48 @@ def generate_shard(index: int) -> dict[str, Any]:
                 seed = derive_seed(job.seed, index, j, attempts)
                 attempts += 1
                 key = f"{SHARD_PREFIX}_{index:06d}_{j:06d}"
-                sample = renderer.render(seed, key)
-                if ocr is not None and derive_seed(seed, "ocr") / 2**63 < job.ocr.fraction:
-                    score = verify_sample(ocr, sample.image, sample.meta, job.ocr.mode)
-                    if not sample.meta.lines:
-                        counts["ocr"]["no_text"] += 1
-                    elif score is None:
-                        counts["ocr"]["unscored"] += 1  # only languages the recogniser does not read
-                    elif score > job.ocr.max_ned:
-                        counts["ocr"]["dropped"] += 1
-                        continue
-                    else:
-                        counts["ocr"]["passed"] += 1
-                else:
-                    counts["ocr"]["not_checked"] += 1
-                break
-            sample.meta.validate()
-            writer.write(
+                sample = self.renderer.render(seed, key)
+                if ocr_check(self.ocr, job.ocr, seed, sample.image, sample.meta, tally):
+                    break
+            tally.add("background", sample.meta.background)
+            yield Produced(
                 key,
                 {
                     job.image_format: encode_image(sample.image, job.image_format, job.jpeg_quality),
                     CAPTION_EXTENSION: sample.caption.encode("utf-8"),
                     META_EXTENSION: sample.meta.to_json().encode("utf-8"),
                 },
+                sample.meta,
             )
-            counts["text_class"][sample.meta.text_class] += 1
-            counts["layout"][sample.meta.layout] += 1
-            counts["format"][sample.meta.format] += 1
-            counts["background"][sample.meta.background] += 1
-            for lang in sample.meta.languages:
-                counts["language"][lang] += 1
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += 1
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    stats = {
-        "shard": index,
-        "num_samples": writer.count,
-        "renders": attempts,
-        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-    }
-    shards.write_stats(index, stats)
-    return stats
+        tally.add("renders", "total", attempts)
 
 
 def run(job: SyntheticJob, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate this node's shards; write the manifest when all shards exist. Returns a summary."""
-    node_rank, num_nodes = node_split(job.node_rank, job.num_nodes)
-    # Built here too, before any worker starts: a bad font folder or corpus fails now,
-    # with its message, instead of inside a pool.
-    checked = build_renderer(job)
-    out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = ShardSet(out_dir, SHARD_PREFIX, job.num_shards, fingerprint(job.content_settings()))
-    mine = node_shards(job.num_shards, node_rank, num_nodes)
-    if job.overwrite:
-        shards.clean(mine)
-    shards.remove_partial(mine)  # temporary files of a killed run (this node's shards only)
-    todo = [i for i in mine if not shards.is_complete(i)]
-    kept = len(mine) - len(todo)
-    if kept:
-        log.info("resuming: %d of this node's %d shards are complete and kept", kept, len(mine))
-
-    start = time.perf_counter()
-    total = len(mine) * job.samples_per_shard
-    bar = tqdm(total=total, initial=kept * job.samples_per_shard, unit="img", desc=f"synthetic [node {node_rank}/{num_nodes}]", disable=not job.progress)
-    if job.workers == 1 or len(todo) <= 1:
-        _init_worker(job, None, checked)
-        for index in todo:
-            stats = generate_shard(index)
-            bar.update(stats["num_samples"])
-    else:
-        ctx = mp.get_context("spawn")  # onnxruntime and FreeType state are not fork-safe
-        counter = ctx.Value("l", 0)
-        with ctx.Pool(min(job.workers, len(todo)), initializer=_init_worker, initargs=(job, counter)) as pool:
-            pending = pool.map_async(generate_shard, todo, chunksize=1)
-            seen = 0
-            while not pending.ready():
-                pending.wait(0.2)
-                value = counter.value
-                bar.update(value - seen)
-                seen = value
-            pending.get()  # re-raises a worker's exception
-            bar.update(counter.value - seen)
-    bar.close()
-    elapsed = time.perf_counter() - start
-    rendered = len(todo) * job.samples_per_shard
-
-    summary: dict[str, Any] = {
-        "node_rank": node_rank,
-        "num_nodes": num_nodes,
-        "shards_written": len(todo),
-        "shards_kept": kept,
-        "samples_written": rendered,
-        "seconds": round(elapsed, 2),
-        "images_per_second": round(rendered / elapsed, 1) if rendered and elapsed > 0 else None,
-        "manifest": None,
-    }
-    if shards.all_complete():
-        extra = {
+    # Built here first: a bad font folder or corpus fails now, with its message,
+    # instead of inside a worker pool; it also serves the in-process path.
+    producer = SyntheticProducer(job)
+    text_stats = producer.renderer.text.stats
+    sharded = ShardedJob(
+        out_dir=job.out_dir,
+        prefix=SHARD_PREFIX,
+        num_shards=job.num_shards,
+        settings=job.content_settings(),
+        make_producer=functools.partial(SyntheticProducer, job),
+        workers=job.workers,
+        node_rank=job.node_rank,
+        num_nodes=job.num_nodes,
+        overwrite=job.overwrite,
+        progress=job.progress,
+        samples_per_shard=job.samples_per_shard,
+        manifest_extra={
             "source": "synthetic",
             "seed": job.seed,
             "samples_per_shard": job.samples_per_shard,
             "image_format": job.image_format,
             "config": resolved_config if resolved_config is not None else asdict(job),
-        }
-        extra["corpus_items"] = checked.text.stats["corpus_items"]
-        extra["corpus_items_dropped_uncovered"] = checked.text.stats["corpus_items_dropped_uncovered"]
-        summary["manifest"] = str(shards.write_manifest(extra))
-    log.info("synthetic: %s", summary)
-    return summary
+            "corpus_items": text_stats["corpus_items"],
+            "corpus_items_dropped_uncovered": text_stats["corpus_items_dropped_uncovered"],
+        },
+    )
+    return run_sharded(sharded, producer)
