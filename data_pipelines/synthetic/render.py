@@ -148,7 +148,47 @@ class Block:
     size: int
     direction: str
     lines: list[Line]
-    bullet: bool = False  # draw a bullet mark left of each line's first line
+    bullet: bool = False  # draw a bullet mark left of the first line
+    colour: RGB | None = None  # chosen against what lies beneath (Scene composition)
+    plate: RGB | None = None  # a plate of this colour goes behind each line, when set
+    # How a horizontal block was laid out, so that an edit can lay it out again.
+    source: str = ""
+    boxes: list[tuple[float, float, float]] = field(default_factory=list)
+    align: str = "left"
+    prefix: str = ""
+    indent: float = 0.0
+    line_spacing: float = 1.35
+
+
+@dataclass
+class Shape:
+    """A filled primitive drawn under the text: a design's cards, buttons, bars, rules."""
+
+    kind: str  # rect | rounded | ellipse
+    box: tuple[float, float, float, float]
+    fill: RGB | None
+    outline: RGB | None = None
+    width: int = 1
+    radius: float = 0.0
+
+
+@dataclass
+class Scene:
+    """Everything a sample is drawn from. `compose` makes one from a seed; edits change
+    a copy and draw it again, so source and target differ only where the edit says."""
+
+    seed: int
+    key: str
+    source: str  # schema Source value: synthetic | design
+    fmt: str
+    size: tuple[int, int]
+    background_kind: str
+    background: Image.Image  # the bare background
+    blocks: list[Block]
+    shapes: list[Shape] = field(default_factory=list)
+    picture: dict | None = None  # {"box", "shape", "side"}
+    picture_image: Image.Image | None = None
+    caption_zh: bool = False
 
 
 @dataclass
@@ -212,9 +252,11 @@ class SyntheticRenderer:
         align: str,
         prefix: str = "",
         indent: float = 0.0,
+        line_spacing: float = 1.35,
+        face: FontFace | None = None,
     ) -> Block | None:
         """Flow `source` into `boxes` (x0, x1, top) one line per box; None if nothing fits."""
-        face = self._face(rng, prefix + source, language)
+        face = face or self._face(rng, prefix + source, language)
         measure = self._measure(face, size)
         first_extra = measure(prefix) if prefix else 0.0
         widths = [x1 - x0 - indent - (first_extra if i == 0 else 0) for i, (x0, x1, _) in enumerate(boxes)]
@@ -236,7 +278,10 @@ class SyntheticRenderer:
                 left = x1 - width
             placed.append(Line(text, left, top, width=width))
         text = prefix + rejoin(source, lines)
-        return Block(role, text, language, face, size, Direction.HORIZONTAL.value, placed)
+        return Block(
+            role, text, language, face, size, Direction.HORIZONTAL.value, placed,
+            source=source, boxes=list(boxes), align=align, prefix=prefix, indent=indent, line_spacing=line_spacing,
+        )
 
     def _vertical_block(
         self, rng: random.Random, *, source: str, language: str, size: int, right: float, left: float, top: float, bottom: float
@@ -283,7 +328,7 @@ class SyntheticRenderer:
             boxes = [(left, right, y + i * lh) for i in range(n)]
             block = self._horizontal_block(
                 rng, role=role, source=source, language=language, size=size, boxes=boxes, align=align,
-                prefix=opts.get("prefix", ""), indent=opts.get("indent", 0.0),
+                prefix=opts.get("prefix", ""), indent=opts.get("indent", 0.0), line_spacing=opts.get("line_spacing", 1.35),
             )
             if block is None:
                 break
@@ -299,6 +344,7 @@ class SyntheticRenderer:
         for block in blocks:
             for line in block.lines:
                 line.y += shift
+            block.boxes = [(x0, x1, top + shift) for x0, x1, top in block.boxes]
         return blocks
 
     def _layout(self, rng: random.Random, fmt: str, w: int, h: int) -> tuple[list[Block], dict]:
@@ -410,7 +456,7 @@ class SyntheticRenderer:
         # Enough text to fill most of the flow area, so it visibly wraps the picture.
         capacity = sum(x1 - x0 for x0, x1, _ in boxes) / size
         text, tag = self.text.paragraph(rng, lang, max(20, int(capacity * rng.uniform(0.6, 0.95))))
-        block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left")
+        block = self._horizontal_block(rng, role="body", source=text, language=tag, size=size, boxes=boxes, align="left", line_spacing=1.35)
         if block is None:
             return None
         info["picture"] = {"box": [round(v, 1) for v in region], "shape": shape, "side": side}
@@ -420,14 +466,18 @@ class SyntheticRenderer:
 
     def render(self, seed: int, key: str, *, draw_text: bool = True) -> RenderedSample:
         """The sample of `seed`. With `draw_text=False` the same sample without its glyphs
-        (identical background, picture and plates; metadata unchanged): the text-removed
-        twin that ink checks and text-removal edit pairs need."""
+        (identical background, shapes, picture and plates; identical metadata): the
+        text-removed twin that ink checks need."""
+        return self.draw(self.compose(seed, key), draw_text=draw_text)
+
+    def compose(self, seed: int, key: str) -> Scene:
+        """Background, layout, picture and colours of the sample of `seed`."""
         rng = random.Random(seed)
         cfg = self.config
         w, h = rng.choices(cfg.size_list, cfg.size_weights)[0]
         fmt = rng.choices(list(cfg.formats), cfg.format_weights)[0]
         kind = rng.choices(list(cfg.backgrounds), cfg.background_weights)[0]
-        image, kind = bgmod.background(rng, (w, h), kind, self.photos)
+        background, kind = bgmod.background(rng, (w, h), kind, self.photos)
         blocks, info = self._layout(rng, fmt, w, h)
         if fmt != "none" and not blocks:
             fmt = "none"  # nothing fitted even at the smallest size: a text-free sample, said so in its metadata
@@ -436,61 +486,99 @@ class SyntheticRenderer:
             pw, ph = int(w * rng.uniform(0.3, 0.7)), int(h * rng.uniform(0.3, 0.7))
             px, py = rng.randint(0, w - pw), rng.randint(0, h - ph)
             picture = {"box": [px, py, px + pw, py + ph], "shape": rng.choice(("rectangle", "ellipse")), "side": None}
-        # A 4x-subsampled copy of the bare background answers every colour question
-        # (caption colour, local extremes under each block) without cropping the
-        # full image again per block.
-        # (Nearest-neighbour sampling: a tenth of a box reduction's cost, and it keeps
-        # the texture's true extremes, which the contrast check needs.)
-        small = np.asarray(image.resize((max(1, w // _STAT_REDUCE), max(1, h // _STAT_REDUCE)), Image.Resampling.NEAREST))
-        bg_color = tuple(int(c) for c in small[::8, ::8].reshape(-1, 3).mean(axis=0))
+        scene = Scene(
+            seed=seed, key=key, source=Source.SYNTHETIC.value, fmt=fmt, size=(w, h), background_kind=kind,
+            background=background, blocks=blocks, picture=picture,
+            picture_image=self.picture_image(rng, picture) if picture else None,
+        )
+        self.choose_colours(rng, scene)
+        scene.caption_zh = rng.random() < cfg.caption_zh_fraction
+        return scene
+
+    def picture_image(self, rng: random.Random, picture: dict) -> Image.Image:
+        x0, y0, x1, y1 = (int(round(v)) for v in picture["box"])
+        return bgmod.picture(rng, (max(1, x1 - x0), max(1, y1 - y0)), self.photos)
+
+    def base_image(self, scene: Scene, *, with_picture: bool = True) -> Image.Image:
+        """Background and shapes (and the picture): everything beneath the text."""
+        image = scene.background.copy()
+        if scene.shapes:
+            draw = ImageDraw.Draw(image)
+            for shape in scene.shapes:
+                _draw_shape(draw, shape)
+        if with_picture and scene.picture is not None and scene.picture_image is not None:
+            x0, y0 = (int(round(v)) for v in scene.picture["box"][:2])
+            pic = scene.picture_image
+            if scene.picture["shape"] == "ellipse":
+                mask = Image.new("L", pic.size, 0)
+                ImageDraw.Draw(mask).ellipse([0, 0, pic.size[0] - 1, pic.size[1] - 1], fill=255)
+                image.paste(pic, (x0, y0), mask)
+            else:
+                image.paste(pic, (x0, y0))
+        return image
+
+    def choose_colours(self, rng: random.Random, scene: Scene, blocks: list[Block] | None = None) -> None:
+        """A text colour (and, when needed, a plate) for each block without one.
+
+        A 4x nearest-neighbour subsample of what lies beneath (background and shapes;
+        the picture never overlaps text) answers every question: a tenth of a box
+        reduction's cost, and it keeps a texture's true extremes, which the contrast
+        check needs.
+        """
+        w, h = scene.size
+        beneath = self.base_image(scene, with_picture=False) if scene.shapes else scene.background
+        small = np.asarray(beneath.resize((max(1, w // _STAT_REDUCE), max(1, h // _STAT_REDUCE)), Image.Resampling.NEAREST))
+        for block in scene.blocks if blocks is None else blocks:
+            if block.colour is None:
+                block.colour, block.plate = self._block_colour(rng, small, block)
+
+    def draw(self, scene: Scene, *, draw_text: bool = True) -> RenderedSample:
+        """The image, caption and metadata of a scene."""
+        w, h = scene.size
+        image = self.base_image(scene)
         draw = ImageDraw.Draw(image)
-        # Order: colours are chosen against the bare background (plates drawn where
-        # needed), then the picture (it never overlaps text), then the text.
-        colours = [self._block_colour(rng, small, draw, block) for block in blocks]
-        if picture is not None:
-            self._draw_picture(rng, image, picture)
+        for block in scene.blocks:  # plates first: no plate covers another block's glyphs
+            if block.plate is not None:
+                font = self.fonts.font(block.face, block.size)
+                pad = block.size * 0.3
+                for line in block.lines:
+                    lx0, ly0, lx1, ly1 = self._line_box(font, block, line)
+                    draw.rounded_rectangle([lx0 - pad, ly0 - pad, lx1 + pad, ly1 + pad], radius=pad, fill=block.plate)
         # The text-free twin: glyphs go onto a scratch copy, so its metadata is
         # exactly that of the sample with text.
         target = image if draw_text else image.copy()
         lines_meta: list[LineMeta] = []
         caption_blocks: list[CaptionBlock] = []
-        for block, colour in zip(blocks, colours):
-            lines_meta += self._draw_block(target, block, colour)
-            caption_blocks.append(CaptionBlock(block.role, block.text, colour))
+        for block in scene.blocks:
+            assert block.colour is not None, "compose() or choose_colours() picks every block's colour"
+            lines_meta += self._draw_block(target, block, block.colour)
+            caption_blocks.append(CaptionBlock(block.role, block.text, block.colour))
 
-        text_class = classify_text(lines_meta)
-        zh = rng.random() < cfg.caption_zh_fraction
+        stats = np.asarray(scene.background.resize((16, 16), Image.Resampling.NEAREST))
+        bg_color = tuple(int(c) for c in stats.reshape(-1, 3).mean(axis=0))
         cap = caption(
-            zh=zh, fmt=fmt, background_kind=kind, background_color=bg_color, blocks=caption_blocks,  # type: ignore[arg-type]
-            vertical=any(b.direction == Direction.VERTICAL.value for b in blocks),
-            picture_side=(picture or {}).get("side") if fmt == "wrap" else None,
+            zh=scene.caption_zh, fmt=scene.fmt, background_kind=scene.background_kind,
+            background_color=bg_color, blocks=caption_blocks,  # type: ignore[arg-type]
+            vertical=any(b.direction == Direction.VERTICAL.value for b in scene.blocks),
+            picture_side=(scene.picture or {}).get("side") if scene.fmt == "wrap" else None,
         )
-        layout = "none" if not blocks else ("vertical" if fmt == "vertical" else "wrap" if fmt == "wrap" else "horizontal")
+        fmt = scene.fmt
+        layout = "none" if not scene.blocks else ("vertical" if fmt == "vertical" else "wrap" if fmt == "wrap" else "horizontal")
         meta = SampleMeta(
-            key=key,
-            source=Source.SYNTHETIC.value,
+            key=scene.key,
+            source=scene.source,
             width=w,
             height=h,
-            text_class=text_class.value,
+            text_class=classify_text(lines_meta).value,
             languages=sample_languages(lines_meta),
             lines=lines_meta,
             layout=layout,
             format=fmt,
-            background=kind,
-            seed=seed,
-            extra={"picture": picture} if picture else {},
+            background=scene.background_kind,
+            seed=scene.seed,
+            extra={"picture": scene.picture} if scene.picture else {},
         )
         return RenderedSample(image, cap, meta)
-
-    def _draw_picture(self, rng: random.Random, image: Image.Image, picture: dict) -> None:
-        x0, y0, x1, y1 = (int(round(v)) for v in picture["box"])
-        pic = bgmod.picture(rng, (max(1, x1 - x0), max(1, y1 - y0)), self.photos)
-        if picture["shape"] == "ellipse":
-            mask = Image.new("L", pic.size, 0)
-            ImageDraw.Draw(mask).ellipse([0, 0, pic.size[0] - 1, pic.size[1] - 1], fill=255)
-            image.paste(pic, (x0, y0), mask)
-        else:
-            image.paste(pic, (x0, y0))
 
     def _block_region(self, block: Block) -> tuple[int, int, int, int]:
         font = self.fonts.font(block.face, block.size)
@@ -510,24 +598,21 @@ class SyntheticRenderer:
         half = block.size / 2
         return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (n - 0.5) * line.pitch)
 
-    def _block_colour(self, rng: random.Random, small: np.ndarray, draw: ImageDraw.ImageDraw, block: Block) -> RGB:
+    def _block_colour(self, rng: random.Random, small: np.ndarray, block: Block) -> tuple[RGB, RGB | None]:
+        """(text colour, plate colour or None) for a block over the subsampled background."""
         x0, y0, x1, y1 = self._block_region(block)
         k = _STAT_REDUCE
         region = small[max(0, y0 // k) : max(1, -(-y1 // k)), max(0, x0 // k) : max(1, -(-x1 // k))]
         colours = region_extremes(region if region.size else small)
         colour = pick_text_color(rng, colours, self.config.min_contrast)
-        if colour is None:
-            # The background varies too much under the block: plates of its mean colour
-            # behind each line (not the block's bounding box, which may hold a picture).
-            plate = colours[2]
-            pad = block.size * 0.3
-            font = self.fonts.font(block.face, block.size)
-            for line in block.lines:
-                lx0, ly0, lx1, ly1 = self._line_box(font, block, line)
-                draw.rounded_rectangle([lx0 - pad, ly0 - pad, lx1 + pad, ly1 + pad], radius=pad, fill=plate)
-            colour = pick_text_color(rng, [plate], self.config.min_contrast)
-            assert colour is not None  # black or white always reaches 4.5 against one colour
-        return colour
+        if colour is not None:
+            return colour, None
+        # The background varies too much under the block: plates of its mean colour
+        # behind each line (not the block's bounding box, which may hold a picture).
+        plate = colours[2]
+        colour = pick_text_color(rng, [plate], self.config.min_contrast)
+        assert colour is not None  # black or white always reaches 4.5 against one colour
+        return colour, plate
 
     def _draw_block(self, image: Image.Image, block: Block, colour: RGB) -> list[LineMeta]:
         draw = ImageDraw.Draw(image)
@@ -592,6 +677,18 @@ class SyntheticRenderer:
         # cells enclose it, and readers can cut the column back into its n cells.
         half = block.size / 2
         return (line.x - half, line.y - line.pitch / 2, line.x + half, line.y + (len(line.text) - 0.5) * line.pitch)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    box = [shape.box[0], shape.box[1], shape.box[2], shape.box[3]]
+    if shape.kind == "rect":
+        draw.rectangle(box, fill=shape.fill, outline=shape.outline, width=shape.width)
+    elif shape.kind == "rounded":
+        draw.rounded_rectangle(box, radius=shape.radius, fill=shape.fill, outline=shape.outline, width=shape.width)
+    elif shape.kind == "ellipse":
+        draw.ellipse(box, fill=shape.fill, outline=shape.outline, width=shape.width)
+    else:
+        raise ValueError(f"unknown shape kind {shape.kind!r}")
 
 
 def _offset(box, dx: float, dy: float) -> tuple[float, float, float, float]:
