@@ -1,6 +1,9 @@
 """`qwenimg-data`: the data jobs, one Hydra app.
 
     qwenimg-data --config-name synthetic out_dir=... num_shards=... workers=...
+    qwenimg-data --config-name design out_dir=...        [input.format=folder input.path=...]
+    qwenimg-data --config-name natural out_dir=...       [input.format=... input.path=...]
+    qwenimg-data --config-name edit-pairs out_dir=...
     qwenimg-data --config-name verify in_dir=... out_dir=...
     qwenimg-data --config-name preview shards=... out=...
 
@@ -51,10 +54,31 @@ def _verify(cfg: dict[str, Any]) -> dict[str, Any]:
     return run(from_mapping(VerifyJob, cfg))
 
 
+def _design(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.sources import DesignJob, run_design
+
+    return run_design(from_mapping(DesignJob, cfg), resolved_config=cfg)
+
+
+def _natural(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.sources import NaturalJob, run_natural
+
+    return run_natural(from_mapping(NaturalJob, cfg), resolved_config=cfg)
+
+
+def _edit_pairs(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.edit_job import EditPairsJob, run
+
+    return run(from_mapping(EditPairsJob, cfg), resolved_config=cfg)
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "synthetic": _synthetic,
-    "preview": _preview,
+    "design": _design,
+    "natural": _natural,
+    "edit-pairs": _edit_pairs,
     "verify": _verify,
+    "preview": _preview,
 }
 
 

@@ -59,7 +59,11 @@ def run(job: PreviewJob) -> Path:
             continue
         meta = SampleMeta.from_json(sample["json"])
         image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-        thumbs.append(_annotate(image, meta, job.thumb_size))
+        source = sample.get(f"src.{ext}")
+        if source is not None:  # an edit pair: source and target side by side, region drawn
+            thumbs.append(_pair(Image.open(io.BytesIO(source)).convert("RGB"), image, meta, job.thumb_size))
+        else:
+            thumbs.append(_annotate(image, meta, job.thumb_size))
         if len(thumbs) >= job.num_samples:
             break
     if not thumbs:
@@ -92,3 +96,29 @@ def _annotate(image: Image.Image, meta: SampleMeta, size: int):
         draw.polygon(points, outline=colour)
     label = f"{meta.text_class} · {meta.format or meta.layout} · {','.join(meta.languages) or '-'}"
     return canvas, label, colour
+
+
+def _pair(source: Image.Image, target: Image.Image, meta: SampleMeta, size: int):
+    half = size // 2
+    scale = half / max(target.width, target.height)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    edit = meta.extra.get("edit", {})
+    for i, im in enumerate((source, target)):
+        thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+        canvas.paste(thumb, (i * half, 0))
+        if edit.get("region"):
+            pts = [(i * half + x * scale, y * scale) for x, y in edit["region"]]
+            ImageDraw.Draw(canvas).polygon(pts, outline=(255, 0, 0))
+    ImageDraw.Draw(canvas).text((4, half + 4), edit.get("instruction", "")[:60], fill=(0, 0, 0), font=_cjk_font(12))
+    return canvas, f"{edit.get('type', 'edit')} · {meta.text_class}", CLASS_COLOURS.get(meta.text_class, (0, 0, 0))
+
+
+def _cjk_font(size: int):
+    """A font that can show the instruction (Chinese included), else Pillow's default."""
+    from data_pipelines.fonts import FontRegistry
+
+    try:
+        registry = FontRegistry.discover(include=["Sans CJK SC"])
+        return registry.font(registry.faces[0], size)
+    except ValueError:
+        return _label_font(size)

@@ -6,9 +6,10 @@ A sample in a WebDataset shard is a group of tar members sharing one key:
     <key>.txt               the caption (UTF-8), quoting the rendered text exactly
     <key>.json              `SampleMeta` as JSON (see below)
 
-Later sources add members (edit pairs add the source image and the instruction;
-precomputed samples add latents and encoder outputs); the members named here are
-present in every sample.
+Edit pairs add `<key>.src.jpg` (the source image) and `<key>.instruction.txt`, and
+their metadata's `extra["edit"]` holds the edit type, instruction, changed region and
+the source's lines; precomputed samples (later) add latents and encoder outputs. The
+three members above are present in every sample.
 
 Text classes are computed from the per-line metadata by `classify_text`, once, when
 the sample is written; the curriculum filters on the stored value. Thresholds are
@@ -30,6 +31,11 @@ SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "png")
 CAPTION_EXTENSION = "txt"
 META_EXTENSION = "json"
+# Edit and reconstruction pairs add the source image and the instruction; the target
+# image, caption and metadata keep the members above (`<key>.src.jpg` is read by
+# WebDataset as field "src.jpg").
+SOURCE_IMAGE_PREFIX = "src"
+INSTRUCTION_EXTENSION = "instruction.txt"
 
 # Keys become tar member names `<key>.<ext>`: WebDataset splits a member name at its
 # first dot, so a key must not contain one.

@@ -36,6 +36,9 @@ _BACKGROUND_WORDS = {
 }
 
 
+_DESIGN_WORDS = {"poster": ("poster", "海报"), "slide": ("presentation slide", "幻灯片"), "ui": ("app screen", "应用界面")}
+
+
 def color_name(rgb: RGB, zh: bool) -> str:
     best = min(_PALETTE, key=lambda p: sum((a - b) ** 2 for a, b in zip(p[0], rgb)))
     return best[2] if zh else best[1]
@@ -65,14 +68,17 @@ def caption(
     """One caption for a rendered sample; every block's text appears in it, quoted."""
     en_bg, zh_bg = _BACKGROUND_WORDS.get(background_kind, ("plain {c}", "纯{c}"))
     bg = (zh_bg if zh else en_bg).format(c=color_name(background_color, zh))
+    design = _DESIGN_WORDS.get(fmt)
     if not blocks:
+        if design:
+            return f"一张{bg}背景的{design[1]}设计，画面中没有任何文字。" if zh else f"A {design[0]} design on a {bg} background, with no text."
         return f"一张{bg}背景的图片，画面中没有任何文字。" if zh else f"A {bg} background image with no text."
 
     colour = color_name(blocks[0].color, zh)
     titles = [b for b in blocks if b.role == "title"]
     subtitles = [b for b in blocks if b.role == "subtitle"]
     items = [b for b in blocks if b.role == "list_item"]
-    bodies = [b for b in blocks if b.role in ("body", "label")]
+    bodies = [b for b in blocks if b.role not in ("title", "subtitle", "list_item")]  # body, label, button...
     parts: list[str] = []
     if zh:
         if vertical:
@@ -80,6 +86,8 @@ def caption(
         elif picture_side:
             side = "左侧" if picture_side == "left" else "右侧"
             parts.append(f"一个图文混排的版面，{bg}背景，图片位于{side}，文字环绕图片排列")
+        elif design:
+            parts.append(f"一张{bg}背景的{design[1]}")
         elif fmt in ("composition", "list"):
             parts.append(f"一张{bg}背景的{'海报' if fmt == 'composition' else '幻灯片'}")
         else:
@@ -101,6 +109,8 @@ def caption(
         lead = f"A {bg} image with vertical text in columns read from right to left"
     elif picture_side:
         lead = f"A layout on a {bg} background with a picture on the {picture_side} and text wrapping around it"
+    elif design:
+        lead = f"A {design[0]} on a {bg} background"
     elif fmt == "composition":
         lead = f"A poster design on a {bg} background"
     elif fmt == "list":

@@ -500,12 +500,9 @@ class SyntheticRenderer:
         return bgmod.picture(rng, (max(1, x1 - x0), max(1, y1 - y0)), self.photos)
 
     def base_image(self, scene: Scene, *, with_picture: bool = True) -> Image.Image:
-        """Background and shapes (and the picture): everything beneath the text."""
+        """Background, picture and shapes (in that order: a design's badge sits on its
+        picture): everything beneath the text."""
         image = scene.background.copy()
-        if scene.shapes:
-            draw = ImageDraw.Draw(image)
-            for shape in scene.shapes:
-                _draw_shape(draw, shape)
         if with_picture and scene.picture is not None and scene.picture_image is not None:
             x0, y0 = (int(round(v)) for v in scene.picture["box"][:2])
             pic = scene.picture_image
@@ -515,6 +512,10 @@ class SyntheticRenderer:
                 image.paste(pic, (x0, y0), mask)
             else:
                 image.paste(pic, (x0, y0))
+        if scene.shapes:
+            draw = ImageDraw.Draw(image)
+            for shape in scene.shapes:
+                _draw_shape(draw, shape)
         return image
 
     def choose_colours(self, rng: random.Random, scene: Scene, blocks: list[Block] | None = None) -> None:
@@ -526,7 +527,9 @@ class SyntheticRenderer:
         check needs.
         """
         w, h = scene.size
-        beneath = self.base_image(scene, with_picture=False) if scene.shapes else scene.background
+        # Synthetic scenes keep text off the picture, so the bare background will do;
+        # designs put labels on shapes that may sit on the picture.
+        beneath = self.base_image(scene) if scene.shapes else scene.background
         small = np.asarray(beneath.resize((max(1, w // _STAT_REDUCE), max(1, h // _STAT_REDUCE)), Image.Resampling.NEAREST))
         for block in scene.blocks if blocks is None else blocks:
             if block.colour is None:
