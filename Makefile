@@ -36,12 +36,21 @@ fonts:
 		fc-cache -f >/dev/null; \
 	fi
 
-# The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract).
+# The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract):
+# a small set of every source, each with its contact sheet.
 demo: setup
 	$(VENV)/bin/qwenimg-data --config-name synthetic out_dir=$(DEMO)/data/synthetic \
 		num_shards=4 samples_per_shard=32 workers=2 ocr=crops
-	$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/synthetic \
-		out=$(DEMO)/preview/synthetic.png num_samples=24
+	$(VENV)/bin/qwenimg-data --config-name design out_dir=$(DEMO)/data/design \
+		num_shards=2 samples_per_shard=24 workers=2 ocr=crops
+	$(VENV)/bin/qwenimg-data --config-name natural out_dir=$(DEMO)/data/natural \
+		num_shards=2 samples_per_shard=16
+	$(VENV)/bin/qwenimg-data --config-name edit-pairs out_dir=$(DEMO)/data/edit \
+		num_shards=2 samples_per_shard=24 workers=2
+	for source in synthetic design natural edit; do \
+		$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/$$source \
+			out=$(DEMO)/preview/$$source.png num_samples=24 || exit 1; \
+	done
 	@echo "demo outputs under $(DEMO)/"
 
 test: setup
