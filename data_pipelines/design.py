@@ -1,13 +1,14 @@
 """The procedural design composer: posters, slides and UI screens, with or without text.
 
 It stands in for real design data in the embedded default and augments it in real
-runs. Layouts come from a grid (12 columns, margins, gutters) with one alignment per
-design, a palette of a dominant, an accent and a neutral colour, and the renderer's
-fonts, languages and contrast rules. Every design is a `Scene` (see
+runs. Layouts come from margins proportional to the canvas, column splits (one or
+two columns, a picture band) and one alignment per design; colours from a palette of
+a dominant, an accent and a neutral colour; text from the renderer's fonts,
+languages and contrast rules (checked against the shapes beneath). Every design is a `Scene` (see
 data_pipelines.synthetic.render), so edit pairs can be derived from it too.
 
     poster   picture region, title, subtitle, body, and a price tag or date badge
-    slide    title bar with title; bullets, or two columns (bullets + picture)
+    slide    title bar with title; bullets in one column, two columns, or beside a picture
     ui       navigation bar, cards with a heading and a line, form fields with
              labels, buttons
     (each kind also comes text-free, the text class `none` the first curriculum
@@ -177,28 +178,38 @@ class DesignComposer(SyntheticRenderer):
         bar_h = int(h * rng.uniform(0.14, 0.2))
         scene.shapes.append(Shape("rect", (0, 0, w, bar_h), dominant))
         scene.shapes.append(Shape("rect", (m, bar_h + m // 3, m + int(w * 0.15), bar_h + m // 3 + 4), accent))
-        two_columns = rng.random() < 0.5
-        col_right = (w - m) if not two_columns else w // 2 - m // 2
-        if two_columns:
-            scene.picture = {"box": [w // 2 + m // 2, bar_h + m, w - m, h - m], "shape": "rectangle", "side": "right"}
+        # One column of bullets, or two columns: bullets beside a picture, or two
+        # bullet columns split by a rule.
+        layout = rng.choice(("single", "picture", "columns"))
+        mid = w // 2
+        columns = [(m, w - m)] if layout == "single" else [(m, mid - m // 2)]
+        if layout == "picture":
+            scene.picture = {"box": [mid + m // 2, bar_h + m, w - m, h - m], "shape": "rectangle", "side": "right"}
+        elif layout == "columns":
+            columns.append((mid + m // 2, w - m))
+            scene.shapes.append(Shape("rect", (mid - 1, bar_h + m, mid + 1, h - m), accent))
         if not with_text:
             return
         size = snap_size(bar_h * rng.uniform(0.4, 0.5))
         self._label(rng, scene, "title", self._short(rng, language, 10), language, size, m, w - m, bar_h / 2, align="left")
         bsize = snap_size(min(w, h) * rng.uniform(0.035, 0.045))
-        y = bar_h + m * 1.2
         lh = bsize * 1.45
-        for _ in range(rng.randint(2, 5)):
-            if y + 2 * lh > h - m:
-                break
-            item, tag = self.text.paragraph(rng, language, rng.randint(4, 16)) if rng.random() < 0.4 else self.text.short(rng, language, 12)
-            block = self._horizontal_block(rng, role="list_item", source=item, language=tag, size=bsize,
-                                           boxes=[(m, col_right, y), (m, col_right, y + lh)], align="left", indent=bsize)
-            if block is None:
-                break
-            block.bullet = True
-            scene.blocks.append(block)
-            y += len(block.lines) * lh + bsize * 0.5
+        for x0, x1 in columns:
+            y = bar_h + m * 1.2
+            for _ in range(rng.randint(2, 5)):
+                if y + 2 * lh > h - m:
+                    break
+                item, tag = (
+                    self.text.paragraph(rng, language, rng.randint(4, 16)) if rng.random() < 0.4
+                    else self.text.short(rng, language, 12)
+                )
+                block = self._horizontal_block(rng, role="list_item", source=item, language=tag, size=bsize,
+                                               boxes=[(x0, x1, y), (x0, x1, y + lh)], align="left", indent=bsize)
+                if block is None:
+                    break
+                block.bullet = True
+                scene.blocks.append(block)
+                y += len(block.lines) * lh + bsize * 0.5
 
     def _ui(self, rng, scene: Scene, language, dominant, accent, neutral, with_text) -> None:
         w, h = scene.size
