@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from data_pipelines.edit import EDIT_TYPES, EditMaker
-from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
+from data_pipelines.jobs import JobSettings, Produced, Tally, run_sharded
 from data_pipelines.schema import (
     CAPTION_EXTENSION,
     INSTRUCTION_EXTENSION,
@@ -31,17 +31,9 @@ SCENE_SOURCES = ("synthetic", "design")
 
 
 @dataclass
-class EditPairsJob:
-    out_dir: str
-    seed: int = 0
-    num_shards: int = 8
-    samples_per_shard: int = 256
-    workers: int = 1
-    node_rank: int | None = None
-    num_nodes: int | None = None
-    overwrite: bool = False
-    progress: bool = True
-    image_format: str = "jpg"
+class EditPairsJob(JobSettings):
+    """Shared settings (data_pipelines.jobs.JobSettings) plus the pair generator's."""
+
     jpeg_quality: int = 95
     """Higher than renders' default: edits are judged by small differences."""
     scene_sources: dict[str, float] = field(default_factory=lambda: {"synthetic": 0.5, "design": 0.5})
@@ -63,9 +55,7 @@ class EditPairsJob:
     render: RenderConfig = field(default_factory=RenderConfig)
 
     def __post_init__(self) -> None:
-        for name in ("num_shards", "samples_per_shard", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        super().__post_init__()
         for name, weight in self.edit_types.items():
             if name not in EDIT_TYPES:
                 raise ValueError(f"edit_types: unknown edit type {name!r}; use {EDIT_TYPES}")
@@ -78,16 +68,8 @@ class EditPairsJob:
                 raise ValueError(f"scene_sources: {name!r}: {weight}; use {SCENE_SOURCES} with weights >= 0")
         if sum(self.scene_sources.values()) <= 0:
             raise ValueError("scene_sources must have a positive sum")
-        if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image_format = {self.image_format!r}; use 'jpg' or 'png'")
         if not 0 <= self.instruction_zh_fraction <= 1:
             raise ValueError(f"instruction_zh_fraction = {self.instruction_zh_fraction} must lie in [0, 1]")
-
-    def content_settings(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("out_dir", "workers", "node_rank", "num_nodes", "overwrite", "progress", "num_shards"):
-            d.pop(key)
-        return d
 
 
 def _scene_renderers(job: EditPairsJob) -> dict[str, Any]:
@@ -167,24 +149,10 @@ class EditPairProducer:
 def run(job: EditPairsJob, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:
     producer = EditPairProducer(job)  # validates fonts/corpora before any worker starts
     return run_sharded(
-        ShardedJob(
-            out_dir=job.out_dir,
+        job.sharded(
             prefix=SHARD_PREFIX,
-            num_shards=job.num_shards,
-            settings=job.content_settings(),
             make_producer=functools.partial(EditPairProducer, job),
-            workers=job.workers,
-            node_rank=job.node_rank,
-            num_nodes=job.num_nodes,
-            overwrite=job.overwrite,
-            progress=job.progress,
-            samples_per_shard=job.samples_per_shard,
-            manifest_extra={
-                "source": "edit",
-                "seed": job.seed,
-                "samples_per_shard": job.samples_per_shard,
-                "config": resolved_config if resolved_config is not None else asdict(job),
-            },
+            manifest_extra={"source": "edit", "config": resolved_config if resolved_config is not None else asdict(job)},
         ),
         producer,
     )

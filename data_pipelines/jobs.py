@@ -18,7 +18,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -202,3 +202,55 @@ def run_sharded(job: ShardedJob, producer: Producer | None = None) -> dict[str, 
         summary["manifest"] = str(shards.write_manifest({**job.manifest_extra, "skipped": skipped[:MAX_LISTED_SKIPS]}))
     log.info("%s: %s", job.prefix, summary)
     return summary
+
+
+@dataclass
+class JobSettings:
+    """The settings every sharded `qwenimg-data` job has (each job's dataclass extends it)."""
+
+    out_dir: str
+    """Folder for the shards, their statistics and manifest.json."""
+    seed: int = 0
+    num_shards: int = 8
+    samples_per_shard: int = 256
+    """Samples in every shard."""
+    workers: int = 1
+    """Processes on this node."""
+    node_rank: int | None = None
+    """This node's index among `num_nodes`; null reads SLURM_ARRAY_TASK_ID or RANK."""
+    num_nodes: int | None = None
+    """Nodes sharing the job by shard index; null reads SLURM_ARRAY_TASK_COUNT or WORLD_SIZE."""
+    overwrite: bool = False
+    """Delete this node's existing shards first (else complete shards are kept: resume)."""
+    progress: bool = True
+    image_format: str = "jpg"
+    jpeg_quality: int = 90
+
+    # Settings that change how a job runs, not what it writes: left out of the
+    # resume fingerprint, so a rerun may use more workers or nodes.
+    RUN_ONLY = ("out_dir", "workers", "node_rank", "num_nodes", "overwrite", "progress", "num_shards")
+
+    def __post_init__(self) -> None:
+        for name in ("num_shards", "samples_per_shard", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.image_format not in ("jpg", "png"):
+            raise ValueError(f"image_format = {self.image_format!r}; use 'jpg' or 'png'")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality = {self.jpeg_quality} must lie in [1, 100]")
+
+    def content_settings(self) -> dict[str, Any]:
+        """The settings that decide shard content (the resume fingerprint)."""
+        d = asdict(self)
+        for key in self.RUN_ONLY:
+            d.pop(key)
+        return d
+
+    def sharded(self, *, prefix: str, make_producer: Callable[[], Producer], manifest_extra: Mapping[str, Any]) -> ShardedJob:
+        """The runner's view of this job, producing `num_shards` x `samples_per_shard` samples."""
+        return ShardedJob(
+            out_dir=self.out_dir, prefix=prefix, num_shards=self.num_shards, settings=self.content_settings(),
+            make_producer=make_producer, workers=self.workers, node_rank=self.node_rank, num_nodes=self.num_nodes,
+            overwrite=self.overwrite, progress=self.progress, samples_per_shard=self.samples_per_shard,
+            manifest_extra={"seed": self.seed, "samples_per_shard": self.samples_per_shard, **manifest_extra},
+        )

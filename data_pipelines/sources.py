@@ -15,46 +15,28 @@ from typing import Any, Iterator
 
 from data_pipelines.design import DesignComposer, DesignConfig
 from data_pipelines.ingest import IngestConfig, run_ingest
-from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
-from data_pipelines.ocr import OcrEngine
+from data_pipelines.jobs import JobSettings, Produced, Tally, run_sharded
 from data_pipelines.schema import CAPTION_EXTENSION, META_EXTENSION, SampleMeta, Source, TextClass
 from data_pipelines.shards import derive_seed, encode_image
 from data_pipelines.synthetic import background as bgmod
 from data_pipelines.synthetic.captions import color_name
-from data_pipelines.synthetic.job import FontsConfig, OcrConfig, SyntheticJob, TextConfig, build_renderer, ocr_check
+from data_pipelines.synthetic.job import FontsConfig, OcrConfig, SyntheticJob, SyntheticProducer, TextConfig, build_renderer
 from data_pipelines.synthetic.render import RenderConfig
 
 
 @dataclass
-class SourceJob:
-    """Settings shared by the design and natural jobs."""
+class SourceJob(JobSettings):
+    """Shared settings (data_pipelines.jobs.JobSettings) plus the ingest input."""
 
-    out_dir: str
-    seed: int = 0
     num_shards: int = 4
     """Procedural mode only: ingest derives the shard count from the input."""
-    samples_per_shard: int = 256
-    workers: int = 1
-    node_rank: int | None = None
-    num_nodes: int | None = None
-    overwrite: bool = False
-    progress: bool = True
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
     input: IngestConfig | None = None
     """Ingest existing images (folder, jsonl, webdataset, anyword) instead of generating."""
 
-    def __post_init__(self) -> None:
-        for name in ("num_shards", "samples_per_shard", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
-        if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image_format = {self.image_format!r}; use 'jpg' or 'png'")
+    RUN_ONLY = (*JobSettings.RUN_ONLY, "input")
 
     def content_settings(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("out_dir", "workers", "node_rank", "num_nodes", "overwrite", "progress", "num_shards", "input"):
-            d.pop(key)
+        d = super().content_settings()
         d.get("ocr", {}).pop("threads", None)
         return d
 
@@ -65,14 +47,10 @@ class SourceJob:
                 num_nodes=self.num_nodes, overwrite=self.overwrite, progress=self.progress, resolved_config=resolved_config,
             )
         return run_sharded(
-            ShardedJob(
-                out_dir=self.out_dir, prefix=source, num_shards=self.num_shards, settings=self.content_settings(),
-                make_producer=make_producer, workers=self.workers, node_rank=self.node_rank, num_nodes=self.num_nodes,
-                overwrite=self.overwrite, progress=self.progress, samples_per_shard=self.samples_per_shard,
-                manifest_extra={
-                    "source": source, "seed": self.seed, "samples_per_shard": self.samples_per_shard,
-                    "config": resolved_config if resolved_config is not None else asdict(self),
-                },
+            self.sharded(
+                prefix=source,
+                make_producer=make_producer,
+                manifest_extra={"source": source, "config": resolved_config if resolved_config is not None else asdict(self)},
             ),
             producer(),
         )
@@ -88,37 +66,19 @@ class DesignJob(SourceJob):
     text: TextConfig = field(default_factory=TextConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
+    max_attempts_factor: int = 4
+    """Give up on a shard after samples_per_shard x this many designs (OCR drops)."""
 
 
-class DesignProducer:
+class DesignProducer(SyntheticProducer):
+    """The synthetic producer's loop (seeds, OCR check, encoding) over composed designs."""
+
+    prefix = "design"
+
     def __init__(self, job: DesignJob):
-        self.job = job
         base = build_renderer(SyntheticJob(out_dir=job.out_dir, fonts=job.fonts, text=job.text, render=job.render))
-        self.composer = DesignComposer(fonts=base.fonts, text=base.text, config=job.render, design=job.design)
-        self.ocr = OcrEngine(threads=job.ocr.threads, languages=job.ocr.languages) if job.ocr.mode != "off" else None
-
-    def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
-        job = self.job
-        attempts = 0
-        for j in range(job.samples_per_shard):
-            while True:
-                if attempts >= 4 * job.samples_per_shard:
-                    raise RuntimeError(f"design shard {index}: OCR drops too many designs (raise ocr.max_ned)")
-                seed = derive_seed(job.seed, index, j, attempts)
-                attempts += 1
-                key = f"design_{index:06d}_{j:06d}"
-                sample = self.composer.render(seed, key)
-                if ocr_check(self.ocr, job.ocr, seed, sample.image, sample.meta, tally):
-                    break
-            yield Produced(
-                key,
-                {
-                    job.image_format: encode_image(sample.image, job.image_format, job.jpeg_quality),
-                    CAPTION_EXTENSION: sample.caption.encode("utf-8"),
-                    META_EXTENSION: sample.meta.to_json().encode("utf-8"),
-                },
-                sample.meta,
-            )
+        composer = DesignComposer(fonts=base.fonts, text=base.text, config=job.render, design=job.design)
+        super().__init__(job, composer)  # type: ignore[arg-type]
 
 
 def run_design(job: DesignJob, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -11,21 +11,20 @@ Unreadable samples (bad image, bad JSON, missing member) are skipped and counted
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
-import multiprocessing as mp
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
-from tqdm import tqdm
 
+from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OcrEngine, verify_sample
-from data_pipelines.schema import CAPTION_EXTENSION, IMAGE_EXTENSIONS, META_EXTENSION, SampleMeta
-from data_pipelines.shards import AtomicShardWriter, ShardSet, fingerprint, iter_tar_samples, node_shards, node_split
+from data_pipelines.schema import IMAGE_EXTENSIONS, META_EXTENSION, SampleMeta
+from data_pipelines.shards import iter_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +71,17 @@ def input_shards(in_dir: str) -> tuple[str, list[Path]]:
     return prefixes.pop(), paths
 
 
-_STATE: dict[str, Any] = {}
+class VerifyProducer:
+    """Reads input shard `index` back with OCR; yields the samples that pass."""
 
+    def __init__(self, job: VerifyJob):
+        self.job = job
+        self.ocr = OcrEngine(threads=job.threads, languages=job.languages)
+        self.paths = input_shards(job.in_dir)[1]
 
-def _init(job: VerifyJob, counter) -> None:
-    _STATE.update(job=job, counter=counter, ocr=OcrEngine(threads=job.threads, languages=job.languages))
-
-
-def verify_shard(index: int) -> dict[str, Any]:
-    job: VerifyJob = _STATE["job"]
-    ocr: OcrEngine = _STATE["ocr"]
-    prefix, paths = input_shards(job.in_dir)
-    shards = ShardSet(job.out_dir, prefix, len(paths), fingerprint(_settings(job)))
-    counts: dict[str, Counter] = {k: Counter() for k in ("text_class", "language", "layout", "ocr", "skipped")}
-    writer = AtomicShardWriter(shards.tar_path(index))
-    try:
-        for raw in iter_tar_samples(paths[index]):
+    def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
+        job = self.job
+        for raw in iter_tar_samples(self.paths[index]):
             ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
             try:
                 if ext is None or META_EXTENSION not in raw:
@@ -96,37 +90,21 @@ def verify_shard(index: int) -> dict[str, Any]:
                 image = Image.open(io.BytesIO(raw[ext]))
                 image.load()
             except Exception as exc:  # a bad sample is skipped and counted, never fatal
-                counts["skipped"][type(exc).__name__] += 1
-                log.warning("%s: skipping %s: %s", paths[index].name, raw.get("__key__"), exc)
+                tally.skip(f"{self.paths[index].name}:{raw.get('__key__')}", f"{type(exc).__name__}: {exc}")
                 continue
-            score = verify_sample(ocr, image.convert("RGB"), meta, job.mode)  # the generator's own check
+            score = verify_sample(self.ocr, image.convert("RGB"), meta, job.mode)  # the generator's own check
             if not meta.lines:
-                counts["ocr"]["no_text"] += 1
+                tally.add("ocr", "no_text")
             elif score is None:
-                counts["ocr"]["unscored"] += 1
+                tally.add("ocr", "unscored")
             elif score > job.max_ned:
-                counts["ocr"]["dropped"] += 1
+                tally.add("ocr", "dropped")
                 continue
             else:
-                counts["ocr"]["passed"] += 1
+                tally.add("ocr", "passed")
             fields = {k: v for k, v in raw.items() if k != "__key__"}
             fields[META_EXTENSION] = meta.to_json().encode("utf-8")
-            writer.write(raw["__key__"], fields)
-            counts["text_class"][meta.text_class] += 1
-            counts["layout"][meta.layout] += 1
-            for lang in meta.languages:
-                counts["language"][lang] += 1
-            counter = _STATE.get("counter")
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += 1
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    stats = {"shard": index, "num_samples": writer.count, "counts": {k: dict(sorted(v.items())) for k, v in counts.items()}}
-    shards.write_stats(index, stats)
-    return stats
+            yield Produced(raw["__key__"], fields, meta)
 
 
 def _settings(job: VerifyJob) -> dict[str, Any]:
@@ -135,30 +113,16 @@ def _settings(job: VerifyJob) -> dict[str, Any]:
 
 def run(job: VerifyJob) -> dict[str, Any]:
     prefix, paths = input_shards(job.in_dir)
-    node_rank, num_nodes = node_split(job.node_rank, job.num_nodes)
-    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    shards = ShardSet(job.out_dir, prefix, len(paths), fingerprint(_settings(job)))
-    mine = node_shards(len(paths), node_rank, num_nodes)
-    shards.remove_partial(mine)
-    todo = [i for i in mine if not shards.is_complete(i)]
-    bar = tqdm(total=len(todo), unit="shard", desc=f"verify [node {node_rank}/{num_nodes}]", disable=not job.progress)
-    if job.workers == 1 or len(todo) <= 1:
-        _init(job, None)
-        for index in todo:
-            verify_shard(index)
-            bar.update(1)
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(job.workers, len(todo)), initializer=_init, initargs=(job, ctx.Value("l", 0))) as pool:
-            for _ in pool.imap_unordered(verify_shard, todo):
-                bar.update(1)
-    bar.close()
-    summary: dict[str, Any] = {"node_rank": node_rank, "num_nodes": num_nodes, "shards_verified": len(todo), "manifest": None}
-    if shards.all_complete():
-        source_manifest = Path(job.in_dir) / "manifest.json"
-        extra = {"verified_from": str(Path(job.in_dir).resolve()), "verify": asdict(job)}
-        if source_manifest.exists():
-            extra["source_manifest"] = json.loads(source_manifest.read_text("utf-8"))
-        summary["manifest"] = str(shards.write_manifest(extra))
-    log.info("verify: %s", summary)
+    extra: dict[str, Any] = {"verified_from": str(Path(job.in_dir).resolve()), "verify": asdict(job)}
+    source_manifest = Path(job.in_dir) / "manifest.json"
+    if source_manifest.exists():
+        extra["source_manifest"] = json.loads(source_manifest.read_text("utf-8"))
+    summary = run_sharded(
+        ShardedJob(
+            out_dir=job.out_dir, prefix=prefix, num_shards=len(paths), settings=_settings(job),
+            make_producer=functools.partial(VerifyProducer, job), workers=job.workers, node_rank=job.node_rank,
+            num_nodes=job.num_nodes, progress=job.progress, manifest_extra=extra,
+        )
+    )
+    summary["shards_verified"] = summary["shards_written"]
     return summary

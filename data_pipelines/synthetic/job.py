@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from data_pipelines.fonts import FontRegistry
 from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OCR_MODES, OcrEngine, verify_sample
 from data_pipelines.schema import CAPTION_EXTENSION, META_EXTENSION
-from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
+from data_pipelines.jobs import JobSettings, Produced, Tally, run_sharded
 from data_pipelines.shards import derive_seed, encode_image
 from data_pipelines.synthetic.render import RenderConfig, SyntheticRenderer
 from data_pipelines.synthetic.text import Corpus, TextSampler
@@ -96,45 +96,24 @@ class OcrConfig:
 
 
 @dataclass
-class SyntheticJob:
-    out_dir: str
-    """Folder for the shards, their statistics and manifest.json."""
-    seed: int = 0
-    num_shards: int = 8
-    samples_per_shard: int = 256
-    """Samples in every shard (a fixed count: OCR drops are replaced by new renders)."""
-    workers: int = 1
-    """Processes on this node."""
-    node_rank: int | None = None
-    """This node's index among `num_nodes`; null reads SLURM_ARRAY_TASK_ID or RANK."""
-    num_nodes: int | None = None
-    """Nodes sharing the job by shard index; null reads SLURM_ARRAY_TASK_COUNT or WORLD_SIZE."""
-    overwrite: bool = False
-    """Delete this node's existing shards first (else complete shards are kept: resume)."""
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
+class SyntheticJob(JobSettings):
+    """Shared settings (data_pipelines.jobs.JobSettings) plus the renderer's."""
+
     max_attempts_factor: int = 4
-    """Give up on a shard after samples_per_shard x this many renders (OCR drops)."""
-    progress: bool = True
+    """Give up on a shard after samples_per_shard x this many renders (OCR drops
+    are replaced by new renders, so every shard has samples_per_shard samples)."""
     fonts: FontsConfig = field(default_factory=FontsConfig)
     text: TextConfig = field(default_factory=TextConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
 
     def __post_init__(self) -> None:
-        for name in ("num_shards", "samples_per_shard", "workers", "max_attempts_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
-        if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image_format = {self.image_format!r}; use 'jpg' or 'png'")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality = {self.jpeg_quality} must lie in [1, 100]")
+        super().__post_init__()
+        if self.max_attempts_factor < 1:
+            raise ValueError(f"max_attempts_factor = {self.max_attempts_factor} must be >= 1")
 
     def content_settings(self) -> dict[str, Any]:
-        """The settings that decide shard content (the resume fingerprint)."""
-        d = asdict(self)
-        for key in ("out_dir", "workers", "node_rank", "num_nodes", "overwrite", "progress", "num_shards"):
-            d.pop(key)
+        d = super().content_settings()
         d["ocr"].pop("threads")
         return d
 
@@ -180,7 +159,12 @@ def ocr_check(ocr: OcrEngine | None, config: OcrConfig, seed: int, image, meta, 
 
 
 class SyntheticProducer:
-    """Renders shard `index` from derived seeds; OCR drops are replaced by new renders."""
+    """Renders shard `index` from derived seeds; OCR drops are replaced by new renders.
+
+    Any renderer with `render(seed, key)` serves (the design composer reuses this).
+    """
+
+    prefix = SHARD_PREFIX
 
     def __init__(self, job: SyntheticJob, renderer: SyntheticRenderer | None = None):
         self.job = job
@@ -194,12 +178,12 @@ class SyntheticProducer:
             while True:
                 if attempts >= job.samples_per_shard * job.max_attempts_factor:
                     raise RuntimeError(
-                        f"shard {index}: {attempts} renders for {j} accepted samples; OCR drops too many "
+                        f"{self.prefix} shard {index}: {attempts} renders for {j} accepted samples; OCR drops too many "
                         f"(raise ocr.max_ned or check fonts/sizes)"
                     )
                 seed = derive_seed(job.seed, index, j, attempts)
                 attempts += 1
-                key = f"{SHARD_PREFIX}_{index:06d}_{j:06d}"
+                key = f"{self.prefix}_{index:06d}_{j:06d}"
                 sample = self.renderer.render(seed, key)
                 if ocr_check(self.ocr, job.ocr, seed, sample.image, sample.meta, tally):
                     break
@@ -222,22 +206,11 @@ def run(job: SyntheticJob, resolved_config: dict[str, Any] | None = None) -> dic
     # instead of inside a worker pool; it also serves the in-process path.
     producer = SyntheticProducer(job)
     text_stats = producer.renderer.text.stats
-    sharded = ShardedJob(
-        out_dir=job.out_dir,
+    sharded = job.sharded(
         prefix=SHARD_PREFIX,
-        num_shards=job.num_shards,
-        settings=job.content_settings(),
         make_producer=functools.partial(SyntheticProducer, job),
-        workers=job.workers,
-        node_rank=job.node_rank,
-        num_nodes=job.num_nodes,
-        overwrite=job.overwrite,
-        progress=job.progress,
-        samples_per_shard=job.samples_per_shard,
         manifest_extra={
             "source": "synthetic",
-            "seed": job.seed,
-            "samples_per_shard": job.samples_per_shard,
             "image_format": job.image_format,
             "config": resolved_config if resolved_config is not None else asdict(job),
             "corpus_items": text_stats["corpus_items"],
