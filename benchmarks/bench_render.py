@@ -8,7 +8,7 @@
     (c) this renderer with OCR verification on (`crops`: the recogniser on every
         line), and (d) with `full` detection + recognition on a few samples.
 
-Prints images/second (median of rounds, a and b interleaved so drift hits both) and
+Prints images/second (median of 5 rounds, a and b interleaved so drift hits both) and
 the ratio a/b; the target is a/b >= 0.5. Usage: python benchmarks/bench_render.py
 [--samples N] [--rounds R]
 """
@@ -70,7 +70,7 @@ def run_baseline(jobs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ocr-samples", type=int, default=40)
     args = parser.parse_args()
 

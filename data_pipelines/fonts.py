@@ -50,6 +50,9 @@ def snap_size(size: float) -> int:
     return min(SIZE_LADDER, key=lambda s: abs(s - size))
 
 
+# A CJK region tag at the end of a family name ("Noto Sans CJK SC").
+_REGION_SUFFIX = re.compile(r"\s+(SC|TC|HK|JP|KR|CN|TW)$")
+
 BOLD_WEIGHT = 600  # CSS / OpenType usWeightClass at and above which a face is bold
 
 
@@ -277,7 +280,17 @@ class FontRegistry:
                 rest = [f for f in self.faces if not pattern.search(f.family)]
                 groups = [g for g in (preferred, rest) if g]
             else:
-                groups = [list(self.faces)]
+                # No region preference (Latin text): regional twins of one CJK family
+                # (Noto Sans CJK SC/TC/HK/JP/KR) share their Latin glyphs, so one region
+                # per family stands for all: the same variety with a fifth of the faces,
+                # which keeps the font cache hitting. The others stay as a fallback.
+                first_of_family: dict[tuple[str, str, int], FontFace] = {}
+                for face in self.faces:
+                    base = _REGION_SUFFIX.sub("", face.family)
+                    first_of_family.setdefault((base, face.style, face.weight), face)
+                preferred = list(first_of_family.values())
+                rest = [f for f in self.faces if f not in preferred]
+                groups = [g for g in (preferred, rest) if g]
             self._groups[language] = groups
         return groups
 

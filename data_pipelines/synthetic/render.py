@@ -468,7 +468,8 @@ class SyntheticRenderer:
         """The sample of `seed`. With `draw_text=False` the same sample without its glyphs
         (identical background, shapes, picture and plates; identical metadata): the
         text-removed twin that ink checks need."""
-        return self.draw(self.compose(seed, key), draw_text=draw_text)
+        # The scene is discarded afterwards: draw onto its background, no copy.
+        return self.draw(self.compose(seed, key), draw_text=draw_text, in_place=True)
 
     def compose(self, seed: int, key: str) -> Scene:
         """Background, layout, picture and colours of the sample of `seed`."""
@@ -499,10 +500,11 @@ class SyntheticRenderer:
         x0, y0, x1, y1 = (int(round(v)) for v in picture["box"])
         return bgmod.picture(rng, (max(1, x1 - x0), max(1, y1 - y0)), self.photos)
 
-    def base_image(self, scene: Scene, *, with_picture: bool = True) -> Image.Image:
+    def base_image(self, scene: Scene, *, with_picture: bool = True, in_place: bool = False) -> Image.Image:
         """Background, picture and shapes (in that order: a design's badge sits on its
-        picture): everything beneath the text."""
-        image = scene.background.copy()
+        picture): everything beneath the text. `in_place` draws on the scene's own
+        background (only for a scene that is not drawn again)."""
+        image = scene.background if in_place else scene.background.copy()
         if with_picture and scene.picture is not None and scene.picture_image is not None:
             x0, y0 = (int(round(v)) for v in scene.picture["box"][:2])
             pic = scene.picture_image
@@ -535,10 +537,11 @@ class SyntheticRenderer:
             if block.colour is None:
                 block.colour, block.plate = self._block_colour(rng, small, block)
 
-    def draw(self, scene: Scene, *, draw_text: bool = True) -> RenderedSample:
-        """The image, caption and metadata of a scene."""
+    def draw(self, scene: Scene, *, draw_text: bool = True, in_place: bool = False) -> RenderedSample:
+        """The image, caption and metadata of a scene (`in_place`: see base_image)."""
         w, h = scene.size
-        image = self.base_image(scene)
+        stats = np.asarray(scene.background.resize((16, 16), Image.Resampling.NEAREST))
+        image = self.base_image(scene, in_place=in_place)
         draw = ImageDraw.Draw(image)
         for block in scene.blocks:  # plates first: no plate covers another block's glyphs
             if block.plate is not None:
@@ -557,7 +560,6 @@ class SyntheticRenderer:
             lines_meta += self._draw_block(target, block, block.colour)
             caption_blocks.append(CaptionBlock(block.role, block.text, block.colour))
 
-        stats = np.asarray(scene.background.resize((16, 16), Image.Resampling.NEAREST))
         bg_color = tuple(int(c) for c in stats.reshape(-1, 3).mean(axis=0))
         cap = caption(
             zh=scene.caption_zh, fmt=scene.fmt, background_kind=scene.background_kind,
