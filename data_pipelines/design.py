@@ -11,8 +11,9 @@ data_pipelines.synthetic.render), so edit pairs can be derived from it too.
     slide    title bar with title; bullets in one column, two columns, or beside a picture
     ui       navigation bar, cards with a heading and a line, form fields with
              labels, buttons
-    (each kind also comes text-free, the text class `none` the first curriculum
-    stage needs from this source: same shapes and pictures, no text)
+    (each kind also comes text-free, and with a single short line: the text
+    classes `none` and `simple` that the first two curriculum stages need from this
+    source; same shapes and pictures)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from data_pipelines.color import RGB, contrast_ratio, random_color
-from data_pipelines.schema import Source
+from data_pipelines.schema import SIMPLE_MAX_CHARS, Source, count_chars
 from data_pipelines.synthetic import background as bgmod
 from data_pipelines.synthetic.render import Block, RenderConfig, Scene, Shape, SyntheticRenderer, _weights
 from data_pipelines.synthetic.text import CJK_LANGUAGES, TextSampler
@@ -39,14 +40,20 @@ class DesignConfig:
     """Design kinds with weights."""
     text_free_fraction: float = 0.15
     """Share of designs drawn without any text (text class `none`)."""
+    single_line_fraction: float = 0.3
+    """Share of designs that keep one short line (a title, a button): text class
+    `simple`, which the simple-text curriculum stage needs from this source."""
 
     def __post_init__(self) -> None:
         for name in self.kinds:
             if name not in DESIGN_KINDS:
                 raise ValueError(f"design.kinds: unknown kind {name!r}; use {DESIGN_KINDS}")
         self.kind_weights = _weights("design.kinds", self.kinds)
-        if not 0 <= self.text_free_fraction <= 1:
-            raise ValueError(f"design.text_free_fraction = {self.text_free_fraction} must lie in [0, 1]")
+        for name in ("text_free_fraction", "single_line_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"design.{name} = {getattr(self, name)} must lie in [0, 1]")
+        if self.text_free_fraction + self.single_line_fraction > 1:
+            raise ValueError("design.text_free_fraction + design.single_line_fraction must not exceed 1")
 
 
 def _palette(rng: random.Random) -> tuple[RGB, RGB, RGB]:
@@ -71,7 +78,9 @@ class DesignComposer(SyntheticRenderer):
         rng = random.Random(seed)
         w, h = rng.choices(self.config.size_list, self.config.size_weights)[0]
         kind = rng.choices(list(self.design.kinds), self.design.kind_weights)[0]
-        with_text = rng.random() >= self.design.text_free_fraction
+        amount = rng.random()
+        with_text = amount >= self.design.text_free_fraction
+        single_line = with_text and amount < self.design.text_free_fraction + self.design.single_line_fraction
         dominant, accent, neutral = _palette(rng)
         language = self.text.language(rng)
         if "+" in language or language == "mixed":
@@ -84,7 +93,13 @@ class DesignComposer(SyntheticRenderer):
         build(rng, scene, language, dominant, accent, neutral, with_text)
         if not with_text:
             scene.blocks = []
-            scene.fmt = f"{kind}"
+        elif single_line:
+            # A minimal design: one short single-language line (the title, a badge, a
+            # button) over the same shapes; the rest of the text is left out.
+            short = [b for b in scene.blocks if len(b.lines) == 1 and count_chars(b.text) <= SIMPLE_MAX_CHARS
+                     and "+" not in b.language]
+            titles = [b for b in short if b.role == "title"]
+            scene.blocks = [(titles or short)[0]] if short else []
         if scene.picture is not None:
             scene.picture_image = self.picture_image(rng, scene.picture)
         self.choose_colours(rng, scene)

@@ -36,7 +36,7 @@ _BACKGROUND_WORDS = {
 }
 
 
-_DESIGN_WORDS = {"poster": ("poster", "海报"), "slide": ("presentation slide", "幻灯片"), "ui": ("app screen", "应用界面")}
+_DESIGN_WORDS = {"poster": ("a poster", "海报"), "slide": ("a presentation slide", "幻灯片"), "ui": ("an app screen", "应用界面")}
 
 
 def color_name(rgb: RGB, zh: bool) -> str:
@@ -71,7 +71,7 @@ def caption(
     design = _DESIGN_WORDS.get(fmt)
     if not blocks:
         if design:
-            return f"一张{bg}背景的{design[1]}设计，画面中没有任何文字。" if zh else f"A {design[0]} design on a {bg} background, with no text."
+            return f"一张{bg}背景的{design[1]}设计，画面中没有任何文字。" if zh else f"{design[0].capitalize()} design on a {bg} background, with no text."
         return f"一张{bg}背景的图片，画面中没有任何文字。" if zh else f"A {bg} background image with no text."
 
     colour = color_name(blocks[0].color, zh)
@@ -110,7 +110,7 @@ def caption(
     elif picture_side:
         lead = f"A layout on a {bg} background with a picture on the {picture_side} and text wrapping around it"
     elif design:
-        lead = f"A {design[0]} on a {bg} background"
+        lead = f"{design[0].capitalize()} on a {bg} background"
     elif fmt == "composition":
         lead = f"A poster design on a {bg} background"
     elif fmt == "list":
