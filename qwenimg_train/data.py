@@ -1,0 +1,339 @@
+"""The streaming loader: one WebDataset pipeline per source, mixed and batched per stage.
+
+For the active curriculum stage, every worker of every rank runs, per source:
+
+    ResampledShards(urls)        shards drawn with replacement, seeded (no epochs:
+                                 a stream never ends, ranks never run dry, #188/#225)
+    tarfile_to_samples           tar members grouped into samples; a corrupt shard is
+                                 counted and skipped (handler)
+    shuffle(buffer)              seeded, so the stream is reproducible
+    select(text class)           the stage's allowed text classes
+
+then, in this module's own loop (not a WebDataset stage: it needs the stage's exact
+proportions, which RandomMix only meets on average):
+
+    task     t2i / ti2i / i2i by the stage's task mix, in exact proportion
+    source   design / synthetic / natural by the stage's weights, in exact proportion
+             (ti2i and i2i samples come from the edit-pair shards)
+    decode   PIL, with reduced-size JPEG decoding (`Image.draft`) when the bucket is
+             at most half the stored size; resize to cover the bucket, centre crop
+    bucket   the stage's aspect-ratio bucket nearest the image's; a batch holds one
+             bucket, so every tensor in it has one shape
+    collate  into a typed `Batch`
+
+Seeds derive from (seed, stage, rank, worker, resume step): two ranks or workers never
+read the same stream, and a resumed run draws fresh samples instead of replaying the
+start of its stage. Bad samples (undecodable image, missing member, bad JSON) are
+skipped and counted by reason; past `max_skip_fraction` of the samples seen the
+stream stops with an error naming the shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data_pipelines.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX
+from data_pipelines.shards import MANIFEST_NAME, derive_seed
+from qwenimg_train.curriculum import SOURCES, Stage
+
+log = logging.getLogger(__name__)
+
+EDIT_SOURCE = "edit"
+# A source whose samples the stage's filter refuses this many times in a row holds
+# (almost) none the stage allows: stop with an error instead of spinning forever.
+_MAX_CONSECUTIVE_REJECTS = 20_000
+
+
+class SkippedTooMany(RuntimeError):
+    pass
+
+
+@dataclass
+class SourceShards:
+    """One source's shard files, read from its manifest."""
+
+    name: str
+    urls: list[str]
+    manifest: dict[str, Any]
+
+    @classmethod
+    def from_folder(cls, name: str, folder: str | Path) -> "SourceShards":
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not path.exists():
+            raise ValueError(f"data source {name!r}: no {MANIFEST_NAME} in {str(folder)!r}; generate the shards first")
+        manifest = json.loads(path.read_text("utf-8"))
+        urls = [str(folder / s["file"]) for s in manifest.get("shards", []) if s.get("num_samples", 0) > 0]
+        if not urls:
+            raise ValueError(f"data source {name!r}: the manifest in {str(folder)!r} lists no non-empty shard")
+        return cls(name, urls, manifest)
+
+
+@dataclass
+class Batch:
+    """One batch of one bucket size; per-sample tasks may differ (mixed-task batches)."""
+
+    task: list[str]  # t2i | ti2i | i2i, per sample
+    target_bchw: torch.Tensor  # float32 in [-1, 1]
+    source_bchw: torch.Tensor  # float32 in [-1, 1]; zeros where has_source is False
+    has_source: torch.Tensor  # bool [B]
+    prompt: list[str]  # caption (t2i) or instruction (ti2i, i2i); "" when dropped
+    key: list[str]
+    source: list[str]  # which data source each sample came from
+    text_class: list[str]
+    stage: str
+    skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips so far, by reason
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+
+class Interleave:
+    """Exact weighted interleaving (smooth weighted round robin).
+
+    Over any window of n picks, each name is picked within one of n * weight times:
+    the mix holds in every batch, not only on average. A seeded random start makes
+    different workers' sequences differ.
+    """
+
+    def __init__(self, weights: Mapping[str, float], rng: np.random.Generator):
+        self.names = [k for k, w in weights.items() if w > 0]
+        total = sum(weights[k] for k in self.names)
+        self.weights = np.array([weights[k] / total for k in self.names])
+        self.credit = rng.random(len(self.names)) * self.weights
+
+    def __next__(self) -> str:
+        self.credit += self.weights
+        i = int(np.argmax(self.credit))
+        self.credit[i] -= 1.0
+        return self.names[i]
+
+
+class _SkipCounter:
+    """A WebDataset handler that counts what it skips and enforces the threshold."""
+
+    def __init__(self, max_fraction: float, min_seen: int = 200):
+        self.counts: Counter = Counter()
+        self.seen = 0
+        self.max_fraction = max_fraction
+        self.min_seen = min_seen
+
+    def __call__(self, exc: BaseException) -> bool:
+        self.skip(type(exc).__name__, " ".join(str(a) for a in exc.args)[:200])
+        return True  # keep going
+
+    def skip(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        total = sum(self.counts.values())
+        log.warning("skipped sample (%s): %s", reason, where)
+        if self.seen + total >= self.min_seen and total > self.max_fraction * (self.seen + total):
+            raise SkippedTooMany(
+                f"{total} of {self.seen + total} samples skipped ({dict(self.counts)}), over "
+                f"data.max_skip_fraction={self.max_fraction}; last: {reason} at {where}"
+            )
+
+
+def _nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = np.log(width / height)
+    return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
+
+
+def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> torch.Tensor:
+    """Image bytes -> float tensor [3, H, W] in [-1, 1], covering `size` and centre-cropped."""
+    tw, th = size
+    with Image.open(io.BytesIO(data)) as im:
+        if reduced and im.format == "JPEG":
+            # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 size when that still
+            # covers the target (3.2x a full decode + resize at 256², REFERENCE.md).
+            scale = max(tw / im.width, th / im.height)
+            im.draft("RGB", (int(im.width * scale + 0.5), int(im.height * scale + 0.5)))
+        im = im.convert("RGB")
+    scale = max(tw / im.width, th / im.height)
+    cw, ch = tw / scale, th / scale
+    x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
+    im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class StageStream(torch.utils.data.IterableDataset):
+    """An endless stream of `Batch`es for one stage, for one rank (workers split below).
+
+    Use with `DataLoader(stream, batch_size=None, num_workers=N)`: batching happens
+    here, per bucket. `rank` and `world_size` are arguments, never read from globals.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: Stage,
+        stage_index: int,
+        sources: Mapping[str, SourceShards],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resume_step: int = 0,
+        shuffle_buffer: int = 256,
+        max_skip_fraction: float = 0.01,
+        reduced_decode: bool = True,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        for name, weight in stage.source_weights.items():
+            if weight > 0 and name not in sources:
+                raise ValueError(f"stage {stage.name!r} draws from {name!r} but no {name} shards were given")
+        if sum(stage.task_mix.get(t, 0) for t in ("ti2i", "i2i")) > 0 and EDIT_SOURCE not in sources:
+            raise ValueError(f"stage {stage.name!r} has TI2I/I2I weight but no edit-pair shards were given")
+        self.stage = stage
+        self.stage_index = stage_index
+        self.sources = dict(sources)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.resume_step = resume_step
+        self.shuffle_buffer = shuffle_buffer
+        self.max_skip_fraction = max_skip_fraction
+        self.reduced_decode = reduced_decode
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def stream_seed(self) -> int:
+        worker, _ = self._worker()
+        return derive_seed(self.seed, self.stage_index, self.rank, worker, self.resume_step)
+
+    def _my_urls(self, name: str) -> list[str]:
+        """This (rank, worker)'s shards of a source: a disjoint slice when there are at
+        least as many shards as streams, else all of them (streams then differ by seed
+        only, and may meet the same samples)."""
+        urls = self.sources[name].urls
+        worker, workers = self._worker()
+        slots = self.world_size * workers
+        if len(urls) >= slots:
+            return urls[self.rank * workers + worker :: slots]
+        if not getattr(self, "_warned", False):
+            log.warning("source %s has %d shards for %d streams (ranks x workers): streams share shards", name, len(urls), slots)
+            self._warned = True
+        return urls
+
+    def _samples(self, name: str, seed: int, skips: _SkipCounter, select=None) -> Iterator[dict]:
+        """The flat WebDataset pipeline of one source (see the module docstring)."""
+        allowed = set(self.stage.text_classes)
+        rejected = [0]  # consecutive samples the filter refused
+
+        def admit(sample: dict) -> bool:
+            try:
+                meta = json.loads(sample["json"])
+            except (KeyError, ValueError) as exc:
+                skips.skip(f"bad_json:{type(exc).__name__}", f"{sample.get('__url__')}:{sample.get('__key__')}")
+                return False
+            sample["meta"] = meta
+            if meta.get("text_class") in allowed and (select is None or select(meta)):
+                rejected[0] = 0
+                return True
+            rejected[0] += 1
+            if rejected[0] > _MAX_CONSECUTIVE_REJECTS:
+                raise ValueError(
+                    f"stage {self.stage.name!r}: {rejected[0]} samples in a row from source {name!r} failed its "
+                    f"filter (text classes {sorted(allowed)}); the source holds (almost) none that it allows"
+                )
+            return False
+
+        urls = self._my_urls(name)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True),
+            wds.tarfile_to_samples(handler=skips),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=_py_random(seed)),
+            wds.select(admit),
+        )
+        return iter(pipeline)
+
+    def __iter__(self) -> Iterator[Batch]:
+        seed = self.stream_seed()
+        rng = np.random.default_rng(seed)
+        skips = _SkipCounter(self.max_skip_fraction)
+        stage = self.stage
+        streams: dict[str, Iterator[dict]] = {}
+        for k, name in enumerate(n for n in SOURCES if stage.source_weights.get(n, 0) > 0):
+            streams[name] = self._samples(name, derive_seed(seed, "source", k), skips)
+        if stage.task_mix.get("ti2i", 0) > 0:
+            streams["ti2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "ti2i"), skips,
+                                            select=lambda m: m.get("extra", {}).get("edit", {}).get("type") != "reconstruct")
+        if stage.task_mix.get("i2i", 0) > 0:
+            streams["i2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "i2i"), skips,
+                                           select=lambda m: m.get("extra", {}).get("edit", {}).get("type") == "reconstruct")
+        tasks = Interleave(stage.task_mix, rng)
+        t2i_sources = Interleave(stage.source_weights, rng)
+        sizes = stage.sizes()
+        pending: dict[tuple[int, int], list[dict]] = {}
+        while True:
+            task = next(tasks)
+            name = next(t2i_sources) if task == "t2i" else task
+            sample = next(streams[name])
+            item = self._item(sample, task, name, sizes, rng, skips)
+            if item is None:
+                continue
+            skips.seen += 1
+            bucket = pending.setdefault(item["size"], [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                yield self._collate(bucket, skips)
+                pending[item["size"]] = []
+
+    def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter) -> dict | None:
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        meta = sample["meta"]
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        try:
+            if ext is None:
+                raise KeyError("no image member")
+            size = _nearest_bucket(int(meta["width"]), int(meta["height"]), sizes)
+            target = _decode(sample[ext], size, self.reduced_decode)
+            source = None
+            if task != "t2i":
+                source = _decode(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size, self.reduced_decode)
+                prompt = sample[INSTRUCTION_EXTENSION].decode("utf-8")
+            else:
+                prompt = sample["txt"].decode("utf-8")
+        except Exception as exc:  # undecodable image, missing member: counted, not fatal
+            skips.skip(type(exc).__name__, where)
+            return None
+        if rng.random() < self.stage.caption_dropout:
+            prompt = ""
+        return {
+            "task": task, "target": target, "source_img": source, "prompt": prompt, "key": sample["__key__"],
+            "source": name if task == "t2i" else EDIT_SOURCE, "text_class": meta.get("text_class", ""), "size": size,
+        }
+
+    def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
+        target = torch.stack([it["target"] for it in items])
+        has_source = torch.tensor([it["source_img"] is not None for it in items])
+        source = torch.stack([it["source_img"] if it["source_img"] is not None else torch.zeros_like(it["target"]) for it in items])
+        return Batch(
+            task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
+            prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
+            text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
+        )
+
+
+def _py_random(seed: int):
+    import random
+
+    return random.Random(seed)
