@@ -61,6 +61,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_render.py
+	$(PY) benchmarks/bench_loader.py
 
 clean-demo:
 	rm -rf $(DEMO)

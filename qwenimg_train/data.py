@@ -85,8 +85,10 @@ class Batch:
     """One batch of one bucket size; per-sample tasks may differ (mixed-task batches)."""
 
     task: list[str]  # t2i | ti2i | i2i, per sample
-    target_bchw: torch.Tensor  # float32 in [-1, 1]
-    source_bchw: torch.Tensor  # float32 in [-1, 1]; zeros where has_source is False
+    # uint8 RGB: a quarter of float32's bytes through pinned memory and the bus;
+    # the model side normalises on the device (`to_unit_range`).
+    target_bchw: torch.Tensor  # uint8 [B, 3, H, W]
+    source_bchw: torch.Tensor  # uint8 [B, 3, H, W]; zeros where has_source is False
     has_source: torch.Tensor  # bool [B]
     prompt: list[str]  # caption (t2i) or instruction (ti2i, i2i); "" when dropped
     key: list[str]
@@ -149,8 +151,13 @@ def _nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tu
     return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
 
 
+def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (the VAE's input range), on whatever device they are."""
+    return images_bchw.float().div_(127.5).sub_(1.0)
+
+
 def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> torch.Tensor:
-    """Image bytes -> float tensor [3, H, W] in [-1, 1], covering `size` and centre-cropped."""
+    """Image bytes -> uint8 tensor [3, H, W], covering `size` and centre-cropped."""
     tw, th = size
     with Image.open(io.BytesIO(data)) as im:
         if reduced and im.format == "JPEG":
@@ -159,12 +166,13 @@ def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> torch.Tensor:
             scale = max(tw / im.width, th / im.height)
             im.draft("RGB", (int(im.width * scale + 0.5), int(im.height * scale + 0.5)))
         im = im.convert("RGB")
-    scale = max(tw / im.width, th / im.height)
-    cw, ch = tw / scale, th / scale
-    x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
-    im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    if im.size != (tw, th):
+        scale = max(tw / im.width, th / im.height)
+        cw, ch = tw / scale, th / scale
+        x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
+        im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
     array = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class StageStream(torch.utils.data.IterableDataset):

@@ -135,3 +135,20 @@ def test_random_characters_come_from_the_codec_sets():
     rng = random.Random(3)
     text = ts.item(rng, "zh-Hans", 30)
     assert all(ch in charsets.gb2312_level2() for ch in text)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_lines_are_the_source_in_order_with_only_break_spaces_removed(seed):
+    # Regression: a small kana after a Latin word used to drop the space before it
+    # ("BEST SELLER ぁ佐儉" -> "SELLERぁ佐儉"), so a line was no longer in the source.
+    rng = random.Random(seed)
+    pieces = ["BEST", "SELLER", "Web", "ぁ", "っ", "佐", "儉", "，", "。", "」", "（", "新品", " ", " ", "ー"]
+    text = "".join(rng.choice(pieces) for _ in range(rng.randint(5, 40))).strip()
+    lines = break_lines(text, lambda i: rng.randint(3, 10), measure_chars)
+    pos = 0
+    for line in lines:
+        found = text.find(line, pos)
+        assert found >= 0, (text, lines, line)
+        assert text[pos:found].strip() == "", (text, lines)  # only spaces between lines
+        pos = found + len(line)
+    assert text[pos:].strip() == ""

@@ -51,6 +51,11 @@ def units(text: str) -> list[str]:
     return out
 
 
+def _first_visible(items: list[str], start: int) -> str:
+    """The first unit from `start` on that is not a space ("" if none)."""
+    return next((u for u in items[start:] if u != " "), "")
+
+
 def break_lines(
     text: str,
     max_width: Callable[[int], float],
@@ -97,17 +102,20 @@ def break_lines(
             width += w
             i += 1
             continue
-        # Break before `unit`.
-        while line and line[-1] == " ":
-            line.pop()
-        # Push units down until the new line starts with a character allowed there
-        # (a run of closing marks moves down together with the character before it).
-        while len(line) > 1 and items[i][0] in NO_LINE_START:
-            items.insert(i, line.pop())
-            while len(line) > 1 and line[-1] == " ":
+        # Break before `unit`. Push units down while the next line would start with
+        # a character that may not start one, or this line end with one that may not
+        # end one (a run of closing marks moves down with the character before it).
+        # A pushed unit takes the spaces after it along; the spaces left at the
+        # break itself are eaten by it.
+        while True:
+            gap = 0
+            while line and line[-1] == " ":
                 line.pop()
-        while len(line) > 1 and line[-1] and line[-1][-1] in NO_LINE_END:
-            items.insert(i, line.pop())
+                gap += 1
+            if len(line) > 1 and (_first_visible(items, i)[:1] in NO_LINE_START or line[-1][-1] in NO_LINE_END):
+                items[i:i] = [line.pop()] + [" "] * gap
+                continue
+            break
         lines.append([])
         width = 0.0
         if max_lines and len(lines) > max_lines:
