@@ -86,9 +86,10 @@ class Batch:
 
     task: list[str]  # t2i | ti2i | i2i, per sample
     # uint8 RGB: a quarter of float32's bytes through pinned memory and the bus;
-    # the model side normalises on the device (`to_unit_range`).
+    # the model side normalises on the device (`to_unit_range`). The tensors are
+    # BCHW views of channels-last memory (images are stacked as decoded, HWC).
     target_bchw: torch.Tensor  # uint8 [B, 3, H, W]
-    source_bchw: torch.Tensor  # uint8 [B, 3, H, W]; zeros where has_source is False
+    source_bchw: torch.Tensor | None  # uint8 [B, 3, H, W], zeros where has_source is False; None when no sample has one
     has_source: torch.Tensor  # bool [B]
     prompt: list[str]  # caption (t2i) or instruction (ti2i, i2i); "" when dropped
     key: list[str]
@@ -156,8 +157,8 @@ def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
     return images_bchw.float().div_(127.5).sub_(1.0)
 
 
-def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> torch.Tensor:
-    """Image bytes -> uint8 tensor [3, H, W], covering `size` and centre-cropped."""
+def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> np.ndarray:
+    """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped."""
     tw, th = size
     with Image.open(io.BytesIO(data)) as im:
         if reduced and im.format == "JPEG":
@@ -165,14 +166,17 @@ def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> torch.Tensor:
             # covers the target (3.2x a full decode + resize at 256², REFERENCE.md).
             scale = max(tw / im.width, th / im.height)
             im.draft("RGB", (int(im.width * scale + 0.5), int(im.height * scale + 0.5)))
-        im = im.convert("RGB")
-    if im.size != (tw, th):
-        scale = max(tw / im.width, th / im.height)
-        cw, ch = tw / scale, th / scale
-        x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
-        im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
-    array = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        # convert() copies even an RGB image; load() decodes in place.
+        if im.mode == "RGB":
+            im.load()
+        else:
+            im = im.convert("RGB")
+        if im.size != (tw, th):
+            scale = max(tw / im.width, th / im.height)
+            cw, ch = tw / scale, th / scale
+            x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
+            im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        return np.asarray(im, dtype=np.uint8)
 
 
 class StageStream(torch.utils.data.IterableDataset):
@@ -331,9 +335,14 @@ class StageStream(torch.utils.data.IterableDataset):
         }
 
     def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
-        target = torch.stack([it["target"] for it in items])
+        # np.stack of HWC arrays is one memcpy per image; the BCHW view costs nothing.
+        target = torch.from_numpy(np.stack([it["target"] for it in items])).permute(0, 3, 1, 2)
         has_source = torch.tensor([it["source_img"] is not None for it in items])
-        source = torch.stack([it["source_img"] if it["source_img"] is not None else torch.zeros_like(it["target"]) for it in items])
+        source = None
+        if has_source.any():
+            blank = np.zeros_like(items[0]["target"])
+            stacked = np.stack([it["source_img"] if it["source_img"] is not None else blank for it in items])
+            source = torch.from_numpy(stacked).permute(0, 3, 1, 2)
         return Batch(
             task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
             prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
