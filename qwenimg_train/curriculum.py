@@ -194,3 +194,9 @@ class Curriculum:
                         f"stage {stage.name!r}: task_mix gives TI2I/I2I weight {pair_weight} but there are no "
                         f"edit pairs; generate them (qwenimg-data --config-name edit-pairs) or set those weights to 0"
                     )
+                counts = edit.get("counts", {}).get("text_class", {})
+                if counts and not any(counts.get(cls, 0) > 0 for cls in stage.text_classes):
+                    raise ValueError(
+                        f"stage {stage.name!r}: source 'edit' has no pair whose target is of text class "
+                        f"{' or '.join(stage.text_classes)} (its manifest counts {dict(counts)})"
+                    )

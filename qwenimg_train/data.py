@@ -200,6 +200,7 @@ class StageStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 256,
         max_skip_fraction: float = 0.01,
         reduced_decode: bool = True,
+        num_batches: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -222,6 +223,7 @@ class StageStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.max_skip_fraction = max_skip_fraction
         self.reduced_decode = reduced_decode
+        self.num_batches = num_batches  # over all workers of this rank; None: endless
 
     def _worker(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -295,7 +297,13 @@ class StageStream(torch.utils.data.IterableDataset):
         t2i_sources = Interleave(stage.source_weights, rng)
         sizes = stage.sizes()
         pending: dict[tuple[int, int], list[dict]] = {}
-        while True:
+        # A finite stream (one curriculum stage) splits its batches over the workers;
+        # every rank yields the same count, so no rank waits at the stage's end.
+        remaining = None
+        if self.num_batches is not None:
+            worker, workers = self._worker()
+            remaining = self.num_batches // workers + (worker < self.num_batches % workers)
+        while remaining is None or remaining > 0:
             task = next(tasks)
             name = next(t2i_sources) if task == "t2i" else task
             sample = next(streams[name])
@@ -308,6 +316,8 @@ class StageStream(torch.utils.data.IterableDataset):
             if len(bucket) == self.batch_size:
                 yield self._collate(bucket, skips)
                 pending[item["size"]] = []
+                if remaining is not None:
+                    remaining -= 1
 
     def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter) -> dict | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"

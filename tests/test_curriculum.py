@@ -69,12 +69,14 @@ def test_filters_are_checked_against_the_manifests():
     good = {
         "design": manifest(none=5, simple=3, complex=9),
         "synthetic": manifest(none=2, simple=8, complex=8),
-        "edit": manifest(complex=4),
+        "edit": manifest(none=1, simple=2, complex=4),
     }
     cur.check_sources(good)
     no_simple_design = dict(good, design=manifest(none=5, complex=9))
     with pytest.raises(ValueError, match="stage 'simple_text': source 'design' has no sample of text class simple"):
         cur.check_sources(no_simple_design)
+    with pytest.raises(ValueError, match="stage 'no_text': source 'edit' has no pair"):
+        cur.check_sources(dict(good, edit=manifest(complex=4)))
     with pytest.raises(ValueError, match="no edit pairs"):
         cur.check_sources({k: v for k, v in good.items() if k != "edit"})
     with pytest.raises(ValueError, match="source 'synthetic'.*no synthetic shards"):

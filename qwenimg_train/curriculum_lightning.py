@@ -1,0 +1,112 @@
+"""Lightning glue for the curriculum: the stage-aware data module and the stage callback.
+
+Each curriculum stage is one Lightning epoch. The data module's `train_dataloader`
+(reloaded every epoch) builds the stream of the stage that contains the current
+global step, finite: it yields exactly the batches left in that stage (times the
+gradient-accumulation factor), the same count on every rank. When it ends, Lightning
+starts the next epoch and the next stage's stream is built. A resumed run restarts
+from its global step: the stage follows from the step, and the stream's seed
+includes the step, so it continues with fresh samples.
+
+The callback logs `curriculum/stage` (index) and `curriculum/step_in_stage` every
+step, reports stage changes, and keeps the stage in the checkpoint to detect a
+curriculum that changed between a run and its resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+
+from qwenimg_train.curriculum import Curriculum
+from qwenimg_train.data import SourceShards, StageStream
+
+log = logging.getLogger(__name__)
+
+
+class CurriculumDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        *,
+        curriculum: Curriculum,
+        sources: Mapping[str, str],
+        batch_size: int,
+        total_steps: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        max_skip_fraction: float = 0.01,
+        accumulate_grad_batches: int = 1,
+    ):
+        super().__init__()
+        self.curriculum = curriculum
+        self.source_dirs = dict(sources)
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_skip_fraction = max_skip_fraction
+        self.accumulate = accumulate_grad_batches
+        self.sources: dict[str, SourceShards] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        self.sources = {name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items()}
+        self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
+
+    def stage_at(self, step: int) -> tuple[int, int, int]:
+        """(stage index, first step, end step) of the stage active at `step`."""
+        starts = self.curriculum.boundaries(self.total_steps)
+        index = self.curriculum.stage_index(step, self.total_steps)
+        end = starts[index + 1] if index + 1 < len(starts) else self.total_steps
+        return index, starts[index], end
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        index, _, end = self.stage_at(step)
+        stream = StageStream(
+            stage=self.curriculum.stages[index], stage_index=index, sources=self.sources,
+            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world, resume_step=step,
+            shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
+            num_batches=max(1, end - step) * self.accumulate,
+        )
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+
+class CurriculumCallback(pl.Callback):
+    """Logs the active stage every step and keeps it in checkpoints."""
+
+    def __init__(self, datamodule: CurriculumDataModule):
+        self.datamodule = datamodule
+        self.stage_index: int | None = None
+        self.restored: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        index, start, _ = self.datamodule.stage_at(trainer.global_step)
+        if index != self.stage_index:
+            stage = self.datamodule.curriculum.stages[index]
+            log.info("curriculum: stage %d (%s) from step %d", index, stage.name, trainer.global_step)
+            self.stage_index = index
+        pl_module.log("curriculum/stage", float(index), on_step=True, on_epoch=False, batch_size=len(batch))
+        pl_module.log("curriculum/step_in_stage", float(trainer.global_step - start), on_step=True, on_epoch=False,
+                      batch_size=len(batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        names = [s.name for s in self.datamodule.curriculum.stages]
+        return {"stage_index": self.stage_index, "stages": names, "curriculum": self.datamodule.curriculum.name}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored = dict(state_dict)
+        names = [s.name for s in self.datamodule.curriculum.stages]
+        if state_dict.get("stages") != names:
+            log.warning(
+                "resuming with another curriculum (%s, stages %s) than the checkpoint's (%s, stages %s): "
+                "the stage follows from the global step under the new one",
+                self.datamodule.curriculum.name, names, state_dict.get("curriculum"), state_dict.get("stages"),
+            )

@@ -1,0 +1,80 @@
+"""Stage boundaries in a real Lightning run, including after a resume (CPU, tiny model)."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from data_pipelines.edit_job import EditPairsJob
+from data_pipelines.edit_job import run as run_edit
+from data_pipelines.sources import DesignJob, run_design
+from data_pipelines.synthetic.job import SyntheticJob
+from data_pipelines.synthetic.job import run as run_synthetic
+from qwenimg_train.curriculum import Curriculum, Stage
+from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
+from qwenimg_train.data import to_unit_range
+
+
+class Tiny(pl.LightningModule):
+    """Records the stage of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.stages: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.stages.append(batch.stage)
+        pixels = to_unit_range(batch.target_bchw).mean(dim=(2, 3))
+        return self.layer(pixels).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cur")
+    run_synthetic(SyntheticJob(out_dir=str(root / "synthetic"), num_shards=2, samples_per_shard=40, progress=False))
+    run_design(DesignJob(out_dir=str(root / "design"), num_shards=2, samples_per_shard=20, progress=False))
+    run_edit(EditPairsJob(out_dir=str(root / "edit"), num_shards=1, samples_per_shard=16, progress=False))
+    return {name: str(root / name) for name in ("synthetic", "design", "edit")}
+
+
+def curriculum():
+    mix = {"t2i": 0.5, "ti2i": 0.25, "i2i": 0.25}
+    return Curriculum("test", [
+        Stage(name="a", fraction=0.3, text_classes=["none"], resolution=32, task_mix={"t2i": 1.0}),
+        Stage(name="b", fraction=0.4, text_classes=["simple", "complex"], resolution=32, task_mix=mix),
+        Stage(name="c", fraction=0.3, text_classes=["complex"], resolution=48, task_mix=mix),
+    ])
+
+
+def fit(sources, tmp_path, max_steps, ckpt_path=None, num_workers=0):
+    dm = CurriculumDataModule(curriculum=curriculum(), sources=sources, batch_size=2, total_steps=10,
+                              num_workers=num_workers, shuffle_buffer=8)
+    model = Tiny()
+    trainer = pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+        max_epochs=-1, default_root_dir=str(tmp_path), callbacks=[CurriculumCallback(dm)],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_stages_switch_at_their_step_boundaries(sources, tmp_path):
+    trainer, model = fit(sources, tmp_path, max_steps=10, num_workers=2)
+    assert trainer.global_step == 10
+    assert model.stages == ["a"] * 3 + ["b"] * 4 + ["c"] * 3
+
+
+def test_a_resumed_run_restores_its_stage(sources, tmp_path):
+    trainer, model = fit(sources, tmp_path, max_steps=5)
+    assert model.stages == ["a"] * 3 + ["b"] * 2
+    ckpt = tmp_path / "step5.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, model2 = fit(sources, tmp_path, max_steps=10, ckpt_path=str(ckpt))
+    assert resumed.global_step == 10
+    assert model2.stages == ["b"] * 2 + ["c"] * 3
+    callback = next(c for c in resumed.callbacks if isinstance(c, CurriculumCallback))
+    assert callback.restored["stages"] == ["a", "b", "c"]
