@@ -93,7 +93,7 @@ def test_demo_manifests_satisfy_the_default_curriculum(tmp_path):
 
     run_synthetic(SyntheticJob(out_dir=str(tmp_path / "synthetic"), num_shards=1, samples_per_shard=40, progress=False))
     run_design(DesignJob(out_dir=str(tmp_path / "design"), num_shards=1, samples_per_shard=30, progress=False))
-    run_edit(EditPairsJob(out_dir=str(tmp_path / "edit"), num_shards=1, samples_per_shard=2, progress=False))
+    run_edit(EditPairsJob(out_dir=str(tmp_path / "edit"), num_shards=1, samples_per_shard=30, progress=False))
     manifests = {name: json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("synthetic", "design", "edit")}
     load("three_stage").check_sources(manifests)
 
