@@ -8,9 +8,12 @@ starts the next epoch and the next stage's stream is built. A resumed run restar
 from its global step: the stage follows from the step, and the stream's seed
 includes the step, so it continues with fresh samples.
 
-The callback logs `curriculum/stage` (index) and `curriculum/step_in_stage` every
-step, reports stage changes, and keeps the stage in the checkpoint to detect a
-curriculum that changed between a run and its resume.
+The callback logs `curriculum/stage` (index), `curriculum/step_in_stage` and
+`data/skipped/<reason>` every step, reports stage changes, and keeps the stage in
+the checkpoint to detect a curriculum that changed between a run and its resume.
+Applying a stage's `lr_scale` and `caption_dropout` is the loader's and the
+LightningModule's part: the stream drops captions; the module (with the training
+loop) scales its learning rate by `datamodule.current_stage().lr_scale`.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.sources = {name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items()}
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
 
+    def current_stage(self):
+        """The stage active at the trainer's global step."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return self.curriculum.stages[self.stage_at(step)[0]]
+
     def stage_at(self, step: int) -> tuple[int, int, int]:
         """(stage index, first step, end step) of the stage active at `step`."""
         starts = self.curriculum.boundaries(self.total_steps)
@@ -86,6 +94,7 @@ class CurriculumCallback(pl.Callback):
         self.datamodule = datamodule
         self.stage_index: int | None = None
         self.restored: dict[str, Any] | None = None
+        self.skipped: dict[int, dict[str, int]] = {}  # latest cumulative counts per loader worker
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         index, start, _ = self.datamodule.stage_at(trainer.global_step)
@@ -96,6 +105,17 @@ class CurriculumCallback(pl.Callback):
         pl_module.log("curriculum/stage", float(index), on_step=True, on_epoch=False, batch_size=len(batch))
         pl_module.log("curriculum/step_in_stage", float(trainer.global_step - start), on_step=True, on_epoch=False,
                       batch_size=len(batch))
+        # data/skipped/<reason>: bad samples skipped so far in this stage, summed over workers.
+        self.skipped[batch.worker] = batch.skipped
+        totals: dict[str, int] = {}
+        for counts in self.skipped.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in totals.items():
+            pl_module.log(f"data/skipped/{reason}", float(n), on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.skipped = {}  # a new stage, a new stream: its workers count from zero
 
     def state_dict(self) -> dict[str, Any]:
         names = [s.name for s in self.datamodule.curriculum.stages]

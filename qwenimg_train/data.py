@@ -97,6 +97,7 @@ class Batch:
     text_class: list[str]
     stage: str
     skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips so far, by reason
+    worker: int = 0  # which loader worker made it (skip counts are per worker)
 
     def __len__(self) -> int:
         return len(self.task)
@@ -357,6 +358,7 @@ class StageStream(torch.utils.data.IterableDataset):
             task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
             prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
+            worker=self._worker()[0],
         )
 
 

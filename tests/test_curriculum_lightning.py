@@ -78,3 +78,20 @@ def test_a_resumed_run_restores_its_stage(sources, tmp_path):
     assert model2.stages == ["b"] * 2 + ["c"] * 3
     callback = next(c for c in resumed.callbacks if isinstance(c, CurriculumCallback))
     assert callback.restored["stages"] == ["a", "b", "c"]
+
+
+def test_the_composed_configs_build_a_working_data_module(sources, tmp_path):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    overrides = [f"data.sources.{k}={v}" for k, v in sources.items()] + ["~data.sources.natural", "data.num_workers=0"]
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    cur = Curriculum.from_config(cfg.curriculum)
+    dm = CurriculumDataModule(curriculum=cur, total_steps=10, **OmegaConf.to_container(cfg.data))
+    dm.setup("fit")  # checks every stage against the manifests
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.stage == "no_text" and len(batch) == cfg.data.batch_size
