@@ -95,3 +95,35 @@ def test_the_composed_configs_build_a_working_data_module(sources, tmp_path):
     dm.setup("fit")  # checks every stage against the manifests
     batch = next(iter(dm.train_dataloader()))
     assert batch.stage == "no_text" and len(batch) == cfg.data.batch_size
+
+
+class KeyRecorder(Tiny):
+    """Also records the sample keys each rank trained on (written to a file per rank)."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def training_step(self, batch, batch_idx):
+        with open(f"{self.out_dir}/rank{self.global_rank}.txt", "a") as f:
+            f.write(f"{self.global_step} {batch.stage} {' '.join(batch.key)}\n")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_switch_together_and_read_disjoint_samples(sources, tmp_path):
+    dm = CurriculumDataModule(curriculum=curriculum(), sources=sources, batch_size=2, total_steps=10,
+                              num_workers=0, shuffle_buffer=8)
+    trainer = pl.Trainer(
+        max_steps=10, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1, max_epochs=-1,
+        default_root_dir=str(tmp_path), callbacks=[CurriculumCallback(dm)],
+    )
+    trainer.fit(KeyRecorder(str(tmp_path)), datamodule=dm)
+    rows = {r: (tmp_path / f"rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1)}
+    for r in (0, 1):
+        assert [row.split()[1] for row in rows[r]] == ["a"] * 3 + ["b"] * 4 + ["c"] * 3
+    keys = {r: {k for row in rows[r] for k in row.split()[2:]} for r in (0, 1)}
+    # Each source has 2 shards, one per rank: the ranks' T2I samples never meet.
+    t2i = {r: {k for k in keys[r] if not k.startswith("edit_")} for r in (0, 1)}
+    assert not t2i[0] & t2i[1]
