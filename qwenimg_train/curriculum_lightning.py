@@ -11,9 +11,8 @@ includes the step, so it continues with fresh samples.
 The callback logs `curriculum/stage` (index), `curriculum/step_in_stage` and
 `data/skipped/<reason>` every step, reports stage changes, and keeps the stage in
 the checkpoint to detect a curriculum that changed between a run and its resume.
-Applying a stage's `lr_scale` and `caption_dropout` is the loader's and the
-LightningModule's part: the stream drops captions; the module (with the training
-loop) scales its learning rate by `datamodule.current_stage().lr_scale`.
+A stage's `caption_dropout` is applied by its stream; its `lr_scale` by the
+module's scheduler through `CurriculumDataModule.lr_scale_at` (a LambdaLR factor).
 """
 
 from __future__ import annotations
@@ -64,6 +63,16 @@ class CurriculumDataModule(pl.LightningDataModule):
         """The stage active at the trainer's global step."""
         step = self.trainer.global_step if self.trainer is not None else 0
         return self.curriculum.stages[self.stage_at(step)[0]]
+
+    def lr_scale_at(self, step: int) -> float:
+        """The learning-rate multiplier of the stage active at `step`.
+
+        Made for `torch.optim.lr_scheduler.LambdaLR` (stepped every optimizer step),
+        alone or multiplied into a warm-up/decay lambda, so the scale composes with
+        the schedule instead of fighting it:
+            LambdaLR(optimizer, lambda step: warmup(step) * datamodule.lr_scale_at(step))
+        """
+        return self.curriculum.stages[self.stage_at(step)[0]].lr_scale
 
     def stage_at(self, step: int) -> tuple[int, int, int]:
         """(stage index, first step, end step) of the stage active at `step`."""

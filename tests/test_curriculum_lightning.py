@@ -127,3 +127,36 @@ def test_two_ddp_ranks_switch_together_and_read_disjoint_samples(sources, tmp_pa
     # Each source has 2 shards, one per rank: the ranks' T2I samples never meet.
     t2i = {r: {k for k in keys[r] if not k.startswith("edit_")} for r in (0, 1)}
     assert not t2i[0] & t2i[1]
+
+
+class ScaledLR(Tiny):
+    """Uses the curriculum's lr_scale through LambdaLR, as a training module should."""
+
+    def __init__(self, dm):
+        super().__init__()
+        self.dm = dm
+        self.lrs: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.lrs.append(self.optimizers().param_groups[0]["lr"])
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.dm.lr_scale_at(step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_stage_lr_scale_reaches_the_optimizer(sources, tmp_path):
+    cur = curriculum()
+    cur.stages[1].lr_scale = 0.5
+    cur.stages[2].lr_scale = 0.25
+    dm = CurriculumDataModule(curriculum=cur, sources=sources, batch_size=2, total_steps=10, shuffle_buffer=8)
+    model = ScaledLR(dm)
+    trainer = pl.Trainer(
+        max_steps=10, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1, max_epochs=-1,
+        default_root_dir=str(tmp_path), callbacks=[CurriculumCallback(dm)],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert model.lrs == pytest.approx([0.1] * 3 + [0.05] * 4 + [0.025] * 3)
