@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,8 @@ def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> np.ndarray:
 
 
 class StageStream(torch.utils.data.IterableDataset):
-    """An endless stream of `Batch`es for one stage, for one rank (workers split below).
+    """A stream of `Batch`es for one stage and one rank (its workers split it below):
+    endless, or `num_batches` long (a curriculum stage's remaining batches).
 
     Use with `DataLoader(stream, batch_size=None, num_workers=N)`: batching happens
     here, per bucket. `rank` and `world_size` are arguments, never read from globals.
@@ -275,7 +277,7 @@ class StageStream(torch.utils.data.IterableDataset):
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True),
             wds.tarfile_to_samples(handler=skips),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=_py_random(seed)),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
             wds.select(admit),
         )
         return iter(pipeline)
@@ -360,9 +362,3 @@ class StageStream(torch.utils.data.IterableDataset):
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
             worker=self._worker()[0],
         )
-
-
-def _py_random(seed: int):
-    import random
-
-    return random.Random(seed)
