@@ -38,9 +38,10 @@ LANGUAGE_REGION_TAGS = {
     "ko": ("KR",),
 }
 
-# Font sizes in pixels that renderers snap to: steps of ~8%, fine enough for variety,
-# few enough that font objects and measurements are reused.
-SIZE_LADDER = (12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 33, 36, 39, 42, 46, 50, 54, 58, 63, 68, 74, 80, 87, 94, 102, 110, 120, 130, 140, 152, 164, 178, 192)
+# Font sizes in pixels that renderers snap to: steps of ~12%, fine enough for variety,
+# few enough that font objects and measurements are reused (each (face, size) is a
+# FreeType face of its own; see FontRegistry.font).
+SIZE_LADDER = (12, 14, 16, 18, 20, 23, 26, 29, 33, 37, 42, 47, 53, 60, 67, 75, 84, 94, 105, 118, 132, 148, 166, 186)
 
 
 def snap_size(size: float) -> int:
