@@ -1,0 +1,140 @@
+"""Rectified-flow objective: pure functions with injectable noise and generators.
+
+Convention (diffusers, and so the released Qwen-Image scheduler): σ = 1 is pure
+noise, x_σ = (1 − σ)·x0 + σ·ε, and the model predicts the velocity ε − x0 (Liu et
+al., "Flow Straight and Fast", 2022; Esser et al., "Scaling Rectified Flow
+Transformers", 2024, for the timestep densities and loss weightings). The transformer
+takes σ itself as its `timestep` argument (the pipeline divides by 1000).
+
+Timestep sampling draws u in (0, 1) from a density (logit-normal, uniform, or the
+"mode" density of SD3), then shifts it towards noise: by a fixed shift s,
+σ = s·u / (1 + (s − 1)·u), or resolution-dependently as the released scheduler does:
+μ linear in the image-token count between (256 tokens, 0.5) and (8192, 0.9), and
+σ = e^μ / (e^μ + 1/u − 1). The scheduler's `shift_terminal` (0.02) only stretches
+the inference schedule and is not part of training.
+
+Losses come back per sample (mean over the sample's valid target tokens), so tasks,
+stages and σ buckets can be logged and weighted separately.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The released scheduler's dynamic-shift line (FlowMatchEulerDiscreteScheduler config).
+BASE_IMAGE_SEQ_LEN = 256
+MAX_IMAGE_SEQ_LEN = 8192
+BASE_SHIFT = 0.5
+MAX_SHIFT = 0.9
+
+DENSITIES = ("logit_normal", "uniform", "mode")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def image_seq_len(height: int, width: int, vae_scale: int = 8, patch: int = 2) -> int:
+    """Image tokens of an H x W image: (H/16)·(W/16) for the 8x VAE and 2x2 patches."""
+    return (height // (vae_scale * patch)) * (width // (vae_scale * patch))
+
+
+def compute_mu(
+    seq_len: int | torch.Tensor,
+    *,
+    base_seq_len: int = BASE_IMAGE_SEQ_LEN,
+    max_seq_len: int = MAX_IMAGE_SEQ_LEN,
+    base_shift: float = BASE_SHIFT,
+    max_shift: float = MAX_SHIFT,
+):
+    """μ of the dynamic shift: linear in the token count (diffusers `calculate_shift`)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def time_shift_exponential(mu: float | torch.Tensor, u: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """σ = e^μ / (e^μ + (1/u − 1)^sigma), the scheduler's exponential time shift."""
+    mu = torch.as_tensor(mu, dtype=u.dtype, device=u.device)
+    return torch.exp(mu) / (torch.exp(mu) + (1 / u - 1) ** sigma)
+
+
+def sample_density(
+    batch_size: int,
+    *,
+    density: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """u in (0, 1) per sample, from the density (diffusers `compute_density_for_timestep_sampling`)."""
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.normal(logit_mean, logit_std, size=(batch_size,), generator=generator, device=device))
+    elif density == "uniform":
+        u = torch.rand(batch_size, generator=generator, device=device)
+    elif density == "mode":
+        u = torch.rand(batch_size, generator=generator, device=device)
+        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        raise ValueError(f"objective.density = {density!r}; use one of {DENSITIES}")
+    # Keep away from exactly 0 and 1: σ = 0 gives a trivial target, σ = 1 no signal.
+    return u.clamp(1e-5, 1 - 1e-5)
+
+
+def shift_sigmas(u: torch.Tensor, *, shift: float | None = None, mu: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Shift u towards noise: a fixed `shift`, or the dynamic shift of `mu` (per sample)."""
+    if (shift is None) == (mu is None):
+        raise ValueError("give exactly one of shift (fixed) and mu (resolution-dependent)")
+    if shift is not None:
+        if shift <= 0:
+            raise ValueError(f"objective.shift = {shift} must be > 0")
+        return shift * u / (1 + (shift - 1) * u)
+    return time_shift_exponential(mu, u)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas_b: torch.Tensor) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε, σ broadcast from [B] over the other dimensions."""
+    sigmas = sigmas_b.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - sigmas) * x0 + sigmas * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target ε − x0."""
+    return noise - x0
+
+
+def loss_weighting(sigmas_b: torch.Tensor, scheme: str = "none") -> torch.Tensor:
+    """Per-sample loss weights (diffusers `compute_loss_weighting_for_sd3`)."""
+    if scheme == "none":
+        return torch.ones_like(sigmas_b)
+    if scheme == "sigma_sqrt":
+        return sigmas_b.float() ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas_b + 2 * sigmas_b**2))
+    raise ValueError(f"objective.weighting = {scheme!r}; use one of {WEIGHTINGS}")
+
+
+def per_sample_loss(
+    pred_bld: torch.Tensor, target_bld: torch.Tensor, token_mask_bl: torch.Tensor | None = None, weights_b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample over its valid target tokens: [B].
+
+    `token_mask_bl` marks the target tokens of each sample (False for padding and for
+    appended source-image tokens), so samples of different sizes and tasks in one
+    batch give the loss each would give alone.
+    """
+    err = (pred_bld.float() - target_bld.float()) ** 2  # [B, L, D]
+    if token_mask_bl is None:
+        loss = err.mean(dim=(1, 2))
+    else:
+        mask = token_mask_bl.to(err.dtype).unsqueeze(-1)  # [B, L, 1]
+        count = mask.sum(dim=(1, 2)).clamp_min(1) * err.shape[-1]
+        loss = (err * mask).sum(dim=(1, 2)) / count
+    return loss if weights_b is None else loss * weights_b
+
+
+def caption_dropout_mask(batch_size: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """True where the prompt is replaced by the empty prompt (classifier-free guidance)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"caption dropout {p} must lie in [0, 1)")
+    return torch.rand(batch_size, generator=generator) < p
