@@ -56,7 +56,14 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.sources: dict[str, SourceShards] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        self.sources = {name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items()}
+        # Only the sources some stage draws from must exist: a configured folder that
+        # no stage uses (natural, at weight 0 by default) may be absent.
+        needed = {n for s in self.curriculum.stages for n, w in s.source_weights.items() if w > 0}
+        if any(s.task_mix.get(t, 0) > 0 for s in self.curriculum.stages for t in ("ti2i", "i2i")):
+            needed.add("edit")
+        self.sources = {
+            name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items() if name in needed
+        }
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
 
     def current_stage(self):
