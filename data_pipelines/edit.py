@@ -29,7 +29,7 @@ from typing import Any, Callable
 from data_pipelines.color import RGB, contrast_ratio
 from data_pipelines.fonts import snap_size
 from data_pipelines.synthetic import background as bgmod
-from data_pipelines.synthetic.captions import color_name
+from data_pipelines.synthetic.captions import color_name, quote
 from data_pipelines.synthetic.render import Block, Scene, SyntheticRenderer
 from data_pipelines.schema import Direction
 
@@ -55,10 +55,6 @@ class Edit:
     instruction: str
     region: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels: all changes lie inside
     details: dict[str, Any] = field(default_factory=dict)  # old/new text, colours, direction...
-
-
-def _q(text: str, zh: bool = False) -> str:
-    return f"“{text}”"
 
 
 def _copy_scene(scene: Scene) -> Scene:
@@ -165,8 +161,8 @@ class EditMaker:
                 continue
             role_en, role_zh = _ROLE_NAMES.get(old.role, ("text", "文字"))
             instruction = (
-                f"把{role_zh}{_q(old.text, zh)}改为{_q(new.text, zh)}" if zh
-                else f"Change the {role_en} {_q(old.text, zh)} to {_q(new.text, zh)}"
+                f"把{role_zh}{quote(old.text)}改为{quote(new.text)}" if zh
+                else f"Change the {role_en} {quote(old.text)} to {quote(new.text)}"
             )
             region = _union(self.region(old), self.region(new))
             return Edit("replace_text", target, instruction, self._clip(scene, region), {"old": old.text, "new": new.text})
@@ -199,7 +195,7 @@ class EditMaker:
             target.blocks[i].colour = colour
             name = color_name(colour, zh)
             instruction = (
-                f"把{_q(block.text, zh)}的颜色改为{name}" if zh else f"Change the color of {_q(block.text, zh)} to {name}"
+                f"把{quote(block.text)}的颜色改为{name}" if zh else f"Change the color of {quote(block.text)} to {name}"
             )
             return Edit("recolor", target, instruction, self._clip(scene, self.region(block)),
                         {"text": block.text, "old": list(old), "new": list(colour)})
@@ -222,7 +218,7 @@ class EditMaker:
         target = _copy_scene(scene)
         target.blocks[i] = new
         word_zh, word_en = ("调大", "larger") if size > block.size else ("调小", "smaller")
-        instruction = f"把{_q(block.text, zh)}的字号{word_zh}" if zh else f"Make {_q(block.text, zh)} {word_en}"
+        instruction = f"把{quote(block.text)}的字号{word_zh}" if zh else f"Make {quote(block.text)} {word_en}"
         region = _union(self.region(block), self.region(new))
         return Edit("resize", target, instruction, self._clip(scene, region), {"text": block.text, "old": block.size, "new": size})
 
@@ -249,9 +245,9 @@ class EditMaker:
         target = _copy_scene(scene)
         target.blocks[i] = new
         if zh:
-            instruction = f"把{_q(block.text, zh)}改为{'粗体' if want_bold else '常规字重'}"
+            instruction = f"把{quote(block.text)}改为{'粗体' if want_bold else '常规字重'}"
         else:
-            instruction = f"Make {_q(block.text, zh)} {'bold' if want_bold else 'regular weight'}"
+            instruction = f"Make {quote(block.text)} {'bold' if want_bold else 'regular weight'}"
         region = _union(self.region(block), self.region(new))
         return Edit("reweight", target, instruction, self._clip(scene, region), {"text": block.text, "bold": want_bold})
 
@@ -276,7 +272,7 @@ class EditMaker:
             target = _copy_scene(scene)
             target.blocks[i] = new
             instruction = (
-                f"把{_q(block.text, zh)}向{_DIRECTIONS[direction]}移动" if zh else f"Move {_q(block.text, zh)} {direction}"
+                f"把{quote(block.text)}向{_DIRECTIONS[direction]}移动" if zh else f"Move {quote(block.text)} {direction}"
             )
             region = _union(self.region(block), self.region(new))
             return Edit("move", target, instruction, self._clip(scene, region), {"text": block.text, "direction": direction})
@@ -301,7 +297,7 @@ class EditMaker:
             target = _copy_scene(scene)
             target.blocks.append(block)
             r.choose_colours(rng, target, [block])
-            instruction = f"添加文字{_q(text, zh)}" if zh else f"Add the text {_q(text, zh)}"
+            instruction = f"添加文字{quote(text)}" if zh else f"Add the text {quote(text)}"
             return Edit("add_line", target, instruction, self._clip(scene, self.region(block)), {"new": text})
         return None
 
@@ -312,7 +308,7 @@ class EditMaker:
         block = scene.blocks[i]
         target = _copy_scene(scene)
         del target.blocks[i]
-        instruction = f"删除文字{_q(block.text, zh)}" if zh else f"Remove the text {_q(block.text, zh)}"
+        instruction = f"删除文字{quote(block.text)}" if zh else f"Remove the text {quote(block.text)}"
         return Edit("remove_line", target, instruction, self._clip(scene, self.region(block)), {"old": block.text})
 
     def background(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
@@ -336,7 +332,6 @@ class EditMaker:
 
     def reconstruct(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
         en, zh_text = self.reconstruction_instruction
-        w, h = scene.size
         return Edit("reconstruct", _copy_scene(scene), zh_text if zh else en, (0.0, 0.0, 0.0, 0.0), {})
 
 

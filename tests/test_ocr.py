@@ -1,10 +1,7 @@
-import random
-
 import pytest
 from PIL import Image
 
 from data_pipelines.ocr import OcrEngine, char_accuracy, line_strip, ned, normalize, verify_sample
-from data_pipelines.schema import LineMeta
 from data_pipelines.synthetic import job as synth
 from data_pipelines.synthetic.render import RenderConfig, SyntheticRenderer
 

@@ -51,7 +51,8 @@ class CaptionBlock:
     color: RGB
 
 
-def _q(text: str) -> str:
+def quote(text: str) -> str:
+    """Text as captions and instructions quote it: exactly, inside “ ”."""
     return f"“{text}”"
 
 
@@ -93,14 +94,14 @@ def caption(
         else:
             parts.append(f"一张{bg}背景的图片，上面用{colour}文字写着")
         if titles:
-            parts.append("标题为" + "、".join(_q(b.text) for b in titles))
+            parts.append("标题为" + "、".join(quote(b.text) for b in titles))
         if subtitles:
-            parts.append("副标题为" + "、".join(_q(b.text) for b in subtitles))
+            parts.append("副标题为" + "、".join(quote(b.text) for b in subtitles))
         if items:
-            parts.append("列表内容依次为" + "、".join(_q(b.text) for b in items))
+            parts.append("列表内容依次为" + "、".join(quote(b.text) for b in items))
         if bodies:
             label = "正文为" if (titles or subtitles or items) else "内容为"
-            parts.append(label + "、".join(_q(b.text) for b in bodies))
+            parts.append(label + "、".join(quote(b.text) for b in bodies))
         if len(parts) == 2 and parts[0].endswith("写着"):
             return parts[0] + parts[1][3:] + "。"
         return "，".join(parts) + "。"
@@ -118,15 +119,15 @@ def caption(
     else:
         lead = f"A {bg} background with {colour} text that reads"
     if lead.endswith("reads") and len(blocks) == 1:
-        return f"{lead} {_q(blocks[0].text)}."
+        return f"{lead} {quote(blocks[0].text)}."
     if titles:
-        parts.append("the title reads " + ", ".join(_q(b.text) for b in titles))
+        parts.append("the title reads " + ", ".join(quote(b.text) for b in titles))
     if subtitles:
-        parts.append("the subtitle reads " + ", ".join(_q(b.text) for b in subtitles))
+        parts.append("the subtitle reads " + ", ".join(quote(b.text) for b in subtitles))
     if items:
-        parts.append("a list reads " + ", ".join(_q(b.text) for b in items))
+        parts.append("a list reads " + ", ".join(quote(b.text) for b in items))
     if bodies:
-        parts.append(("the body text reads " if (titles or subtitles or items) else "the text reads ") + ", ".join(_q(b.text) for b in bodies))
+        parts.append(("the body text reads " if (titles or subtitles or items) else "the text reads ") + ", ".join(quote(b.text) for b in bodies))
     if lead.endswith("reads"):
         lead = f"A {bg} background with {colour} text"
     return lead + "; " + "; ".join(parts) + "."

@@ -38,8 +38,8 @@ from data_pipelines.schema import (
 )
 from data_pipelines.synthetic import background as bgmod
 from data_pipelines.synthetic.captions import CaptionBlock, caption
-from data_pipelines.synthetic.linebreak import NO_LINE_START, break_lines, units
-from data_pipelines.synthetic.text import CJK_LANGUAGES, MIXED, VERTICAL_LANGUAGES, TextSampler
+from data_pipelines.synthetic.linebreak import break_lines, units
+from data_pipelines.synthetic.text import CJK_LANGUAGES, VERTICAL_LANGUAGES, TextSampler
 
 _STAT_REDUCE = 4  # background statistics are read from a 4x-subsampled copy
 _WIDTH_CACHE_LIMIT = 20_000  # measured units kept per (face, size) before the cache restarts
@@ -717,5 +717,3 @@ def _shape_extent(shape: str, region, y0: float, y1: float) -> tuple[float, floa
     half = a * t**0.5
     return cx - half, cx + half
 
-
-__all__ = ["FORMATS", "RenderConfig", "RenderedSample", "SyntheticRenderer", "MIXED", "NO_LINE_START"]
