@@ -20,6 +20,7 @@ stages and σ buckets can be logged and weighted separately.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -138,3 +139,72 @@ def caption_dropout_mask(batch_size: int, p: float, generator: torch.Generator |
     if not 0 <= p < 1:
         raise ValueError(f"caption dropout {p} must lie in [0, 1)")
     return torch.rand(batch_size, generator=generator) < p
+
+
+def flow_matching_loss(
+    denoise,
+    x0_bnc: torch.Tensor,
+    noise_bnc: torch.Tensor,
+    sigmas_b: torch.Tensor,
+    token_mask_bn: torch.Tensor | None = None,
+    weights_b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample rectified-flow loss [B] of `denoise(x_σ, σ) -> velocity` (any callable).
+
+    The noise is an argument, so a test (or a reference loss curve) fixes it.
+    """
+    x_t = add_noise(x0_bnc, noise_bnc, sigmas_b)
+    pred = denoise(x_t, sigmas_b)
+    return per_sample_loss(pred, velocity_target(x0_bnc, noise_bnc), token_mask_bn, weights_b)
+
+
+@dataclass
+class FlowMatching:
+    """Timestep sampling and loss weighting (configs/objective/flow_matching.yaml)."""
+
+    density: str = "logit_normal"
+    """u ~ logit_normal(logit_mean, logit_std), uniform, or SD3's `mode` density."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | str = "dynamic"
+    """"dynamic": μ from each sample's image-token count (the released scheduler); a number: fixed shift."""
+    weighting: str = "none"
+    """Per-sample loss weight: none, sigma_sqrt or cosmap (SD3)."""
+    sigma_buckets: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """Edges of the σ buckets that `train/loss/sigma_<lo>-<hi>` is logged over."""
+
+    def __post_init__(self) -> None:
+        if self.density not in DENSITIES:
+            raise ValueError(f"objective.density = {self.density!r}; use one of {DENSITIES}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"objective.weighting = {self.weighting!r}; use one of {WEIGHTINGS}")
+        if isinstance(self.shift, str) and self.shift != "dynamic":
+            raise ValueError(f"objective.shift = {self.shift!r}; use \"dynamic\" or a positive number")
+        if not isinstance(self.shift, str) and self.shift <= 0:
+            raise ValueError(f"objective.shift = {self.shift} must be > 0")
+        if self.logit_std <= 0:
+            raise ValueError(f"objective.logit_std = {self.logit_std} must be > 0")
+        edges = tuple(float(e) for e in self.sigma_buckets)
+        if list(edges) != sorted(edges) or any(not 0 < e < 1 for e in edges):
+            raise ValueError(f"objective.sigma_buckets = {list(self.sigma_buckets)} must increase inside (0, 1)")
+        self.sigma_buckets = edges
+
+    def sample_sigmas(self, image_tokens_b: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """σ per sample: density, then the fixed or resolution-dependent shift."""
+        u = sample_density(len(image_tokens_b), density=self.density, logit_mean=self.logit_mean,
+                           logit_std=self.logit_std, mode_scale=self.mode_scale, generator=generator,
+                           device=image_tokens_b.device)
+        if self.shift == "dynamic":
+            return shift_sigmas(u, mu=compute_mu(image_tokens_b.to(u.dtype)))
+        return shift_sigmas(u, shift=float(self.shift))
+
+    def weights(self, sigmas_b: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weighting == "none" else loss_weighting(sigmas_b, self.weighting)
+
+    def bucket_names(self) -> list[str]:
+        edges = (0.0, *self.sigma_buckets, 1.0)
+        return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]
+
+    def bucket_index(self, sigmas_b: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(sigmas_b.float(), torch.tensor(self.sigma_buckets, device=sigmas_b.device))

@@ -60,3 +60,15 @@ def renderer():
 def samples(renderer):
     """A fixed set of renders covering every format (seeded)."""
     return [renderer.render(seed, f"s_{seed:04d}") for seed in range(120)]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen-Image-Edit folder (qwenimg_train.tiny), built once per
+    session. QwenImagePipeline.from_pretrained loads it too (it ignores the processor);
+    QwenImageEditPipeline needs `processor=qwenimg_train.tiny.load_processor(folder)`
+    where torchvision is missing."""
+    from qwenimg_train.tiny import build_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny") / "qwen-image-edit"
+    return build_tiny_checkpoint(folder, pipeline_class="QwenImageEditPipeline")
