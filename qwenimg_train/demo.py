@@ -60,6 +60,8 @@ def sample_grid(export_dir: Path, out_png: Path, *, edit_dir: Path | None, size:
     import torch
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
+    from qwenimg_train.encoding import load_processor
+
     t2i = QwenImagePipeline.from_pretrained(export_dir)
     generator = torch.Generator().manual_seed(seed)
     images = t2i(prompt=T2I_PROMPTS, negative_prompt=[" "] * len(T2I_PROMPTS), true_cfg_scale=2.0, height=size,
@@ -67,7 +69,9 @@ def sample_grid(export_dir: Path, out_png: Path, *, edit_dir: Path | None, size:
     rows = [images]
     sources = _edit_sources(edit_dir, len(EDIT_PROMPTS)) if edit_dir is not None else []
     if sources:
-        edit = QwenImageEditPipeline.from_pretrained(export_dir)
+        # The processor is passed in: transformers 5 cannot build Qwen2VLProcessor
+        # without torchvision (encoding.load_processor falls back to an image-only one).
+        edit = QwenImageEditPipeline.from_pretrained(export_dir, processor=load_processor(export_dir))
         edited = [edit(image=src.resize((size, size)), prompt=p, height=size, width=size, num_inference_steps=steps,
                        generator=torch.Generator().manual_seed(seed)).images[0]
                   for src, p in zip(sources, EDIT_PROMPTS)]

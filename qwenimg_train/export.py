@@ -110,7 +110,9 @@ def export(job: ExportJob) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"), copy_function=_link_or_copy)
-    transformer.to(DTYPES[job.dtype]).save_pretrained(tmp / "transformer")
+    if DTYPES[job.dtype] != torch.float32:
+        transformer.to(DTYPES[job.dtype])
+    transformer.save_pretrained(tmp / "transformer")
     (tmp / "qwenimg_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt_path), "weights": job.weights, "global_step": checkpoint.get("global_step"),
         "base_path": str(base), "dtype": job.dtype,

@@ -135,7 +135,7 @@ class QwenImageModel(nn.Module):
         super().__init__()
         if edit_fusion not in EDIT_FUSIONS:
             raise ValueError(f"model.edit_fusion = {edit_fusion!r}; use one of {EDIT_FUSIONS}")
-        self.transformer = transformer
+        self.transformer = transformer.train()  # from_pretrained returns eval mode
         install_mixed_batch_attention(transformer)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()

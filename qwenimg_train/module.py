@@ -106,7 +106,7 @@ class QwenImageModule(pl.LightningModule):
         self.log(f"train/loss/stage/{batch.stage}", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
         source_tokens = int(inputs.source_mask_bm.sum()) if inputs.source_mask_bm is not None else 0
         self.last_step_stats = {
-            "stage": batch.stage, "by_task": by_task, "loss": float(loss), "samples": n,
+            "stage": batch.stage, "by_task": by_task, "loss": float(loss.detach()), "samples": n,
             "tokens": int(inputs.target_mask_bn.sum()) + source_tokens + int(inputs.text_mask_bt.sum()),
         }
 

@@ -72,3 +72,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny") / "qwen-image-edit"
     return build_tiny_checkpoint(folder, pipeline_class="QwenImageEditPipeline")
+
+
+@pytest.fixture(scope="session")
+def shard_sources(tmp_path_factory) -> dict[str, str]:
+    """Small synthetic, design and edit-pair shard folders (every text class, every task)."""
+    from data_pipelines.edit_job import EditPairsJob
+    from data_pipelines.edit_job import run as run_edit
+    from data_pipelines.sources import DesignJob, run_design
+    from data_pipelines.synthetic.job import run as run_synthetic
+
+    root = tmp_path_factory.mktemp("shards")
+    run_synthetic(SyntheticJob(out_dir=str(root / "synthetic"), num_shards=2, samples_per_shard=40, progress=False))
+    run_design(DesignJob(out_dir=str(root / "design"), num_shards=2, samples_per_shard=20, progress=False))
+    run_edit(EditPairsJob(out_dir=str(root / "edit"), num_shards=1, samples_per_shard=16, progress=False))
+    return {name: str(root / name) for name in ("synthetic", "design", "edit")}

@@ -4,11 +4,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from data_pipelines.edit_job import EditPairsJob
-from data_pipelines.edit_job import run as run_edit
-from data_pipelines.sources import DesignJob, run_design
-from data_pipelines.synthetic.job import SyntheticJob
-from data_pipelines.synthetic.job import run as run_synthetic
 from qwenimg_train.curriculum import Curriculum, Stage
 from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
 from qwenimg_train.data import to_unit_range
@@ -32,12 +27,8 @@ class Tiny(pl.LightningModule):
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cur")
-    run_synthetic(SyntheticJob(out_dir=str(root / "synthetic"), num_shards=2, samples_per_shard=40, progress=False))
-    run_design(DesignJob(out_dir=str(root / "design"), num_shards=2, samples_per_shard=20, progress=False))
-    run_edit(EditPairsJob(out_dir=str(root / "edit"), num_shards=1, samples_per_shard=16, progress=False))
-    return {name: str(root / name) for name in ("synthetic", "design", "edit")}
+def sources(shard_sources):
+    return shard_sources
 
 
 def curriculum():

@@ -1,0 +1,134 @@
+"""`qwenimg-train` on the real configs: a short run through all stages and tasks, its
+checkpoints, resume, export to a diffusers folder and the pipelines loading it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from qwenimg_train.export import ExportJob, export
+from qwenimg_train.train import config_dir, train
+
+STAGES = ("no_text", "simple_text", "complex_layout")
+
+
+def _config(out: Path, models: Path, sources: dict, *overrides: str):
+    # The fixture's 16 edit pairs hold no single-line reconstruction: stage 2 also admits complex.
+    stage_overrides = [f"curriculum.stages.{s}.resolution=32" for s in STAGES]
+    stage_overrides.append("curriculum.stages.simple_text.text_classes=[simple,complex]")
+    source_overrides = [f"data.sources.{k}={v}" for k, v in sources.items()]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=smoke", f"paths.output_dir={out}", f"paths.models_dir={models}", "trainer.max_steps=9",
+            "data.num_workers=0", "data.shuffle_buffer=8", "callbacks.checkpoint.every_n_train_steps=3",
+            "model.max_sequence_length=32", *stage_overrides, *source_overrides, *overrides,
+        ])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shard_sources):
+    root = tmp_path_factory.mktemp("run")
+    cfg = _config(root / "train", root / "models", shard_sources)
+    return root, cfg, train(cfg)
+
+
+def test_smoke_run_covers_every_stage_and_task(run):
+    root, _, summary = run
+    assert summary["global_step"] == 9
+    assert list(summary["stages"]) == list(STAGES)
+    for stage in summary["stages"].values():
+        assert stage["steps"] == 3
+        assert set(stage["loss_by_task"]) == {"t2i", "ti2i", "i2i"}
+        assert all(v == v and v > 0 for v in stage["loss_by_task"].values())  # finite, positive
+    assert summary["throughput"]["samples_per_s"] > 0
+    assert json.loads((root / "train" / "summary.json").read_text())["global_step"] == 9
+    metrics = (root / "train" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss", "train/loss/t2i", "train/loss/ti2i", "train/loss/i2i", "train/loss/stage/no_text",
+                "perf/samples_per_s", "perf/tokens_per_s", "curriculum/stage"):
+        assert key in metrics
+    assert any(k.startswith("train/loss/sigma_") for k in metrics)
+
+
+def test_checkpoints_hold_weights_ema_and_config_not_encoders(run):
+    root, _, _ = run
+    ckpts = sorted(p.name for p in (root / "train" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000003.ckpt", "step000006.ckpt", "step000009.ckpt"]
+    ckpt = torch.load(root / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith("model.transformer.") for k in ckpt["state_dict"])
+    assert set(ckpt["callbacks"]["ema"]["shadow"]) == set(ckpt["state_dict"])
+    assert ckpt["qwenimg_config"]["model"]["pretrained_path"].endswith("tiny")
+
+
+def test_resume_continues_from_last(run, shard_sources):
+    root, _, _ = run
+    cfg = _config(root / "train", root / "models", shard_sources, "trainer.max_steps=12", "ckpt_path=last")
+    summary = train(cfg)
+    assert summary["global_step"] == 12
+    assert list(summary["stages"]) == ["complex_layout"]  # steps 9..11 of 12 lie in the last stage
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_export_round_trip(run, weights):
+    from diffusers import QwenImageTransformer2DModel
+
+    root, _, _ = run
+    ckpt_path = root / "train" / "checkpoints" / "step000009.ckpt"
+    out = export(ExportJob(checkpoint=str(ckpt_path), out_dir=str(root / f"export-{weights}"), weights=weights))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    expected = ckpt["callbacks"]["ema"]["shadow"] if weights == "ema" else ckpt["state_dict"]
+    reloaded = QwenImageTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+    assert set(reloaded) == {k.removeprefix("model.transformer.") for k in expected}
+    for name, tensor in expected.items():
+        assert torch.equal(reloaded[name.removeprefix("model.transformer.")], tensor), name
+    assert json.loads((out / "qwenimg_export.json").read_text())["weights"] == weights
+
+
+def test_exported_folder_runs_in_both_pipelines(run):
+    import numpy as np
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+    from PIL import Image
+
+    from qwenimg_train.encoding import load_processor
+
+    root, _, _ = run
+    out = export(ExportJob(checkpoint=str(root / "train" / "checkpoints" / "last.ckpt"), out_dir=str(root / "export")))
+    image = QwenImagePipeline.from_pretrained(out)(prompt="a sign reading “你好”", height=32, width=32,
+                                                   num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    edit = QwenImageEditPipeline.from_pretrained(out, processor=load_processor(out))
+    source = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
+    edited = edit(image=source, prompt="make it red", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(edited).all()
+
+
+def test_export_errors_are_clear(run, tmp_path):
+    root, _, _ = run
+    with pytest.raises(ValueError, match="does not exist"):
+        export(ExportJob(checkpoint=str(tmp_path / "none.ckpt"), out_dir=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="weights"):
+        ExportJob(checkpoint="x", out_dir="y", weights="best")
+
+
+def test_config_mistakes_are_clear(tmp_path, shard_sources):
+    with pytest.raises(ValueError, match="edit_fusion"):
+        train(_config(tmp_path / "a", tmp_path / "m", shard_sources, "model.edit_fusion=sum"))
+    with pytest.raises(ValueError, match="optim.schedule"):
+        train(_config(tmp_path / "b", tmp_path / "m", shard_sources, "optim.schedule=linear"))
+    with pytest.raises(ValueError, match="not a diffusers folder"):
+        train(_config(tmp_path / "c", tmp_path / "m", shard_sources, "model.build_tiny=false",
+                      f"model.pretrained_path={tmp_path / 'missing'}"))
+    with pytest.raises(ValueError, match="ckpt_path"):
+        train(_config(tmp_path / "d", tmp_path / "m", shard_sources, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+def test_optim_schedule():
+    from qwenimg_train.module import Optim
+
+    optim = Optim(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    factors = [optim.factor(s, 14) for s in range(14)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert Optim(warmup_steps=0, schedule="constant").factor(100, 10) == 1.0
