@@ -37,7 +37,9 @@ fonts:
 	fi
 
 # The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract):
-# a small set of every source, each with its contact sheet.
+# a small set of every source with its contact sheet, then the tiny model trained
+# through all three curriculum stages and tasks (a fresh run each time), exported to a
+# diffusers folder, sampled through diffusers' pipelines, and summary.json.
 demo: setup
 	$(VENV)/bin/qwenimg-data --config-name synthetic out_dir=$(DEMO)/data/synthetic \
 		num_shards=4 samples_per_shard=32 workers=2 ocr=crops
@@ -51,7 +53,11 @@ demo: setup
 		$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/$$source \
 			out=$(DEMO)/preview/$$source.png num_samples=24 || exit 1; \
 	done
-	@echo "demo outputs under $(DEMO)/"
+	rm -rf $(DEMO)/train $(DEMO)/export
+	$(VENV)/bin/qwenimg-train experiment=smoke paths.output_dir=$(DEMO)/train
+	$(VENV)/bin/qwenimg-export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out_dir=$(DEMO)/export
+	$(PY) -m qwenimg_train.demo --root $(DEMO)
+	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -62,6 +68,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_step.py
 
 clean-demo:
 	rm -rf $(DEMO)
