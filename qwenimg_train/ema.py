@@ -66,6 +66,7 @@ class EMACallback(pl.Callback):
             raise ValueError(f"ema.decay = {decay} must lie in [0, 1)")
         self.decay, self.every, self.warmup = decay, every, warmup
         self.ema: EMA | None = None
+        self.params: list[tuple[str, torch.Tensor]] = []
         self._pending: dict[str, Any] | None = None
         self._last_step = -1
 
@@ -74,7 +75,8 @@ class EMACallback(pl.Callback):
         return "ema"
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.ema = EMA(_trainable(pl_module), decay=self.decay, warmup=self.warmup)
+        self.params = _trainable(pl_module)  # walked once: named_parameters() per step costs ~0.5 ms
+        self.ema = EMA(self.params, decay=self.decay, warmup=self.warmup)
         if self._pending is not None:
             self.ema.load_state_dict(self._pending)
             self._pending = None
@@ -86,7 +88,7 @@ class EMACallback(pl.Callback):
         if step == self._last_step or step % self.every:
             return
         self._last_step = step
-        self.ema.update(_trainable(pl_module))
+        self.ema.update(self.params)
 
     def state_dict(self) -> dict[str, Any]:
         return self.ema.state_dict() if self.ema is not None else {}

@@ -89,21 +89,22 @@ class QwenImageModule(pl.LightningModule):
         return loss
 
     def _log(self, loss, losses, sigmas, batch: Batch, inputs) -> None:
+        # Few log calls: each self.log costs ~0.4 ms of Lightning bookkeeping
+        # (benchmarks/bench_step.py). Step values only, so batch_size does not weigh them.
         n = len(batch)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        metrics = {f"train/loss/stage/{batch.stage}": loss.detach()}
         by_task: dict[str, tuple[float, int]] = {}
         for task in sorted(set(batch.task)):
             mask = torch.tensor([t == task for t in batch.task], device=losses.device)
-            value = losses[mask].mean()
+            metrics[f"train/loss/{task}"] = losses[mask].mean()
             by_task[task] = (float(losses[mask].sum()), int(mask.sum()))
-            self.log(f"train/loss/{task}", value, on_step=True, on_epoch=False, batch_size=int(mask.sum()))
         buckets = self.objective.bucket_index(sigmas)
         for k, name in enumerate(self.objective.bucket_names()):
             mask = buckets == k
             if mask.any():
-                self.log(f"train/loss/sigma_{name}", losses[mask].mean(), on_step=True, on_epoch=False,
-                         batch_size=int(mask.sum()))
-        self.log(f"train/loss/stage/{batch.stage}", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
+                metrics[f"train/loss/sigma_{name}"] = losses[mask].mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
         source_tokens = int(inputs.source_mask_bm.sum()) if inputs.source_mask_bm is not None else 0
         self.last_step_stats = {
             "stage": batch.stage, "by_task": by_task, "loss": float(loss.detach()), "samples": n,
@@ -159,8 +160,8 @@ class RunSummary(pl.Callback):
         self.samples += stats["samples"]
         self.tokens += stats["tokens"]
         self.timed += elapsed
-        pl_module.log("perf/samples_per_s", stats["samples"] / elapsed, on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("perf/tokens_per_s", stats["tokens"] / elapsed, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict({"perf/samples_per_s": stats["samples"] / elapsed, "perf/tokens_per_s": stats["tokens"] / elapsed},
+                           on_step=True, on_epoch=False, batch_size=1)
         stage = self.stages.setdefault(stats["stage"], {"steps": 0, "loss_sum": 0.0, "tasks": {}})
         stage["steps"] += 1
         stage["loss_sum"] += stats["loss"]
