@@ -149,6 +149,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
 
     model = build_model(model_cfg)
+    edit_stages = [s.name for s in curriculum.stages if s.task_mix.get("ti2i", 0) + s.task_mix.get("i2i", 0) > 0]
+    if edit_stages and model.encoders.processor is None:
+        raise ValueError(f"stages {edit_stages} train TI2I/I2I, but {model_cfg.pretrained_path!r} has no processor/ "
+                         "(a T2I checkpoint): use a Qwen-Image-Edit folder, or stages with task_mix {t2i: 1.0}")
     module = QwenImageModule(model=model, objective=objective, optim=optim, lr_scale=datamodule.lr_scale_at,
                              config=plain)
     trainer = pl.Trainer(

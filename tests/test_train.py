@@ -119,6 +119,13 @@ def test_config_mistakes_are_clear(tmp_path, shard_sources):
     with pytest.raises(ValueError, match="not a diffusers folder"):
         train(_config(tmp_path / "c", tmp_path / "m", shard_sources, "model.build_tiny=false",
                       f"model.pretrained_path={tmp_path / 'missing'}"))
+    t2i_only = tmp_path / "t2i"
+    from qwenimg_train.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(t2i_only, pipeline_class="QwenImagePipeline")
+    with pytest.raises(ValueError, match="no processor"):
+        train(_config(tmp_path / "e", tmp_path / "m", shard_sources, "model.build_tiny=false",
+                      f"model.pretrained_path={t2i_only}"))
     with pytest.raises(ValueError, match="ckpt_path"):
         train(_config(tmp_path / "d", tmp_path / "m", shard_sources, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
