@@ -23,7 +23,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.config import from_mapping, to_plain
+from data_pipelines.config import from_mapping, to_plain, user_errors_exit
 
 log = logging.getLogger("qwenimg-data")
 
@@ -99,13 +99,8 @@ def run_job(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="synthetic")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_exit(log):
         summary = run_job(cfg)
-    except ValueError as exc:  # a user's mistake: one clear line, no traceback
-        if os.environ.get("QWENIMG_DEBUG"):
-            raise
-        log.error("%s", exc)
-        raise SystemExit(2) from None
     print(json.dumps(summary, ensure_ascii=False, indent=1))
 
 

@@ -8,7 +8,10 @@ explicit arguments. Unknown keys are an error that names the key and the known o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import os
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -59,3 +62,17 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "
             value = from_mapping(sub, value, f"{where}.{name}" if where else name)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+@contextlib.contextmanager
+def user_errors_exit(log: logging.Logger):
+    """For console entry points: a ValueError (a user's mistake, by this project's
+    convention) becomes one logged line and exit status 2, not a traceback;
+    QWENIMG_DEBUG=1 keeps the traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        if os.environ.get("QWENIMG_DEBUG"):
+            raise
+        log.error("%s", exc)
+        raise SystemExit(2) from None

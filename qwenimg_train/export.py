@@ -25,7 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from data_pipelines.config import from_mapping
+from data_pipelines.config import from_mapping, user_errors_exit
 from qwenimg_train.model import DTYPES, check_checkpoint_folder
 from qwenimg_train.train import config_dir
 
@@ -128,14 +128,9 @@ def export(job: ExportJob) -> Path:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_exit(log):
         plain = {k: v for k, v in dict(cfg).items() if k != "hydra"}
         out = export(from_mapping(ExportJob, plain, "export"))
-    except ValueError as exc:
-        if os.environ.get("QWENIMG_DEBUG"):
-            raise
-        log.error("%s", exc)
-        raise SystemExit(2) from None
     print(out)
 
 

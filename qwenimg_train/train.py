@@ -23,7 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.config import from_mapping, to_plain
+from data_pipelines.config import from_mapping, to_plain, user_errors_exit
 
 log = logging.getLogger("qwenimg-train")
 
@@ -53,6 +53,22 @@ class ModelConfig:
     """dtype of the frozen VAE and Qwen2.5-VL (bfloat16 on GPU halves their memory)."""
     max_sequence_length: int = 1024
     """Prompt tokens kept after the template prefix (the released pipelines' cap is 1024)."""
+
+    def __post_init__(self) -> None:
+        # Checked here, before any weights load.
+        from qwenimg_train.encoding import MAX_SEQUENCE_LENGTH
+        from qwenimg_train.model import DTYPES, EDIT_FUSIONS
+
+        if self.edit_fusion not in EDIT_FUSIONS:
+            raise ValueError(f"model.edit_fusion = {self.edit_fusion!r}; use one of {EDIT_FUSIONS}")
+        if self.encoder_dtype not in DTYPES:
+            raise ValueError(f"model.encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(DTYPES)}")
+        if not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"model.max_sequence_length = {self.max_sequence_length} must lie in "
+                             f"[1, {MAX_SEQUENCE_LENGTH}]")
+        if self.pipeline_class not in ("QwenImagePipeline", "QwenImageEditPipeline"):
+            raise ValueError(f"model.pipeline_class = {self.pipeline_class!r}; use QwenImagePipeline or "
+                             "QwenImageEditPipeline")
 
 
 @dataclass
@@ -170,13 +186,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_exit(log):
         result = train(cfg)
-    except ValueError as exc:  # a user's mistake: one clear line, no traceback
-        if os.environ.get("QWENIMG_DEBUG"):
-            raise
-        log.error("%s", exc)
-        raise SystemExit(2) from None
     print(json.dumps(result, indent=1))
 
 
