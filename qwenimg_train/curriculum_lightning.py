@@ -5,8 +5,9 @@ Each curriculum stage is one Lightning epoch. The data module's `train_dataloade
 global step, finite: it yields exactly the batches left in that stage (times the
 gradient-accumulation factor), the same count on every rank. When it ends, Lightning
 starts the next epoch and the next stage's stream is built. A resumed run restarts
-from its global step: the stage follows from the step, and the stream's seed
-includes the step, so it continues with fresh samples.
+from its global step: the stage follows from the step, and the stage's stream skips
+the batches the run already trained on (`StageStream.skip_batches`), so it continues
+with exactly the batches an uninterrupted run would have seen.
 
 The callback logs `curriculum/stage` (index), `curriculum/step_in_stage` and
 `data/skipped/<reason>` every step, reports stage changes, and keeps the stage in
@@ -93,10 +94,11 @@ class CurriculumDataModule(pl.LightningDataModule):
         step = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        index, _, end = self.stage_at(step)
+        index, start, end = self.stage_at(step)
         stream = StageStream(
             stage=self.curriculum.stages[index], stage_index=index, sources=self.sources,
-            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world, resume_step=step,
+            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
+            skip_batches=(step - start) * self.accumulate,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             num_batches=max(1, end - step) * self.accumulate,
         )

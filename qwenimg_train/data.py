@@ -21,9 +21,13 @@ proportions, which RandomMix only meets on average):
              bucket, so every tensor in it has one shape
     collate  into a typed `Batch`
 
-Seeds derive from (seed, stage, rank, worker, resume step): two ranks or workers never
-read the same stream, and a resumed run draws fresh samples instead of replaying the
-start of its stage. Bad samples (undecodable image, missing member, bad JSON) are
+Seeds derive from (seed, stage, rank, worker): two ranks or workers never read the
+same stream, and a stage's stream is the same on every run. A run resumed mid-stage
+continues exactly where it stopped: the stream is rebuilt and its first
+`skip_batches` batches are drawn again without decoding a single image (only tar
+reads, JSON and the sampling draws), then dropped. The batches after the resume
+point are the ones the uninterrupted run would have seen (unless an undecodable
+sample lies in the skipped span: skipping does not decode, so it cannot notice it). Bad samples (undecodable image, missing member, bad JSON) are
 skipped and counted by reason; past `max_skip_fraction` of the samples seen the
 stream stops with an error naming the shard and key.
 """
@@ -199,7 +203,7 @@ class StageStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        resume_step: int = 0,
+        skip_batches: int = 0,
         shuffle_buffer: int = 256,
         max_skip_fraction: float = 0.01,
         reduced_decode: bool = True,
@@ -222,19 +226,26 @@ class StageStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.resume_step = resume_step
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches = {skip_batches} must be >= 0")
+        self.skip_batches = skip_batches  # over all workers of this rank, as num_batches
         self.shuffle_buffer = shuffle_buffer
         self.max_skip_fraction = max_skip_fraction
         self.reduced_decode = reduced_decode
         self.num_batches = num_batches  # over all workers of this rank; None: endless
 
     def _worker(self) -> tuple[int, int]:
+        """(role, workers): this loader worker's place in the stage's stream. The
+        DataLoader takes batches from workers 0, 1, ... in turn, so batch i of a rank is
+        made by role i % workers; a stream that skips k batches starts with role
+        k % workers, so worker w plays role (w + k) % workers."""
         info = torch.utils.data.get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (worker + self.skip_batches) % workers, workers
 
     def stream_seed(self) -> int:
         worker, _ = self._worker()
-        return derive_seed(self.seed, self.stage_index, self.rank, worker, self.resume_step)
+        return derive_seed(self.seed, self.stage_index, self.rank, worker)
 
     def _my_urls(self, name: str) -> list[str]:
         """This (rank, worker)'s shards of a source: a disjoint slice when there are at
@@ -302,38 +313,49 @@ class StageStream(torch.utils.data.IterableDataset):
         pending: dict[tuple[int, int], list[dict]] = {}
         # A finite stream (one curriculum stage) splits its batches over the workers;
         # every rank yields the same count, so no rank waits at the stage's end.
-        remaining = None
-        if self.num_batches is not None:
-            worker, workers = self._worker()
-            remaining = self.num_batches // workers + (worker < self.num_batches % workers)
+        # Batch i of this rank is made by role i % workers (see _worker).
+        role, workers = self._worker()
+
+        def mine(count: int) -> int:  # of batches 0 .. count-1, those of this role
+            return count // workers + (role < count % workers)
+
+        skip = mine(self.skip_batches)
+        remaining = None if self.num_batches is None else mine(self.skip_batches + self.num_batches) - skip
         while remaining is None or remaining > 0:
             task = next(tasks)
             name = next(t2i_sources) if task == "t2i" else task
             sample = next(streams[name])
-            item = self._item(sample, task, name, sizes, rng, skips)
+            item = self._item(sample, task, name, sizes, rng, skips, decode=skip == 0)
             if item is None:
                 continue
             skips.seen += 1
             bucket = pending.setdefault(item["size"], [])
             bucket.append(item)
             if len(bucket) == self.batch_size:
-                yield self._collate(bucket, skips)
                 pending[item["size"]] = []
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield self._collate(bucket, skips)
                 if remaining is not None:
                     remaining -= 1
 
-    def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter) -> dict | None:
+    def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter,
+              decode: bool = True) -> dict | None:
+        """One sample, decoded to its bucket; `decode=False` (skipping to a resume
+        point) makes the same draws and the same bucket choice without decoding."""
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         meta = sample["meta"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        load = (lambda data, size: _decode(data, size, self.reduced_decode)) if decode else (lambda data, size: None)
         try:
             if ext is None:
                 raise KeyError("no image member")
             size = _nearest_bucket(int(meta["width"]), int(meta["height"]), sizes)
-            target = _decode(sample[ext], size, self.reduced_decode)
+            target = load(sample[ext], size)
             source = None
             if task != "t2i":
-                source = _decode(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size, self.reduced_decode)
+                source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
                 prompt = sample[INSTRUCTION_EXTENSION].decode("utf-8")
             else:
                 prompt = sample["txt"].decode("utf-8")

@@ -23,16 +23,18 @@ sharding strategy.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from qwenimg_train.data import to_unit_range
 from qwenimg_train.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
+from qwenimg_train.lora import LoraSettings, apply_lora
 from qwenimg_train.transformer import EditFusionGate, forward_mixed, install_mixed_batch_attention
 
 log = logging.getLogger(__name__)
@@ -128,15 +130,21 @@ def load_transformer(path: str | Path, *, zero_cond_t: bool | None = None):
 
 
 class QwenImageModel(nn.Module):
-    """The trainable part (transformer, optional fusion gate) plus the frozen encoders."""
+    """The trainable part (transformer, optional fusion gate) plus the frozen encoders.
+
+    With `lora`, the transformer gets a peft adapter and its own weights are frozen
+    (`qwenimg_train.lora`): only the adapter (and a fusion gate) train.
+    """
 
     def __init__(self, transformer: nn.Module, encoders: FrozenEncoders | None, *, edit_fusion: str = "none",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, lora: LoraSettings | None = None):
         super().__init__()
         if edit_fusion not in EDIT_FUSIONS:
             raise ValueError(f"model.edit_fusion = {edit_fusion!r}; use one of {EDIT_FUSIONS}")
         self.transformer = transformer.train()  # from_pretrained returns eval mode
         install_mixed_batch_attention(transformer)
+        if lora is not None:
+            apply_lora(transformer, lora)  # wraps Linear layers; the attention processors stay
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.fusion = EditFusionGate(transformer.inner_dim) if edit_fusion == "gated" else None
@@ -145,10 +153,10 @@ class QwenImageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, zero_cond_t: bool | None = None, edit_fusion: str = "none",
                         gradient_checkpointing: bool = False, encoder_dtype: str = "float32",
-                        max_sequence_length: int = 1024) -> "QwenImageModel":
+                        max_sequence_length: int = 1024, lora: LoraSettings | None = None) -> "QwenImageModel":
         encoders = load_encoders(path, dtype=encoder_dtype, max_sequence_length=max_sequence_length)
         return cls(load_transformer(path, zero_cond_t=zero_cond_t), encoders, edit_fusion=edit_fusion,
-                   gradient_checkpointing=gradient_checkpointing)
+                   gradient_checkpointing=gradient_checkpointing, lora=lora)
 
     def _apply(self, fn, recurse=True):
         # .to(device) reaches the frozen encoders too (they are no submodules).
@@ -216,3 +224,38 @@ class QwenImageModel(nn.Module):
             image_mask_bl=image_mask, fusion=self.fusion, source_mask_bl=source_mask,
         )
         return out[:, :n]
+
+
+class _SafetensorsWeights(Mapping):
+    """name -> tensor of a diffusers weights folder, read on access (one file or the
+    shards of an index), so a sharded load holds one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            single = folder / "diffusion_pytorch_model.safetensors"
+            if not single.is_file():
+                raise ValueError(f"{str(folder)!r} holds no diffusion_pytorch_model.safetensors[.index.json]")
+            with safe_open(single, framework="pt") as f:
+                weight_map = {k: single.name for k in f.keys()}
+        self.folder = folder
+        self.weight_map = weight_map
+        self._open = safe_open
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with self._open(self.folder / self.weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+
+def read_transformer_weights(folder: str | Path) -> Mapping:
+    return _SafetensorsWeights(Path(folder))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 
+from data_pipelines.shards import derive_seed
 from qwenimg_train.data import Batch
 from qwenimg_train.model import QwenImageModel
 from qwenimg_train.objective import FlowMatching, flow_matching_loss
@@ -67,21 +68,45 @@ class Optim:
 
 
 class QwenImageModule(pl.LightningModule):
-    def __init__(self, *, model: QwenImageModel, objective: FlowMatching, optim: Optim,
-                 lr_scale: Callable[[int], float] | None = None, config: dict[str, Any] | None = None):
+    """`model` is a built model, or a factory `rank -> model` that `configure_model`
+    calls, so that under ZeRO-3 the transformer is partitioned as it is constructed.
+
+    Noise and σ of a step come from a generator seeded by (seed, global step, micro-batch
+    in the accumulation window, rank): a resumed run draws what the uninterrupted run
+    drew, with no RNG state to save.
+    """
+
+    def __init__(self, *, model: QwenImageModel | Callable[[int], QwenImageModel], objective: FlowMatching,
+                 optim: Optim, lr_scale: Callable[[int], float] | None = None, config: dict[str, Any] | None = None,
+                 seed: int = 0):
         super().__init__()
-        self.model = model
+        if isinstance(model, QwenImageModel):
+            self.model, self._factory = model, None
+        else:
+            self.model, self._factory = None, model
+        self.seed = seed
         self.objective = objective
         self.optim = optim
         self.lr_scale = lr_scale or (lambda step: 1.0)
         self.config = config or {}
         self.last_step_stats: dict[str, Any] = {}  # for RunSummary: this step's losses and token counts
 
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._factory(self.global_rank)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        micro = batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
+        seed = derive_seed(self.seed, "noise", self.global_step, micro, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs = self.model.encode(target_bchw=batch.target_bchw, prompts=batch.prompt,
                                    source_bchw=batch.source_bchw, has_source=batch.has_source)
-        sigmas = self.objective.sample_sigmas(inputs.target_tokens_b)
-        noise = torch.randn_like(inputs.target_bnc)
+        generator = self.step_generator(batch_idx)
+        sigmas = self.objective.sample_sigmas(inputs.target_tokens_b, generator=generator)
+        noise = torch.randn(inputs.target_bnc.shape, generator=generator, device=inputs.target_bnc.device,
+                            dtype=inputs.target_bnc.dtype)
         losses = flow_matching_loss(lambda x, s: self.model.denoise(x, s, inputs), inputs.target_bnc, noise, sigmas,
                                     inputs.target_mask_bn, self.objective.weights(sigmas))
         loss = losses.mean()
@@ -127,6 +152,27 @@ class QwenImageModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The resolved run config travels with the weights (export and resume read it).
         checkpoint["qwenimg_config"] = self.config
+        # Frozen parameters (a LoRA run's base transformer) are the base folder's weights:
+        # not saved (Qwen-Image's 20B in fp32 is 80 GB; a rank-16 adapter ~0.4 GB), put back
+        # from the loaded model on resume. Under DeepSpeed the strategy writes the weights
+        # itself (its exclude_frozen_parameters does the same); there is no state_dict here.
+        state = checkpoint.get("state_dict")
+        if state:
+            for name in self._frozen_parameter_names():
+                state.pop(name, None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning loads checkpoint["state_dict"] (strictly): fill in the
+        # frozen weights on_save_checkpoint left out, as the model loaded them.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            own = self.state_dict()
+            for name in self._frozen_parameter_names():
+                state.setdefault(name, own[name])
+
+    def _frozen_parameter_names(self) -> list[str]:
+        return [k for k, v in self.state_dict(keep_vars=True).items()
+                if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
 
 
 class RunSummary(pl.Callback):

@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.config import from_mapping, to_plain, user_errors_exit
+from qwenimg_train.lora import LoraSettings
 
 log = logging.getLogger("qwenimg-train")
 
@@ -53,6 +54,9 @@ class ModelConfig:
     """dtype of the frozen VAE and Qwen2.5-VL (bfloat16 on GPU halves their memory)."""
     max_sequence_length: int = 1024
     """Prompt tokens kept after the template prefix (the released pipelines' cap is 1024)."""
+    lora: LoraSettings | None = None
+    """null: full fine-tuning (every transformer weight trains); a mapping {rank, alpha, dropout,
+    target_modules}: a LoRA adapter trains and the transformer's weights stay frozen (qwenimg_train.lora)."""
 
     def __post_init__(self) -> None:
         # Checked here, before any weights load.
@@ -69,37 +73,76 @@ class ModelConfig:
         if self.pipeline_class not in ("QwenImagePipeline", "QwenImageEditPipeline"):
             raise ValueError(f"model.pipeline_class = {self.pipeline_class!r}; use QwenImagePipeline or "
                              "QwenImageEditPipeline")
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise ValueError(f"model.lora = {self.lora!r}; use null (full fine-tuning) or a mapping "
+                             "{rank, alpha, dropout, target_modules}")
 
 
 @dataclass
 class CheckpointConfig:
+    """callbacks.checkpoint: when checkpoints are written (all atomically: checkpointing.py)."""
+
     every_n_train_steps: int = 500
+    """A periodic checkpoint `step<N>.ckpt` every this many optimizer steps."""
+    keep_last: int = -1
+    """How many periodic checkpoints to keep (the most recent); -1 keeps all."""
     save_last: bool = True
-    save_top_k: int = -1
-    """-1 keeps every periodic checkpoint; k keeps the k most recent."""
+    """Also keep `last.ckpt`, rewritten at every save (what `ckpt_path=last` resumes)."""
+    stage_end: bool = True
+    """A checkpoint `stage<i>-step<N>.ckpt` at the end of every curriculum stage, always kept."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_train_steps < 1:
+            raise ValueError(f"callbacks.checkpoint.every_n_train_steps = {self.every_n_train_steps} must be >= 1")
+        if self.keep_last == 0 or self.keep_last < -1:
+            raise ValueError(f"callbacks.checkpoint.keep_last = {self.keep_last}: use -1 (all) or a positive count")
 
 
-def build_model(cfg: ModelConfig):
-    from qwenimg_train.model import QwenImageModel
+def load_model_encoders(cfg: ModelConfig):
+    """The frozen encoders, loaded before the Trainer exists: outside any sharded-init
+    context, so ZeRO-3 never partitions them. Builds the tiny folder first if asked."""
+    from qwenimg_train.model import load_encoders
 
     if cfg.build_tiny:
         from qwenimg_train.tiny import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(cfg.pretrained_path, pipeline_class=cfg.pipeline_class)
-    return QwenImageModel.from_pretrained(
-        cfg.pretrained_path, zero_cond_t=cfg.zero_cond_t, edit_fusion=cfg.edit_fusion,
-        gradient_checkpointing=cfg.gradient_checkpointing, encoder_dtype=cfg.encoder_dtype,
-        max_sequence_length=cfg.max_sequence_length,
-    )
+    return load_encoders(cfg.pretrained_path, dtype=cfg.encoder_dtype, max_sequence_length=cfg.max_sequence_length)
+
+
+def build_model(cfg: ModelConfig, encoders=None, rank: int = 0):
+    """The model; called from `QwenImageModule.configure_model`, inside the strategy's
+    sharded-init context where there is one (the transformer is then built from its
+    config, partitioned as it is constructed, and its weights loaded one parameter at a
+    time: `strategies.load_weights`)."""
+    from qwenimg_train.model import QwenImageModel, load_transformer, read_transformer_weights
+    from qwenimg_train.strategies import load_weights, sharded_init_active
+
+    encoders = encoders if encoders is not None else load_model_encoders(cfg)
+    if sharded_init_active():
+        from diffusers import QwenImageTransformer2DModel
+
+        path = Path(cfg.pretrained_path) / "transformer"
+        config = QwenImageTransformer2DModel.load_config(path)
+        if cfg.zero_cond_t is not None:
+            config["zero_cond_t"] = cfg.zero_cond_t
+        transformer = QwenImageTransformer2DModel.from_config(config)
+        load_weights(transformer, read_transformer_weights(path), rank=rank)
+    else:
+        transformer = load_transformer(cfg.pretrained_path, zero_cond_t=cfg.zero_cond_t)
+    return QwenImageModel(transformer, encoders, edit_fusion=cfg.edit_fusion,
+                          gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
 
 
 def _resolve_ckpt(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        last = checkpoint_dir / "last.ckpt"
-        if not last.exists():
-            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+        from qwenimg_train.checkpointing import resolve_checkpoint
+
+        last = resolve_checkpoint(checkpoint_dir / "last.ckpt")
+        if last is None:
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", checkpoint_dir / "last.ckpt")
             return None
         return str(last)
     if not Path(ckpt_path).exists():
@@ -111,7 +154,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run a training job from a composed config; returns the run summary."""
     import lightning.pytorch as pl
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from qwenimg_train.checkpointing import AtomicModelCheckpoint
 
     from qwenimg_train.curriculum import Curriculum
     from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
@@ -122,7 +167,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     plain = to_plain(cfg)
     plain.pop("hydra", None)
     known = {"model", "objective", "optim", "curriculum", "data", "trainer", "logger", "callbacks", "paths",
-             "seed", "ckpt_path", "experiment"}
+             "seed", "ckpt_path", "experiment", "strategy"}
     unknown = sorted(set(plain) - known)
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(known)}")
@@ -130,7 +175,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
 
-    pl.seed_everything(int(plain.get("seed", 0)), workers=True)
+    seed = int(plain.get("seed", 0))
+    pl.seed_everything(seed, workers=True)
     model_cfg = from_mapping(ModelConfig, plain["model"], "model")
     objective = from_mapping(FlowMatching, plain["objective"], "objective")
     optim = from_mapping(Optim, plain["optim"], "optim")
@@ -155,24 +201,31 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     callbacks = [
         CurriculumCallback(datamodule),
         summary,
-        ModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=ckpt_cfg.every_n_train_steps, save_last=ckpt_cfg.save_last,
-                        save_top_k=ckpt_cfg.save_top_k),
+        # keep-last-K: rank periodic checkpoints by step (a candidate ModelCheckpoint always has).
+        AtomicModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                              every_n_train_steps=ckpt_cfg.every_n_train_steps, save_last=ckpt_cfg.save_last,
+                              monitor="step", mode="max", save_top_k=ckpt_cfg.keep_last,
+                              enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if ckpt_cfg.stage_end:  # one stage = one epoch (curriculum_lightning)
+        callbacks.append(AtomicModelCheckpoint(
+            dirpath=str(checkpoint_dir), filename="stage{epoch}-step{step:06d}", auto_insert_metric_name=False,
+            every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True, enable_version_counter=False))
     if ema_cfg is not None:
         callbacks.append(EMACallback(**ema_cfg))
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
 
-    model = build_model(model_cfg)
+    encoders = load_model_encoders(model_cfg)
     edit_stages = [s.name for s in curriculum.stages if s.task_mix.get("ti2i", 0) + s.task_mix.get("i2i", 0) > 0]
-    if edit_stages and model.encoders.processor is None:
+    if edit_stages and encoders.processor is None:
         raise ValueError(f"stages {edit_stages} train TI2I/I2I, but {model_cfg.pretrained_path!r} has no processor/ "
                          "(a T2I checkpoint): use a Qwen-Image-Edit folder, or stages with task_mix {t2i: 1.0}")
-    module = QwenImageModule(model=model, objective=objective, optim=optim, lr_scale=datamodule.lr_scale_at,
-                             config=plain)
+    module = QwenImageModule(model=lambda rank: build_model(model_cfg, encoders, rank), objective=objective,
+                             optim=optim, lr_scale=datamodule.lr_scale_at, config=plain, seed=seed)
+    strategy = instantiate(plain["strategy"]) if plain.get("strategy") else "auto"
     trainer = pl.Trainer(
-        **trainer_kwargs, default_root_dir=str(out), callbacks=callbacks, logger=loggers or False,
+        **trainer_kwargs, strategy=strategy, default_root_dir=str(out), callbacks=callbacks, logger=loggers or False,
         gradient_clip_val=optim.grad_clip, reload_dataloaders_every_n_epochs=1, max_epochs=-1,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir))

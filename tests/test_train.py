@@ -54,7 +54,8 @@ def test_smoke_run_covers_every_stage_and_task(run):
 def test_checkpoints_hold_weights_ema_and_config_not_encoders(run):
     root, _, _ = run
     ckpts = sorted(p.name for p in (root / "train" / "checkpoints").glob("*.ckpt"))
-    assert ckpts == ["last.ckpt", "step000003.ckpt", "step000006.ckpt", "step000009.ckpt"]
+    assert ckpts == ["last.ckpt", "stage0-step000003.ckpt", "stage1-step000006.ckpt", "stage2-step000009.ckpt",
+                     "step000003.ckpt", "step000006.ckpt", "step000009.ckpt"]
     ckpt = torch.load(root / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(k.startswith("model.transformer.") for k in ckpt["state_dict"])
     assert set(ckpt["callbacks"]["ema"]["shadow"]) == set(ckpt["state_dict"])

@@ -1,0 +1,71 @@
+"""Checkpoints that are never half-written.
+
+Lightning's ModelCheckpoint writes straight to the final path: a job killed during
+the save (pre-emption, an out-of-memory kill) leaves a truncated `last.ckpt` that no
+resume can load. `AtomicModelCheckpoint` writes every checkpoint (a file, or a
+DeepSpeed ZeRO-3 directory with one shard per rank) to a temporary sibling, waits for
+every rank, and only then renames it into place. Replacing an existing path renames
+the old one aside first and deletes it after; `resolve_checkpoint` falls back to that
+aside copy if a crash hit between the two renames. A shared file system across nodes
+is assumed (as for any sharded checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move a finished checkpoint into place (rank 0 only)."""
+    if tmp.is_file() and not final.is_dir():
+        os.replace(tmp, final)  # atomic for files
+        return
+    old = final.with_name(final.name + OLD_SUFFIX)
+    _remove(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _remove(old)
+
+
+def resolve_checkpoint(path: Path) -> Path | None:
+    """`path`, or its aside copy when a crash came between the two renames of a replace."""
+    if path.exists():
+        return path
+    old = path.with_name(path.name + OLD_SUFFIX)
+    return old if old.exists() else None
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose saves (periodic, stage-end and `last`) are atomic."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        final = Path(trainer.strategy.broadcast(filepath))
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        if trainer.is_global_zero:
+            _remove(tmp)  # a leftover of an interrupted save
+        trainer.strategy.barrier("atomic_checkpoint_clean")
+        trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        trainer.strategy.barrier("atomic_checkpoint_written")
+        if trainer.is_global_zero:
+            replace_path(tmp, final)
+        trainer.strategy.barrier("atomic_checkpoint_moved")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = str(final)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
