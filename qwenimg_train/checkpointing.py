@@ -60,6 +60,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             _remove(tmp)  # a leftover of an interrupted save
         trainer.strategy.barrier("atomic_checkpoint_clean")
         trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        if tmp.is_dir():  # a sharded checkpoint: callbacks with per-rank state add their shards
+            for callback in trainer.callbacks:
+                if hasattr(callback, "save_shard"):
+                    callback.save_shard(tmp)
         trainer.strategy.barrier("atomic_checkpoint_written")
         if trainer.is_global_zero:
             replace_path(tmp, final)

@@ -64,6 +64,10 @@ class SkippedTooMany(RuntimeError):
     pass
 
 
+class _Starved(Exception):
+    """A stream's filter refused too many samples in a row."""
+
+
 @dataclass
 class SourceShards:
     """One source's shard files, read from its manifest."""
@@ -262,8 +266,32 @@ class StageStream(torch.utils.data.IterableDataset):
         return urls
 
     def _samples(self, name: str, seed: int, skips: _SkipCounter, select=None) -> Iterator[dict]:
-        """The flat WebDataset pipeline of one source (see the module docstring)."""
+        """The flat WebDataset pipeline of one source (see the module docstring).
+
+        A stream reads its own slice of the source's shards; if the slice holds
+        (almost) no sample the stage admits (a rare text class, I2I pairs of text-free
+        images, in a few small shards), the stream falls back to all of the source's
+        shards with a warning, and only if those hold none either is it an error.
+        """
         allowed = set(self.stage.text_classes)
+        all_urls = self.sources[name].urls
+        urls = self._my_urls(name)
+        while True:
+            try:
+                yield from self._pipeline(name, urls, seed, skips, allowed, select)
+            except _Starved:
+                if len(urls) == len(all_urls):
+                    raise ValueError(
+                        f"stage {self.stage.name!r}: {_MAX_CONSECUTIVE_REJECTS} samples in a row from source {name!r} "
+                        f"failed its filter (text classes {sorted(allowed)}); the source holds (almost) none that "
+                        "it allows"
+                    ) from None
+                log.warning("stage %s: this stream's %d shards of source %s hold (almost) no sample the stage admits; "
+                            "reading all %d shards (streams may meet the same samples)",
+                            self.stage.name, len(urls), name, len(all_urls))
+                urls = all_urls
+
+    def _pipeline(self, name: str, urls: list[str], seed: int, skips: _SkipCounter, allowed: set, select):
         rejected = [0]  # consecutive samples the filter refused
 
         def admit(sample: dict) -> bool:
@@ -278,13 +306,9 @@ class StageStream(torch.utils.data.IterableDataset):
                 return True
             rejected[0] += 1
             if rejected[0] > _MAX_CONSECUTIVE_REJECTS:
-                raise ValueError(
-                    f"stage {self.stage.name!r}: {rejected[0]} samples in a row from source {name!r} failed its "
-                    f"filter (text classes {sorted(allowed)}); the source holds (almost) none that it allows"
-                )
+                raise _Starved()
             return False
 
-        urls = self._my_urls(name)
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True),
             wds.tarfile_to_samples(handler=skips),

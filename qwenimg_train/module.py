@@ -140,9 +140,10 @@ class QwenImageModule(pl.LightningModule):
         decay, no_decay = [], []
         for p in self.parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+                # A ZeRO-3 partitioned parameter is a flat shard; ds_shape is its real shape.
+                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": self.optim.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(

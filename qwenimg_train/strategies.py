@@ -47,7 +47,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     @property
     def root_device(self) -> torch.device:
-        return torch.device("cpu")
+        # DeepSpeed reads the device index as the rank's device number (None breaks it);
+        # CPU ranks all have device 0.
+        return torch.device("cpu", 0)
 
     def _get_process_group_backend(self) -> str:
         return self._process_group_backend or "gloo"
