@@ -16,7 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
@@ -73,3 +74,42 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+class StageEndCheckpoint(AtomicModelCheckpoint):
+    """A checkpoint when a curriculum stage (one epoch) ends at its last step; an
+    epoch cut short by a stop (StopAtStep, a signal) is not a stage end."""
+
+    def __init__(self, *, stage_ending_at, **kwargs):
+        super().__init__(every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True, **kwargs)
+        self.stage_ending_at = stage_ending_at  # step -> index of the stage that ends there, or None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.stage_ending_at(trainer.global_step) is not None:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def _monitor_candidates(self, trainer):
+        # `{stage}` in the file name: the curriculum stage (Lightning's epoch counter
+        # is not one after a resume).
+        candidates = super()._monitor_candidates(trainer)
+        stage = self.stage_ending_at(trainer.global_step)
+        candidates["stage"] = torch.tensor(stage if stage is not None else -1)
+        return candidates
+
+
+class StopAtStep(Callback):
+    """End the run after optimizer step `step`, writing `last.ckpt` first; the LR
+    schedule and the curriculum still follow trainer.max_steps. For time-sliced jobs
+    (run a slice, resume with ckpt_path=last) and the resume tests."""
+
+    def __init__(self, step: int):
+        if step < 1:
+            raise ValueError(f"callbacks.stop_at_step = {step} must be >= 1")
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not trainer.should_stop:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            trainer.should_stop = True

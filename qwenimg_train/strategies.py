@@ -116,3 +116,18 @@ def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
     with torch.no_grad():
         for name, buf in buffers.items():
             buf.copy_(state_dict[name])
+
+
+def zero_parameters(params: list[torch.Tensor], *, rank: int = 0) -> None:
+    """Set parameters to zero, also when ZeRO-3 partitioned them (gathered in turn)."""
+    if not any(_partitioned(p) for p in params):
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        return
+    import deepspeed
+
+    for p in params:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.zero_()

@@ -130,8 +130,15 @@ def build_model(cfg: ModelConfig, encoders=None, rank: int = 0):
         load_weights(transformer, read_transformer_weights(path), rank=rank)
     else:
         transformer = load_transformer(cfg.pretrained_path, zero_cond_t=cfg.zero_cond_t)
-    return QwenImageModel(transformer, encoders, edit_fusion=cfg.edit_fusion,
-                          gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+    model = QwenImageModel(transformer, encoders, edit_fusion=cfg.edit_fusion,
+                           gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+    if cfg.lora is not None and sharded_init_active():
+        # peft zeroes lora_B at creation (the adapter starts as the identity); on
+        # partitioned parameters that write is lost: redo it on the gathered ones.
+        from qwenimg_train.strategies import zero_parameters
+
+        zero_parameters([p for n, p in model.transformer.named_parameters() if ".lora_B." in n], rank=rank)
+    return model
 
 
 def _resolve_ckpt(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
@@ -156,7 +163,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from qwenimg_train.checkpointing import AtomicModelCheckpoint
+    from qwenimg_train.checkpointing import AtomicModelCheckpoint, StageEndCheckpoint, StopAtStep
 
     from qwenimg_train.curriculum import Curriculum
     from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
@@ -173,6 +180,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(known)}")
     out = Path(plain["paths"]["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    os.environ["QWENIMG_RUN_DIR"] = str(out)  # ranks relaunched by the strategy resolve the same directory
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
 
     seed = int(plain.get("seed", 0))
@@ -194,8 +202,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     callbacks_cfg = dict(plain.get("callbacks") or {})
     ckpt_cfg = from_mapping(CheckpointConfig, callbacks_cfg.pop("checkpoint", {}), "callbacks.checkpoint")
     ema_cfg = callbacks_cfg.pop("ema", None)
+    stop_at_step = callbacks_cfg.pop("stop_at_step", None)
     if callbacks_cfg:
-        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema")
+        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema, stop_at_step")
     checkpoint_dir = out / "checkpoints"
     summary = RunSummary()
     callbacks = [
@@ -209,11 +218,17 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         LearningRateMonitor(logging_interval="step"),
     ]
     if ckpt_cfg.stage_end:  # one stage = one epoch (curriculum_lightning)
-        callbacks.append(AtomicModelCheckpoint(
-            dirpath=str(checkpoint_dir), filename="stage{epoch}-step{step:06d}", auto_insert_metric_name=False,
-            every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True, enable_version_counter=False))
+        def stage_ending_at(step: int) -> int | None:
+            index, _, end = datamodule.stage_at(step - 1) if step > 0 else (0, 0, -1)
+            return index if end == step else None
+
+        callbacks.append(StageEndCheckpoint(
+            dirpath=str(checkpoint_dir), filename="stage{stage}-step{step:06d}", auto_insert_metric_name=False,
+            enable_version_counter=False, stage_ending_at=stage_ending_at))
     if ema_cfg is not None:
         callbacks.append(EMACallback(**ema_cfg))
+    if stop_at_step is not None:
+        callbacks.append(StopAtStep(int(stop_at_step)))
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
 
     encoders = load_model_encoders(model_cfg)
