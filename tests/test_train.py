@@ -140,3 +140,42 @@ def test_optim_schedule():
     assert factors[4] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
     assert Optim(warmup_steps=0, schedule="constant").factor(100, 10) == 1.0
+
+
+def _losses(run: Path) -> dict[int, float]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, shard_sources):
+    """Same per-step losses and the same final weights and EMA: model, optimizer, LR
+    schedule, EMA, stage, stream position and noise all continue exactly."""
+    models = tmp_path / "models"
+    full = train(_config(tmp_path / "full", models, shard_sources, "data.num_workers=1"))
+    train(_config(tmp_path / "cut", models, shard_sources, "data.num_workers=1", "callbacks.stop_at_step=4"))
+    first = _losses(tmp_path / "cut")
+    resumed = train(_config(tmp_path / "cut", models, shard_sources, "data.num_workers=1", "ckpt_path=last"))
+    assert full["global_step"] == resumed["global_step"] == 9
+    combined = first | _losses(tmp_path / "cut")
+    reference = _losses(tmp_path / "full")
+    assert sorted(combined) == sorted(reference) == list(range(9))
+    for step, loss in reference.items():
+        assert combined[step] == pytest.approx(loss, abs=1e-5), step
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b["callbacks"]["ema"]["shadow"][name], a["callbacks"]["ema"]["shadow"][name],
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_keep_last_k_and_stage_end_checkpoints(tmp_path, shard_sources):
+    train(_config(tmp_path / "run", tmp_path / "models", shard_sources, "callbacks.checkpoint.every_n_train_steps=2",
+                  "callbacks.checkpoint.keep_last=2"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "stage0-step000003.ckpt", "stage1-step000006.ckpt", "stage2-step000009.ckpt",
+                     "step000006.ckpt", "step000008.ckpt"]
+    with pytest.raises(ValueError, match="keep_last"):
+        train(_config(tmp_path / "bad", tmp_path / "models", shard_sources, "callbacks.checkpoint.keep_last=0"))
