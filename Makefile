@@ -69,6 +69,7 @@ bench: setup
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_zero.py
 
 clean-demo:
 	rm -rf $(DEMO)
