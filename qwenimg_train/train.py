@@ -230,6 +230,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if stop_at_step is not None:
         callbacks.append(StopAtStep(int(stop_at_step)))
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
+    for logger in loggers:  # the resolved config goes with the run (wandb config, CSV hparams.yaml)
+        logger.log_hyperparams(plain)
 
     encoders = load_model_encoders(model_cfg)
     edit_stages = [s.name for s in curriculum.stages if s.task_mix.get("ti2i", 0) + s.task_mix.get("i2i", 0) > 0]
@@ -244,6 +246,11 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         gradient_clip_val=optim.grad_clip, reload_dataloaders_every_n_epochs=1, max_epochs=-1,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir))
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:  # Lightning leaves the wandb run open: close it so its files are complete
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
     result = summary.summary(trainer)
     result["paths"] = {"output_dir": str(out), "checkpoints": str(checkpoint_dir),
                        "last_checkpoint": str(checkpoint_dir / "last.ckpt") if ckpt_cfg.save_last else None}

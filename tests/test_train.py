@@ -14,7 +14,7 @@ from qwenimg_train.train import config_dir, train
 STAGES = ("no_text", "simple_text", "complex_layout")
 
 
-def _config(out: Path, models: Path, sources: dict, *overrides: str):
+def _config(out: Path, models: Path, sources: dict, *overrides: str, logger: str = "csv"):
     # The fixture's 16 edit pairs hold no single-line reconstruction: stage 2 also admits complex.
     stage_overrides = [f"curriculum.stages.{s}.resolution=32" for s in STAGES]
     stage_overrides.append("curriculum.stages.simple_text.text_classes=[simple,complex]")
@@ -23,14 +23,14 @@ def _config(out: Path, models: Path, sources: dict, *overrides: str):
         return compose("train", overrides=[
             "experiment=smoke", f"paths.output_dir={out}", f"paths.models_dir={models}", "trainer.max_steps=9",
             "data.num_workers=0", "data.shuffle_buffer=8", "callbacks.checkpoint.every_n_train_steps=3",
-            "model.max_sequence_length=32", *stage_overrides, *source_overrides, *overrides,
+            "model.max_sequence_length=32", f"logger={logger}", *stage_overrides, *source_overrides, *overrides,
         ])
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shard_sources):
     root = tmp_path_factory.mktemp("run")
-    cfg = _config(root / "train", root / "models", shard_sources)
+    cfg = _config(root / "train", root / "models", shard_sources, logger="default")  # wandb offline + csv
     return root, cfg, train(cfg)
 
 
@@ -49,6 +49,12 @@ def test_smoke_run_covers_every_stage_and_task(run):
                 "perf/samples_per_s", "perf/tokens_per_s", "curriculum/stage"):
         assert key in metrics
     assert any(k.startswith("train/loss/sigma_") for k in metrics)
+    # wandb, offline by default: a run folder to `wandb sync` later, with the resolved config
+    runs = list((root / "train" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's protobuf log
+    assert b"pretrained_path" in record and b"train/loss/ti2i" in record
+    assert (root / "train" / "logs" / "hparams.yaml").exists()
 
 
 def test_checkpoints_hold_weights_ema_and_config_not_encoders(run):
