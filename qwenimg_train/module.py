@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 from data_pipelines.shards import derive_seed
+from qwenimg_train.curriculum import TASKS
 from qwenimg_train.data import Batch
 from qwenimg_train.model import QwenImageModel
 from qwenimg_train.objective import FlowMatching, flow_matching_loss
@@ -120,15 +121,19 @@ class QwenImageModule(pl.LightningModule):
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         metrics = {f"train/loss/stage/{batch.stage}": loss.detach()}
         by_task: dict[str, tuple[float, int]] = {}
-        for task in sorted(set(batch.task)):
+        # Every task and σ bucket is logged every step, NaN where the batch has none:
+        # Lightning would otherwise repeat a key's last value at the later steps of the
+        # epoch (= stage) that do not log it.
+        nan = losses.new_tensor(float("nan"))
+        for task in TASKS:
             mask = torch.tensor([t == task for t in batch.task], device=losses.device)
-            metrics[f"train/loss/{task}"] = losses[mask].mean()
-            by_task[task] = (float(losses[mask].sum()), int(mask.sum()))
+            metrics[f"train/loss/{task}"] = losses[mask].mean() if mask.any() else nan
+            if mask.any():
+                by_task[task] = (float(losses[mask].sum()), int(mask.sum()))
         buckets = self.objective.bucket_index(sigmas)
         for k, name in enumerate(self.objective.bucket_names()):
             mask = buckets == k
-            if mask.any():
-                metrics[f"train/loss/sigma_{name}"] = losses[mask].mean()
+            metrics[f"train/loss/sigma_{name}"] = losses[mask].mean() if mask.any() else nan
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
         source_tokens = int(inputs.source_mask_bm.sum()) if inputs.source_mask_bm is not None else 0
         self.last_step_stats = {
