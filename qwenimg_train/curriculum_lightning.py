@@ -89,6 +89,14 @@ class CurriculumDataModule(pl.LightningDataModule):
         end = starts[index + 1] if index + 1 < len(starts) else self.total_steps
         return index, starts[index], end
 
+    def stage_ending_at(self, step: int) -> int | None:
+        """The index of the stage whose last step is `step` (counted as optimizer steps
+        done), or None: for stage-end checkpoints and evaluations."""
+        if step <= 0:
+            return None
+        index, _, end = self.stage_at(step - 1)
+        return index if end == step else None
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         trainer = self.trainer
         step = trainer.global_step if trainer is not None else 0

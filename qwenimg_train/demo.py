@@ -1,14 +1,16 @@
-"""The tail of `make demo`: sample through the exported diffusers folder, write the summary.
+"""Part of `make demo`: sample through the exported diffusers folder, write the summary.
 
     python -m qwenimg_train.demo --root outputs/demo
 
-After `qwenimg-train experiment=smoke` and `qwenimg-export`, this loads the export
-with diffusers' own `QwenImagePipeline` and `QwenImageEditPipeline` (the proof that
-the export is a working diffusers folder), draws a grid of T2I samples and edits
-(`report/samples.png`), and writes `summary.json` at the root: steps and loss per
-stage and task, throughput, timings and paths (DESIGN.md, interface contract).
-The tiny model is trained for minutes on random initialisation: its images are noise
-with colour, not text; the grid shows the path works, not quality.
+After `qwenimg-train experiment=smoke` and `qwenimg-export`, this draws four T2I
+samples and two edits through the export with `qwenimg_train.sample` (diffusers' own
+`QwenImagePipeline` and `QwenImageEditPipeline`: the proof that the export is a
+working diffusers folder) into `samples/` (images, `grid.png`, `samples.json`), and
+writes `summary.json` at the root: steps and loss per stage and task, throughput, the
+OCR scores of `eval/ocr.json` (qwenimg-eval runs before), timings and paths (DESIGN.md,
+interface contract). `qwenimg-report` runs after it and draws `report/`. The tiny model is trained for minutes on
+random initialisation: its images are noise with colour, not text; the grid shows the
+path works, not quality.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 T2I_PROMPTS = [
@@ -46,40 +47,31 @@ def _edit_sources(edit_dir: Path, count: int) -> list[Image.Image]:
     return images
 
 
-def _grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im.resize((w, h)), ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
-def sample_grid(export_dir: Path, out_png: Path, *, edit_dir: Path | None, size: int = 256, steps: int = 8,
+def sample_grid(export_dir: Path, out_dir: Path, *, edit_dir: Path | None, size: int = 256, steps: int = 8,
                 seed: int = 0) -> dict:
-    import torch
-    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+    """The demo's prompts through `qwenimg_train.sample` into `out_dir`; a short record for summary.json."""
+    from qwenimg_train.sample import SampleJob, sample
 
-    from qwenimg_train.encoding import load_processor
-
-    t2i = QwenImagePipeline.from_pretrained(export_dir)
-    generator = torch.Generator().manual_seed(seed)
-    images = t2i(prompt=T2I_PROMPTS, negative_prompt=[" "] * len(T2I_PROMPTS), true_cfg_scale=2.0, height=size,
-                 width=size, num_inference_steps=steps, generator=generator).images
-    rows = [images]
     sources = _edit_sources(edit_dir, len(EDIT_PROMPTS)) if edit_dir is not None else []
-    if sources:
-        # The processor is passed in: transformers 5 cannot build Qwen2VLProcessor
-        # without torchvision (encoding.load_processor falls back to an image-only one).
-        edit = QwenImageEditPipeline.from_pretrained(export_dir, processor=load_processor(export_dir))
-        edited = [edit(image=src.resize((size, size)), prompt=p, height=size, width=size, num_inference_steps=steps,
-                       generator=torch.Generator().manual_seed(seed)).images[0]
-                  for src, p in zip(sources, EDIT_PROMPTS)]
-        rows.append([im for pair in zip(sources, edited) for im in pair])  # source, edit, source, edit
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    _grid([im.resize((size, size)) for row in rows for im in row], columns=len(T2I_PROMPTS)).save(out_png)
-    finite = all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for row in rows for im in row)
-    return {"t2i": len(images), "edits": len(sources), "size": size, "steps": steps, "finite": bool(finite)}
+    source_paths: list[str | None] = [None] * len(T2I_PROMPTS)
+    (out_dir / "sources").mkdir(parents=True, exist_ok=True)
+    for i, source in enumerate(sources):
+        source.save(out_dir / "sources" / f"edit{i}.png")
+        source_paths.append(str(out_dir / "sources" / f"edit{i}.png"))
+    result = sample(SampleJob(
+        checkpoint_dir=str(export_dir), out_dir=str(out_dir), prompts=T2I_PROMPTS + EDIT_PROMPTS[:len(sources)],
+        source_images=source_paths, guidance=2.0, steps=steps, seed=seed, width=size, height=size,
+        columns=len(T2I_PROMPTS), progress=False))
+    tasks = [r["task"] for r in result["samples"]]
+    return {"t2i": tasks.count("t2i"), "edits": tasks.count("edit"), "size": size, "steps": steps,
+            "finite": all(r["finite"] for r in result["samples"]), "grid": str(out_dir / "grid.png")}
+
+
+def _ocr_overall(path: Path) -> dict | None:
+    """The overall OCR aggregates of qwenimg-eval's ocr.json, if it ran."""
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("aggregates", {}).get("overall")
 
 
 def write_summary(root: Path, samples: dict, sample_seconds: float) -> dict:
@@ -97,11 +89,13 @@ def write_summary(root: Path, samples: dict, sample_seconds: float) -> dict:
         "throughput": train["throughput"],
         "timings_s": {"train_fit": train.get("fit_seconds"), "sampling": sample_seconds},
         "samples": samples,
+        "ocr": _ocr_overall(root / "eval" / "ocr.json"),
         "data": data,
         "paths": {
             "data": str(root / "data"), "preview": str(root / "preview"), "train": str(root / "train"),
             "checkpoints": str(root / "train" / "checkpoints"), "export": str(root / "export"),
-            "samples": str(root / "report" / "samples.png"),
+            "samples": str(root / "samples" / "grid.png"), "eval": str(root / "eval" / "ocr.json"),
+            "report": str(root / "report" / "summary.md"),
         },
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
@@ -116,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     root = Path(args.root)
     start = time.perf_counter()
-    samples = sample_grid(root / "export", root / "report" / "samples.png", edit_dir=root / "data" / "edit",
-                          size=args.size, steps=args.steps)
+    samples = sample_grid(root / "export", root / "samples", edit_dir=root / "data" / "edit", size=args.size,
+                          steps=args.steps)
     summary = write_summary(root, samples, time.perf_counter() - start)
     print(json.dumps({k: summary[k] for k in ("steps", "stages", "throughput", "timings_s")}, indent=1,
                      ensure_ascii=False))

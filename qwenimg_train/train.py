@@ -203,8 +203,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     ckpt_cfg = from_mapping(CheckpointConfig, callbacks_cfg.pop("checkpoint", {}), "callbacks.checkpoint")
     ema_cfg = callbacks_cfg.pop("ema", None)
     stop_at_step = callbacks_cfg.pop("stop_at_step", None)
+    ocr_cfg = callbacks_cfg.pop("ocr_eval", None)
     if callbacks_cfg:
-        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema, stop_at_step")
+        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema, ocr_eval, "
+                         "stop_at_step")
     checkpoint_dir = out / "checkpoints"
     summary = RunSummary()
     callbacks = [
@@ -218,17 +220,20 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         LearningRateMonitor(logging_interval="step"),
     ]
     if ckpt_cfg.stage_end:  # one stage = one epoch (curriculum_lightning)
-        def stage_ending_at(step: int) -> int | None:
-            index, _, end = datamodule.stage_at(step - 1) if step > 0 else (0, 0, -1)
-            return index if end == step else None
-
         callbacks.append(StageEndCheckpoint(
             dirpath=str(checkpoint_dir), filename="stage{stage}-step{step:06d}", auto_insert_metric_name=False,
-            enable_version_counter=False, stage_ending_at=stage_ending_at))
+            enable_version_counter=False, stage_ending_at=datamodule.stage_ending_at))
     if ema_cfg is not None:
         callbacks.append(EMACallback(**ema_cfg))
     if stop_at_step is not None:
         callbacks.append(StopAtStep(int(stop_at_step)))
+    ocr_eval = None
+    if ocr_cfg is not None:
+        from qwenimg_train.ocr_callback import OcrEvalCallback
+
+        ocr_eval = OcrEvalCallback(output_dir=str(out), scheduler_dir=str(Path(model_cfg.pretrained_path) / "scheduler"),
+                                   stage_ending_at=datamodule.stage_ending_at, **ocr_cfg)
+        callbacks.append(ocr_eval)
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
     for logger in loggers:  # the resolved config goes with the run (wandb config, CSV hparams.yaml)
         logger.log_hyperparams(plain)
@@ -252,6 +257,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()
     result = summary.summary(trainer)
+    if ocr_eval is not None:
+        result["ocr_eval"] = ocr_eval.history
     result["paths"] = {"output_dir": str(out), "checkpoints": str(checkpoint_dir),
                        "last_checkpoint": str(checkpoint_dir / "last.ckpt") if ckpt_cfg.save_last else None}
     if trainer.is_global_zero:

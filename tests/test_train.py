@@ -14,7 +14,12 @@ from qwenimg_train.train import config_dir, train
 STAGES = ("no_text", "simple_text", "complex_layout")
 
 
-def _config(out: Path, models: Path, sources: dict, *overrides: str, logger: str = "csv"):
+OCR_EVAL = ["callbacks.ocr_eval.every_n_steps=null", "callbacks.ocr_eval.limit=1",
+            "callbacks.ocr_eval.suites=[zh_char_l1,en_word,edit_zh]", "callbacks.ocr_eval.resolution=32",
+            "callbacks.ocr_eval.steps=2", "callbacks.ocr_eval.guidance=1.0"]
+
+
+def _config(out: Path, models: Path, sources: dict, *overrides: str, logger: str = "csv", ocr: bool = False):
     # The fixture's 16 edit pairs hold no single-line reconstruction: stage 2 also admits complex.
     stage_overrides = [f"curriculum.stages.{s}.resolution=32" for s in STAGES]
     stage_overrides.append("curriculum.stages.simple_text.text_classes=[simple,complex]")
@@ -23,14 +28,14 @@ def _config(out: Path, models: Path, sources: dict, *overrides: str, logger: str
         return compose("train", overrides=[
             "experiment=smoke", f"paths.output_dir={out}", f"paths.models_dir={models}", "trainer.max_steps=9",
             "data.num_workers=0", "data.shuffle_buffer=8", "callbacks.checkpoint.every_n_train_steps=3",
-            "model.max_sequence_length=32", f"logger={logger}", *stage_overrides, *source_overrides, *overrides,
+            "model.max_sequence_length=32", f"logger={logger}", *(OCR_EVAL if ocr else ["callbacks.ocr_eval=null"]), *stage_overrides, *source_overrides, *overrides,
         ])
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shard_sources):
     root = tmp_path_factory.mktemp("run")
-    cfg = _config(root / "train", root / "models", shard_sources, logger="default")  # wandb offline + csv
+    cfg = _config(root / "train", root / "models", shard_sources, logger="default", ocr=True)  # wandb offline + csv
     return root, cfg, train(cfg)
 
 
@@ -55,6 +60,25 @@ def test_smoke_run_covers_every_stage_and_task(run):
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's protobuf log
     assert b"pretrained_path" in record and b"train/loss/ti2i" in record
     assert (root / "train" / "logs" / "hparams.yaml").exists()
+
+
+def test_ocr_eval_runs_at_each_stage_end(run):
+    """The validation callback: eval/ocr/... metrics at the stage-end steps (3, 6, 9),
+    overall and per suite, and per-step folders with ocr.json and one grid per suite."""
+    import csv
+
+    root, _, summary = run
+    assert [e["step"] for e in summary["ocr_eval"]] == [3, 6, 9]
+    with open(root / "train" / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/ocr/char_accuracy")]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9]
+    for key in ("eval/ocr/char_accuracy", "eval/ocr/char_accuracy/zh_char_l1", "eval/ocr/char_accuracy/en_word",
+                "eval/ocr/char_accuracy/edit_zh"):
+        assert all(0.0 <= float(r[key]) <= 1.0 for r in rows), key
+    for step in (3, 6, 9):
+        folder = root / "train" / "eval" / f"step{step:06d}"
+        assert (folder / "ocr.json").is_file() and (folder / "ocr.md").is_file()
+        assert sorted(p.stem for p in (folder / "grids").glob("*.png")) == ["edit_zh", "en_word", "zh_char_l1"]
 
 
 def test_checkpoints_hold_weights_ema_and_config_not_encoders(run):
