@@ -39,7 +39,8 @@ fonts:
 # The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract):
 # a small set of every source with its contact sheet, then the tiny model trained
 # through all three curriculum stages and tasks (a fresh run each time), exported to a
-# diffusers folder, sampled through diffusers' pipelines, and summary.json.
+# diffusers folder, scored by OCR (qwenimg-eval), sampled through diffusers' pipelines,
+# summary.json, and the run report (plots and summary.md).
 demo: setup
 	$(VENV)/bin/qwenimg-data --config-name synthetic out_dir=$(DEMO)/data/synthetic \
 		num_shards=4 samples_per_shard=32 workers=2 ocr=crops
@@ -53,11 +54,15 @@ demo: setup
 		$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/$$source \
 			out=$(DEMO)/preview/$$source.png num_samples=24 || exit 1; \
 	done
-	rm -rf $(DEMO)/train $(DEMO)/export
+	rm -rf $(DEMO)/train $(DEMO)/export $(DEMO)/eval $(DEMO)/samples $(DEMO)/report
 	$(VENV)/bin/qwenimg-train experiment=smoke paths.output_dir=$(DEMO)/train
 	$(VENV)/bin/qwenimg-export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out_dir=$(DEMO)/export
+	$(VENV)/bin/qwenimg-eval checkpoint_dir=$(DEMO)/export out_dir=$(DEMO)/eval limit=2 \
+		resolution=256 steps=8 guidance=2.0
 	$(PY) -m qwenimg_train.demo --root $(DEMO)
-	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json)"
+	$(VENV)/bin/qwenimg-report run_dir=$(DEMO)/train out_dir=$(DEMO)/report \
+		eval_json=$(DEMO)/eval/ocr.json samples_dir=$(DEMO)/samples
+	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json, report: $(DEMO)/report/summary.md)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
