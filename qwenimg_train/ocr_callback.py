@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,16 @@ class OcrEvalCallback(pl.Callback):
         transformer.eval()
         start = time.perf_counter()
         out = self.output_dir / "eval" / f"step{step:06d}" if trainer.is_global_zero else None
+        # The pipelines run in one dtype; encoders stored in bf16 beside an fp32 transformer
+        # (model.encoder_dtype) generate under autocast to the encoders' dtype.
+        encoder_dtype = next(pl_module.model.encoders.text_encoder.parameters()).dtype
+        mixed = encoder_dtype != next(transformer.parameters()).dtype
+        device = next(transformer.parameters()).device
         try:
-            result = evaluate(self._generator(pl_module), self.suites, limit=self.limit, resolution=self.resolution,
-                              seed=self.seed, out_dir=out, ocr=self._ocr, progress=False)
+            with torch.autocast(device.type, dtype=encoder_dtype, enabled=mixed):
+                result = evaluate(self._generator(pl_module), self.suites, limit=self.limit,
+                                  resolution=self.resolution, seed=self.seed, out_dir=out, ocr=self._ocr,
+                                  progress=False)
         finally:
             transformer.train(was_training)
         if not trainer.is_global_zero:

@@ -250,12 +250,16 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         **trainer_kwargs, strategy=strategy, default_root_dir=str(out), callbacks=callbacks, logger=loggers or False,
         gradient_clip_val=optim.grad_clip, reload_dataloaders_every_n_epochs=1, max_epochs=-1,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir))
     from lightning.pytorch.loggers import WandbLogger
 
-    for logger in loggers:  # Lightning leaves the wandb run open: close it so its files are complete
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            logger.experiment.finish()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir))
+    finally:
+        # Lightning leaves the wandb run open: close it (also after a failure) so its files
+        # are complete and a later run in this process does not log into it.
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+                logger.experiment.finish()
     result = summary.summary(trainer)
     if ocr_eval is not None:
         result["ocr_eval"] = ocr_eval.history

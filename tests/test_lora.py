@@ -27,7 +27,7 @@ def _config(out: Path, folder: Path, sources: dict, experiment: str, *overrides:
             f"experiment={experiment}", f"model.pretrained_path={folder}", f"paths.output_dir={out}",
             "trainer.max_steps=4", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.shuffle_buffer=8",
             "model.max_sequence_length=32", "curriculum.stages.all.resolution=32",
-            "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.checkpoint.every_n_train_steps=2", "logger=csv", "callbacks.ocr_eval=null",
             *[f"data.sources.{k}={v}" for k, v in sources.items()], *overrides,
         ])
 
