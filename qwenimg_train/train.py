@@ -234,15 +234,15 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         ocr_eval = OcrEvalCallback(output_dir=str(out), scheduler_dir=str(Path(model_cfg.pretrained_path) / "scheduler"),
                                    stage_ending_at=datamodule.stage_ending_at, **ocr_cfg)
         callbacks.append(ocr_eval)
-    loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
-    for logger in loggers:  # the resolved config goes with the run (wandb config, CSV hparams.yaml)
-        logger.log_hyperparams(plain)
-
     encoders = load_model_encoders(model_cfg)
     edit_stages = [s.name for s in curriculum.stages if s.task_mix.get("ti2i", 0) + s.task_mix.get("i2i", 0) > 0]
     if edit_stages and encoders.processor is None:
         raise ValueError(f"stages {edit_stages} train TI2I/I2I, but {model_cfg.pretrained_path!r} has no processor/ "
                          "(a T2I checkpoint): use a Qwen-Image-Edit folder, or stages with task_mix {t2i: 1.0}")
+    loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
+    for logger in loggers:  # the resolved config goes with the run (wandb config, CSV hparams.yaml)
+        logger.log_hyperparams(plain)
+
     module = QwenImageModule(model=lambda rank: build_model(model_cfg, encoders, rank), objective=objective,
                              optim=optim, lr_scale=datamodule.lr_scale_at, config=plain, seed=seed)
     strategy = instantiate(plain["strategy"]) if plain.get("strategy") else "auto"
