@@ -6,6 +6,7 @@
     qwenimg-data --config-name edit-pairs out_dir=...
     qwenimg-data --config-name verify in_dir=... out_dir=...
     qwenimg-data --config-name preview shards=... out=...
+    qwenimg-data --config-name precompute in_dir=... out_dir=... pretrained_path=...
 
 Root configs live in configs/data_gen/ (one per job); each names its `job`. This
 module is the configuration boundary: the config becomes a validated dataclass and
@@ -72,6 +73,12 @@ def _edit_pairs(cfg: dict[str, Any]) -> dict[str, Any]:
     return run(from_mapping(EditPairsJob, cfg), resolved_config=cfg)
 
 
+def _precompute(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.precompute import PrecomputeJob, run
+
+    return run(from_mapping(PrecomputeJob, cfg))
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "synthetic": _synthetic,
     "design": _design,
@@ -79,6 +86,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "edit-pairs": _edit_pairs,
     "verify": _verify,
     "preview": _preview,
+    "precompute": _precompute,
 }
 
 

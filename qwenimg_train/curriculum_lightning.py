@@ -43,6 +43,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 256,
         max_skip_fraction: float = 0.01,
         accumulate_grad_batches: int = 1,
+        precomputed: bool = False,
     ):
         super().__init__()
         self.curriculum = curriculum
@@ -54,6 +55,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.max_skip_fraction = max_skip_fraction
         self.accumulate = accumulate_grad_batches
+        self.precomputed = precomputed
         self.sources: dict[str, SourceShards] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -66,6 +68,29 @@ class CurriculumDataModule(pl.LightningDataModule):
             name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items() if name in needed
         }
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
+
+    def check_precomputed(self, expected) -> None:
+        """Every source a stage reads holds precomputed inputs made as this run would
+        encode (`expected`, a PrecomputeTag), at every bucket set a stage trains at, with
+        the empty-prompt encodings a stage with caption dropout needs. Called before
+        training starts; an error names the folder, both tags and the fix."""
+        from qwenimg_train.precomputed import PrecomputeTag
+
+        self.setup()
+        for name, source in self.sources.items():
+            where = f"data.sources.{name} = {self.source_dirs[name]!r}"
+            tag = PrecomputeTag.from_manifest(source.manifest, where)
+            tag.check_against(expected, where)
+            for stage in self.curriculum.stages:
+                reads = stage.source_weights.get(name, 0) > 0 or (
+                    name == "edit" and stage.task_mix.get("ti2i", 0) + stage.task_mix.get("i2i", 0) > 0)
+                if not reads:
+                    continue
+                tag.check_buckets(stage.name, stage.sizes(), where)
+                if stage.caption_dropout > 0 and not tag.null_prompts:
+                    raise ValueError(f"stage {stage.name!r} has caption_dropout {stage.caption_dropout}, but {where} "
+                                     "was precomputed with null_prompts=false: precompute with null_prompts=true "
+                                     "or set the stage's caption_dropout to 0")
 
     def current_stage(self):
         """The stage active at the trainer's global step."""
@@ -108,7 +133,7 @@ class CurriculumDataModule(pl.LightningDataModule):
             batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
             skip_batches=(step - start) * self.accumulate,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
-            num_batches=max(1, end - step) * self.accumulate,
+            num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
         )
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 

@@ -51,6 +51,7 @@ from PIL import Image
 from data_pipelines.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX
 from data_pipelines.shards import MANIFEST_NAME, derive_seed
 from qwenimg_train.curriculum import SOURCES, Stage
+from qwenimg_train.precomputed import MEMBER as PRECOMPUTED_MEMBER
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,18 @@ class SourceShards:
 
 
 @dataclass
+class EncodedBatch:
+    """A batch's encoder outputs, read from precomputed shards (qwenimg_train.precomputed)
+    instead of running the VAE and Qwen2.5-VL: what `QwenImageModel.encode` would return
+    before packing."""
+
+    target_bzhw: torch.Tensor  # normalised VAE latents of the targets [B, z, H/8, W/8]
+    source_bzhw: torch.Tensor | None  # the sources' [K, z, H/8, W/8], rows of the samples with has_source
+    text_btd: torch.Tensor  # Qwen2.5-VL last hidden states, template dropped, right-padded [B, T, D]
+    text_mask_bt: torch.Tensor  # long [B, T]: 1 = token
+
+
+@dataclass
 class Batch:
     """One batch of one bucket size; per-sample tasks may differ (mixed-task batches)."""
 
@@ -97,7 +110,8 @@ class Batch:
     # uint8 RGB: a quarter of float32's bytes through pinned memory and the bus;
     # the model side normalises on the device (`to_unit_range`). The tensors are
     # BCHW views of channels-last memory (images are stacked as decoded, HWC).
-    target_bchw: torch.Tensor  # uint8 [B, 3, H, W]
+    # None when the batch comes precomputed (`encoded`): no image is decoded then.
+    target_bchw: torch.Tensor | None  # uint8 [B, 3, H, W]
     source_bchw: torch.Tensor | None  # uint8 [B, 3, H, W], zeros where has_source is False; None when no sample has one
     has_source: torch.Tensor  # bool [B]
     prompt: list[str]  # caption (t2i) or instruction (ti2i, i2i); "" when dropped
@@ -107,6 +121,7 @@ class Batch:
     stage: str
     skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips so far, by reason
     worker: int = 0  # which loader worker made it (skip counts are per worker)
+    encoded: EncodedBatch | None = None  # precomputed encoder outputs (data.precomputed=true)
 
     def __len__(self) -> int:
         return len(self.task)
@@ -157,7 +172,7 @@ class _SkipCounter:
             )
 
 
-def _nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
     ratio = np.log(width / height)
     return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
 
@@ -167,7 +182,7 @@ def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
     return images_bchw.float().div_(127.5).sub_(1.0)
 
 
-def _decode(data: bytes, size: tuple[int, int], reduced: bool) -> np.ndarray:
+def decode_image(data: bytes, size: tuple[int, int], reduced: bool) -> np.ndarray:
     """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped."""
     tw, th = size
     with Image.open(io.BytesIO(data)) as im:
@@ -212,6 +227,7 @@ class StageStream(torch.utils.data.IterableDataset):
         max_skip_fraction: float = 0.01,
         reduced_decode: bool = True,
         num_batches: int | None = None,
+        precomputed: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -237,6 +253,9 @@ class StageStream(torch.utils.data.IterableDataset):
         self.max_skip_fraction = max_skip_fraction
         self.reduced_decode = reduced_decode
         self.num_batches = num_batches  # over all workers of this rank; None: endless
+        # Read each sample's encoder outputs (`pre.safetensors`) instead of decoding its
+        # images; the draws (task, source, bucket, caption dropout) are the same.
+        self.precomputed = precomputed
 
     def _worker(self) -> tuple[int, int]:
         """(role, workers): this loader worker's place in the stage's stream. The
@@ -371,34 +390,53 @@ class StageStream(torch.utils.data.IterableDataset):
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         meta = sample["meta"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        load = (lambda data, size: _decode(data, size, self.reduced_decode)) if decode else (lambda data, size: None)
+        load = (lambda data, size: decode_image(data, size, self.reduced_decode)) if decode else (lambda data, size: None)
+        encoded = None
         try:
-            if ext is None:
-                raise KeyError("no image member")
-            size = _nearest_bucket(int(meta["width"]), int(meta["height"]), sizes)
-            target = load(sample[ext], size)
-            source = None
-            if task != "t2i":
-                source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
-                prompt = sample[INSTRUCTION_EXTENSION].decode("utf-8")
+            size = nearest_bucket(int(meta["width"]), int(meta["height"]), sizes)
+            prompt = sample[INSTRUCTION_EXTENSION if task != "t2i" else "txt"].decode("utf-8")
+            target = source = None
+            if self.precomputed:
+                if PRECOMPUTED_MEMBER not in sample:
+                    raise KeyError(f"no {PRECOMPUTED_MEMBER} member")
+                encoded = read_precomputed(sample[PRECOMPUTED_MEMBER]) if decode else {}
             else:
-                prompt = sample["txt"].decode("utf-8")
+                if ext is None:
+                    raise KeyError("no image member")
+                target = load(sample[ext], size)
+                if task != "t2i":
+                    source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
         except Exception as exc:  # undecodable image, missing member: counted, not fatal
             skips.skip(type(exc).__name__, where)
             return None
-        if rng.random() < self.stage.caption_dropout:
+        dropped = rng.random() < self.stage.caption_dropout
+        if dropped:
             prompt = ""
+        if encoded:  # the tensors of this sample's bucket, as the online encoder would give them
+            suffix = f"@{size[0]}x{size[1]}"
+            text = ("null" if dropped else "text") + ("" if task == "t2i" else suffix)
+            try:
+                encoded = {"target": encoded["target" + suffix], "text": encoded[text],
+                           "source": encoded["source" + suffix] if task != "t2i" else None}
+            except KeyError as exc:
+                # The tag check at start-up makes this a shard that differs from its manifest.
+                raise ValueError(f"{where}: precomputed tensors lack {exc.args[0]!r} (has {sorted(encoded)}); "
+                                 "the shard does not match its manifest's precompute tag: precompute it again") from None
         return {
             "task": task, "target": target, "source_img": source, "prompt": prompt, "key": sample["__key__"],
             "source": name if task == "t2i" else EDIT_SOURCE, "text_class": meta.get("text_class", ""), "size": size,
+            "encoded": encoded,
         }
 
     def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
-        # np.stack of HWC arrays is one memcpy per image; the BCHW view costs nothing.
-        target = torch.from_numpy(np.stack([it["target"] for it in items])).permute(0, 3, 1, 2)
-        has_source = torch.tensor([it["source_img"] is not None for it in items])
-        source = None
-        if has_source.any():
+        has_source = torch.tensor([it["task"] != "t2i" for it in items])
+        target = source = encoded = None
+        if self.precomputed:
+            encoded = collate_encoded([it["encoded"] for it in items])
+        else:
+            # np.stack of HWC arrays is one memcpy per image; the BCHW view costs nothing.
+            target = torch.from_numpy(np.stack([it["target"] for it in items])).permute(0, 3, 1, 2)
+        if has_source.any() and not self.precomputed:
             blank = np.zeros_like(items[0]["target"])
             stacked = np.stack([it["source_img"] if it["source_img"] is not None else blank for it in items])
             source = torch.from_numpy(stacked).permute(0, 3, 1, 2)
@@ -406,5 +444,26 @@ class StageStream(torch.utils.data.IterableDataset):
             task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
             prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
-            worker=self._worker()[0],
+            worker=self._worker()[0], encoded=encoded,
         )
+
+
+def read_precomputed(data: bytes) -> dict[str, torch.Tensor]:
+    from qwenimg_train.precomputed import from_bytes
+
+    return from_bytes(data)
+
+
+def collate_encoded(items: list[dict[str, torch.Tensor | None]]) -> EncodedBatch:
+    """Per-sample precomputed tensors -> one `EncodedBatch`: latents stacked (one bucket),
+    text rows right-padded with a mask, as `PromptEncoder.encode` pads a mixed batch."""
+    texts = [it["text"] for it in items]
+    length = max(t.shape[0] for t in texts)
+    text = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
+    mask = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        text[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = 1
+    sources = [it["source"] for it in items if it["source"] is not None]
+    return EncodedBatch(target_bzhw=torch.stack([it["target"] for it in items]),
+                        source_bzhw=torch.stack(sources) if sources else None, text_btd=text, text_mask_bt=mask)

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from qwenimg_train.data import to_unit_range
+from qwenimg_train.data import Batch, to_unit_range
 from qwenimg_train.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
 from qwenimg_train.lora import LoraSettings, apply_lora
 from qwenimg_train.transformer import EditFusionGate, forward_mixed, install_mixed_batch_attention
@@ -88,6 +88,30 @@ class ModelInputs:
     def target_tokens_b(self) -> torch.Tensor:
         """Image tokens of each sample's target (what the dynamic shift μ depends on)."""
         return self.target_mask_bn.sum(dim=1)
+
+
+def assemble_inputs(target_bzhw: torch.Tensor, source_kzhw: torch.Tensor | None, has_source: torch.Tensor | None,
+                    text_btd: torch.Tensor, text_mask_bt: torch.Tensor) -> ModelInputs:
+    """Encoder outputs -> `ModelInputs`, the same for online and precomputed encoding.
+
+    `target_bzhw`: normalised latents [B, z, h, w]; `source_kzhw`: the latents of the K
+    samples whose `has_source` is True, in batch order (None when K = 0).
+    """
+    batch = target_bzhw.shape[0]
+    rows, cols = target_bzhw.shape[2] // 2, target_bzhw.shape[3] // 2
+    target_bnc = pack_latents(target_bzhw)
+    target_mask = torch.ones(target_bnc.shape[:2], dtype=torch.bool, device=target_bnc.device)
+    img_shapes = [[(1, rows, cols)] for _ in range(batch)]
+    source_bmc = source_mask = None
+    if source_kzhw is not None:
+        index = has_source.nonzero().flatten()
+        packed = pack_latents(source_kzhw)
+        source_bmc = packed.new_zeros(batch, *packed.shape[1:])
+        source_bmc[index.to(packed.device)] = packed
+        source_mask = has_source.to(packed.device)[:, None].expand(-1, packed.shape[1]).clone()
+        for i in index.tolist():
+            img_shapes[i].append((1, source_kzhw.shape[2] // 2, source_kzhw.shape[3] // 2))
+    return ModelInputs(target_bnc, target_mask, source_bmc, source_mask, text_btd, text_mask_bt, img_shapes)
 
 
 def check_checkpoint_folder(path: str | Path) -> Path:
@@ -176,27 +200,29 @@ class QwenImageModel(nn.Module):
         mixed batch). Source images go through the VAE and the processor.
         """
         enc = self.encoders
+        if enc is None:
+            raise ValueError("this model was built without encoders (data.precomputed=true): it trains on "
+                             "precomputed batches only")
         batch = target_bchw.shape[0]
         target = enc.codec.encode(to_unit_range(target_bchw))  # [B, z, h, w]
-        rows, cols = target.shape[2] // 2, target.shape[3] // 2
-        target_bnc = pack_latents(target)
-        target_mask = torch.ones(target_bnc.shape[:2], dtype=torch.bool, device=target_bnc.device)
-        img_shapes = [[(1, rows, cols)] for _ in range(batch)]
-        source_bmc = source_mask = None
+        source = None
         images = [None] * batch
         if has_source is not None and bool(has_source.any()):
             index = has_source.nonzero().flatten()
-            src = enc.codec.encode(to_unit_range(source_bchw[index]))
-            packed = pack_latents(src)
-            source_bmc = packed.new_zeros(batch, *packed.shape[1:])
-            source_bmc[index] = packed
-            source_mask = has_source.to(packed.device)[:, None].expand(-1, packed.shape[1]).clone()
-            for i in index.tolist():
-                img_shapes[i].append((1, src.shape[2] // 2, src.shape[3] // 2))
+            source = enc.codec.encode(to_unit_range(source_bchw[index]))
             for i in index.tolist():
                 images[i] = source_bchw[i].cpu()  # uint8 CHW, as the processor takes it
         text, text_mask = enc.prompts.encode(list(prompts), images)
-        return ModelInputs(target_bnc, target_mask, source_bmc, source_mask, text, text_mask, img_shapes)
+        return assemble_inputs(target, source, has_source, text, text_mask)
+
+    def encode_batch(self, batch: Batch) -> ModelInputs:
+        """A loader `Batch` -> `ModelInputs`: its precomputed encoder outputs when it
+        carries them (`batch.encoded`), else the frozen encoders run on its images."""
+        if batch.encoded is not None:
+            e = batch.encoded
+            return assemble_inputs(e.target_bzhw, e.source_bzhw, batch.has_source, e.text_btd, e.text_mask_bt)
+        return self.encode(target_bchw=batch.target_bchw, prompts=batch.prompt, source_bchw=batch.source_bchw,
+                           has_source=batch.has_source)
 
     def denoise(self, noisy_target_bnc: torch.Tensor, sigmas_b: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
         """Velocity prediction for the target tokens: [B, N, C] (padding rows arbitrary)."""

@@ -1,7 +1,8 @@
 """The LightningModule: glue between model, objective, data and optimizer, nothing else.
 
     batch (uint8 images, prompts, tasks)
-      -> model.encode        frozen VAE + Qwen2.5-VL (dual encoding for edit samples)
+      -> model.encode_batch  frozen VAE + Qwen2.5-VL (dual encoding for edit samples),
+                             or the batch's precomputed encoder outputs
       -> objective           σ per sample, noise, x_σ, velocity target
       -> model.denoise       the transformer over target (+ source) tokens
       -> per-sample loss     logged per task, σ bucket and stage; the mean is optimised
@@ -102,8 +103,7 @@ class QwenImageModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        inputs = self.model.encode(target_bchw=batch.target_bchw, prompts=batch.prompt,
-                                   source_bchw=batch.source_bchw, has_source=batch.has_source)
+        inputs = self.model.encode_batch(batch)
         generator = self.step_generator(batch_idx)
         sigmas = self.objective.sample_sigmas(inputs.target_tokens_b, generator=generator)
         noise = torch.randn(inputs.target_bnc.shape, generator=generator, device=inputs.target_bnc.device,
