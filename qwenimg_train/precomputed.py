@@ -86,11 +86,11 @@ def folder_fingerprint(*folders: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def template_fingerprint(max_sequence_length: int) -> str:
-    """The prompt templates, their dropped-prefix counts and the sequence cap."""
+def template_fingerprint() -> str:
+    """The prompt templates and their dropped-prefix counts."""
     from qwenimg_train.encoding import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE
 
-    blob = json.dumps([T2I_TEMPLATE, T2I_DROP, EDIT_TEMPLATE, EDIT_DROP, max_sequence_length]).encode()
+    blob = json.dumps([T2I_TEMPLATE, T2I_DROP, EDIT_TEMPLATE, EDIT_DROP]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -103,7 +103,7 @@ class PrecomputeTag:
     vae: str
     """Fingerprint of vae/."""
     template: str
-    """Fingerprint of the prompt templates, drop counts and max_sequence_length."""
+    """Fingerprint of the prompt templates and their drop counts."""
     max_sequence_length: int
     dtype: str
     """dtype the encoders ran and the tensors are stored in (model.encoder_dtype)."""
@@ -120,7 +120,7 @@ class PrecomputeTag:
         return cls(
             encoder=folder_fingerprint(folder / "text_encoder", folder / "tokenizer", folder / "processor"),
             vae=folder_fingerprint(folder / "vae"),
-            template=template_fingerprint(max_sequence_length),
+            template=template_fingerprint(),
             max_sequence_length=max_sequence_length, dtype=dtype,
             bucket_sets=[list(b) for b in bucket_sets], null_prompts=null_prompts,
         )
