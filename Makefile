@@ -75,6 +75,7 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_zero.py
+	$(PY) benchmarks/bench_precompute.py
 
 clean-demo:
 	rm -rf $(DEMO)
