@@ -1,0 +1,235 @@
+"""The planner (`qwenimg-plan`): parameter counts against diffusers, the memory model
+against measured CPU peaks, the fit table's consistency, the CLI and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenimg_train.plan import (
+    PRESETS,
+    QWEN25_VL_7B,
+    PlanConfig,
+    TransformerSpec,
+    ZeroSettings,
+    fit_table,
+    load_spec,
+    min_nodes,
+    plan,
+    run,
+    transformer_forward_flops,
+)
+
+GiB = 2**30
+# A width-256, 4-block transformer: 9.8M parameters (37 MiB fp32), activations of tens of MiB.
+MEASURED_KW = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=64,
+                   num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(16, 24, 24))
+
+
+def _diffusers_params(**config) -> dict[str, int]:
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
+def test_qwen_image_preset_is_the_released_architecture():
+    spec, encoder = PRESETS["qwen_image"]
+    assert (spec.num_layers, spec.num_attention_heads, spec.attention_head_dim, spec.width, spec.mlp_width) == (
+        60, 24, 128, 3072, 12288)
+    assert spec.num_params() == sum(_diffusers_params().values()) == 20_430_401_088  # ≈ 20.4B
+    assert encoder.params == 8_292_166_656 + 126_892_531  # Qwen2.5-VL-7B + the Wan VAE
+
+
+def test_parameter_tensors_match_diffusers_exactly(tmp_path):
+    """Every tensor's name and size, for a tiny config (and through a config.json path)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    model = QwenImageTransformer2DModel(**config)
+    actual = {name: p.numel() for name, p in model.named_parameters()}
+    spec = TransformerSpec.from_config(config)
+    assert dict(spec.parameter_tensors()) == actual
+    assert spec.num_params() == sum(p.numel() for p in model.parameters())
+    assert PRESETS["tiny"][0].num_params() == spec.num_params()  # the tiny preset is qwenimg_train.tiny's
+    model.save_config(tmp_path / "transformer")
+    for path in (tmp_path, tmp_path / "transformer", tmp_path / "transformer" / "config.json"):
+        assert load_spec(str(path))[0] == spec
+
+
+def _measured_config(folder, *, checkpointing: bool) -> PlanConfig:
+    return PlanConfig(model=str(folder), resolution=128, micro_batch=2, gpus_per_node=1, nodes=1, zero_stage=0,
+                      precision="fp32", activation_checkpointing=checkpointing, prompt_length=32, overhead_gb=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
+def test_memory_model_matches_measured_cpu_step(tmp_path, checkpointing):
+    """Parameters, gradients, AdamW states, the activation peak of forward + backward and the
+    step's peak (torch profiler allocation events) within 20% of the planner."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenimg_train.memory import measure_step
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(**MEASURED_KW)
+    model.save_config(tmp_path)
+    measured = measure_step(model, batch=2, height=128, width=128, text_len=32, checkpointing=checkpointing)
+    predicted = plan(_measured_config(tmp_path, checkpointing=checkpointing))
+    assert predicted.memory["parameters"] == measured.parameters
+    for key in ("gradients", "optimizer_states"):
+        # the last block's text MLP feeds nothing: no gradient, no Adam state (~5% here)
+        assert 0.9 <= getattr(measured, key) / predicted.memory[key] <= 1.0
+    assert measured.activations > 5 * 2**20  # the check means something only above allocator noise
+    assert predicted.memory["activations"] == pytest.approx(measured.activations, rel=0.2)
+    assert predicted.peak_bytes == pytest.approx(measured.total, rel=0.2)
+
+
+def test_zero3_prediction_matches_bench_zero():
+    """benchmarks/bench_zero.py measured 14.111 MiB of parameter shards + Adam per rank and
+    9.407 MiB of persistent full copies (fp32, 2 ranks, benchmarks/RESULTS.md) for this model."""
+    spec = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=4,
+                joint_attention_dim=32)
+    assert TransformerSpec(**spec).num_params() == 2_466_096
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(spec))
+        p = plan(PlanConfig(model=tmp, gpus_per_node=2, zero_stage=3, precision="fp32", resolution=64,
+                            overhead_gb=0, zero=ZeroSettings(param_persistence_threshold=1e6)))
+    measured = (14.111 + 9.407) * 2**20
+    assert p.memory["parameters"] + p.memory["optimizer_states"] == pytest.approx(measured, rel=0.2)
+    assert p.memory["gradients"] == pytest.approx(4.704 * 2**20, rel=0.2)
+
+
+def _twenty_b(**kw) -> PlanConfig:
+    base = dict(model="qwen_image", gpus_per_node=8, zero_stage=3, micro_batch=1, precision="bf16-mixed")
+    return PlanConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("resolution", [512, 1024, 1328])
+@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("encoder", ["precomputed", "resident"])
+def test_more_nodes_never_need_more_memory_under_zero3(resolution, ckpt, encoder):
+    peaks = [plan(_twenty_b(resolution=resolution, activation_checkpointing=ckpt, encoder=encoder, nodes=n)).peak_bytes
+             for n in (1, 2, 3, 4, 8, 16, 64)]
+    assert peaks == sorted(peaks, reverse=True)
+    with_ckpt = plan(_twenty_b(resolution=resolution, activation_checkpointing=True, encoder=encoder))
+    without = plan(_twenty_b(resolution=resolution, activation_checkpointing=False, encoder=encoder))
+    assert with_ckpt.memory["activations"] < without.memory["activations"]
+
+
+def test_fit_table_answers_are_consistent():
+    rows = fit_table(_twenty_b(), max_nodes=64)
+    assert len(rows) == 2 * 3 * 2 * 2
+    by_key = {(r.gpu_memory_gb, r.resolution, r.activation_checkpointing, r.encoder): r for r in rows}
+    for (memory, resolution, ckpt, encoder), r in by_key.items():
+        if memory == 40.0:
+            big = by_key[(80.0, resolution, ckpt, encoder)]
+            assert big.fits_one_node or not r.fits_one_node  # 80 GB fits whenever 40 GB does
+            if r.min_nodes is not None:
+                assert big.min_nodes is not None and big.min_nodes <= r.min_nodes
+        if r.min_nodes is not None:
+            assert r.gib_at_min_nodes <= memory
+            if r.min_nodes > 1:  # one node fewer does not fit
+                assert not plan(_twenty_b(resolution=resolution, activation_checkpointing=ckpt, encoder=encoder,
+                                          gpu_memory_gb=memory, nodes=r.min_nodes - 1)).fits
+        resident = by_key[(memory, resolution, ckpt, "resident")]
+        assert resident.gib_one_node >= by_key[(memory, resolution, ckpt, "precomputed")].gib_one_node
+    # The headline answers (docs/planner.md): 16 bytes/parameter of states over 8 GPUs is 38 GiB,
+    # so one 8x40 GB node never fits; one 8x80 GB node fits with checkpointing at every resolution.
+    assert not any(r.fits_one_node for r in rows if r.gpu_memory_gb == 40.0)
+    assert all(r.fits_one_node for r in rows if r.gpu_memory_gb == 80.0 and r.activation_checkpointing)
+    assert by_key[(40.0, 1024, True, "precomputed")].min_nodes == 2
+    assert by_key[(80.0, 1328, False, "resident")].min_nodes is None  # activations alone exceed 80 GB
+
+
+def test_min_nodes_is_none_when_nothing_shards_enough():
+    cfg = _twenty_b(resolution=1328, activation_checkpointing=False, gpu_memory_gb=40)
+    assert min_nodes(cfg, max_nodes=32) is None
+    assert min_nodes(_twenty_b(resolution=512, gpu_memory_gb=40), max_nodes=32) == 2
+
+
+def test_memory_components_follow_the_zero_stages():
+    P = PRESETS["qwen_image"][0].num_params()
+    ddp = plan(_twenty_b(zero_stage=0, nodes=1))
+    assert ddp.memory["parameters"] + ddp.memory["gradients"] + ddp.memory["optimizer_states"] == 16 * P
+    for stage in (1, 2, 3):
+        p = plan(_twenty_b(zero_stage=stage, nodes=4))
+        assert p.memory["optimizer_states"] == pytest.approx(12 * P / 32, rel=1e-6)
+    z3 = plan(_twenty_b(zero_stage=3, nodes=4))
+    assert z3.memory["gradients"] == pytest.approx(2 * P / 32, rel=1e-6)
+    offload = plan(_twenty_b(zero_stage=3, nodes=4, offload_optimizer=True, offload_params=True))
+    assert offload.memory["optimizer_states"] == 0 and offload.cpu_bytes > 12 * P / 32
+    assert offload.peak_bytes < z3.peak_bytes
+    edit = plan(_twenty_b(task="edit"))
+    assert edit.image_tokens == 2 * plan(_twenty_b()).image_tokens
+
+
+def test_flops_count_the_attention_and_the_recompute():
+    spec = PRESETS["qwen_image"][0]
+    f = transformer_forward_flops(spec, image_len=4096, text_len=1024)
+    # A token meets only its own stream's projections and MLP (12·D² of a block's 36·D²; the
+    # adaLN modulation runs once per sample): ≈ 2 FLOPs × P/3 per token, plus 4·S²·D per block.
+    assert f["linear"] == pytest.approx(2 * spec.num_params() / 3 * 5120, rel=0.02)
+    assert f["attention"] == 60 * 4 * 5120**2 * 3072
+    p = plan(_twenty_b(activation_checkpointing=True))
+    assert p.flops["transformer_backward"] == 2 * p.flops["transformer_forward"]
+    assert p.flops["recompute"] == p.flops["transformer_forward"]
+    resident = plan(_twenty_b(encoder="resident"))
+    assert resident.flops["encoder_forward"] > 0 and resident.step_time_s > p.step_time_s
+    h100 = plan(_twenty_b(gpu="h100"))
+    assert h100.step_time_s == pytest.approx(p.step_time_s * 312 / 989)
+    assert h100.images_per_day == pytest.approx(86400 / h100.step_time_s * 8)
+
+
+def test_run_prints_a_plan_and_a_fit_table():
+    text = run({"model": "qwen_image", "resolution": "1328x800", "nodes": 2, "zero": {"reduce_bucket_size": 2e8}})
+    assert "20.430B" in text and "fits" in text and "images/day" in text
+    table = run({"mode": "fit_table", "fit_table": {"gpu_memory_gb": [40], "resolutions": [512], "max_nodes": 8}})
+    assert "40GB" in table and "min nodes" in table
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"resolution": 1000}, ["resolution", "multiple of 16", "992", "1008"]),
+    ({"nodes": 0}, ["nodes", ">= 1"]),
+    ({"zero_stage": 4}, ["zero_stage", "0 (DDP)"]),
+    ({"offload_params": True, "zero_stage": 2}, ["offload_params", "zero_stage=3"]),
+    ({"model": "no_such_model"}, ["model", "qwen_image"]),
+    ({"prompt_length": 2000}, ["prompt_length", "1024"]),
+    ({"resolutoin": 1024}, ["resolutoin", "known keys"]),
+])
+def test_user_errors_name_the_key_and_the_fix(overrides, words):
+    with pytest.raises(ValueError) as info:
+        run(overrides)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_cli_exit_status_and_message(tmp_path):
+    env = dict(os.environ)
+    env.pop("QWENIMG_DEBUG", None)
+    ok = subprocess.run([sys.executable, "-m", "qwenimg_train.plan", "model=qwen_image", "resolution=1024",
+                         "gpus_per_node=8", "nodes=4", "gpu_memory_gb=80", "zero_stage=3"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "peak" in ok.stdout and "-> fits" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "qwenimg_train.plan", "resolution=1000"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2
+    assert "resolution = 1000" in bad.stderr and "1008" in bad.stderr and not bad.stdout.strip()
+    assert "Traceback" not in bad.stderr
+
+
+def test_config_dataclass_replace_revalidates():
+    cfg = _twenty_b()
+    with pytest.raises(ValueError, match="nodes"):
+        dataclasses.replace(cfg, nodes=0)
+    assert QWEN25_VL_7B.params > 8e9
