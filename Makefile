@@ -76,7 +76,7 @@ bench: setup
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_zero.py
 	$(PY) benchmarks/bench_precompute.py
-	$(PY) benchmarks/bench_plan.py --skip-zero
+	$(PY) benchmarks/bench_plan.py
 
 clean-demo:
 	rm -rf $(DEMO)
