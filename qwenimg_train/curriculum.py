@@ -19,6 +19,8 @@ from data_pipelines.schema import TextClass
 
 SOURCES = ("design", "synthetic", "natural")
 TASKS = ("t2i", "ti2i", "i2i")
+# Stage fields a curriculum may also set once for all its stages (null: each stage's own).
+SHARED_FIELDS = ("source_weights", "task_mix")
 # Image side lengths must be multiples of the latent patch: the VAE downsamples 8x
 # and the transformer packs 2x2 latent patches into one token (REFERENCE.md).
 LATENT_PATCH = 16
@@ -123,18 +125,24 @@ class Curriculum:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Curriculum":
-        """From the composed `curriculum` config: {name, stages: {key: stage fields}}."""
+        """From the composed `curriculum` config: {name, stages: {key: stage fields}, and optionally
+        source_weights / task_mix, which when not null replace every stage's}."""
         from data_pipelines.config import from_mapping, to_plain
 
         cfg = to_plain(cfg)
-        unknown = set(cfg) - {"name", "stages"}
+        unknown = set(cfg) - {"name", "stages", *SHARED_FIELDS}
         if unknown:
-            raise ValueError(f"curriculum: unknown key(s) {sorted(unknown)}; known: name, stages")
+            raise ValueError(f"curriculum: unknown key(s) {sorted(unknown)}; known: name, stages, "
+                             f"{', '.join(SHARED_FIELDS)}")
         stages_cfg = cfg.get("stages") or {}
         if isinstance(stages_cfg, Mapping):
             items: Sequence[Any] = [dict(v, name=v.get("name", k)) for k, v in stages_cfg.items()]
         else:
             items = list(stages_cfg)
+        # A curriculum-wide value replaces every stage's own: one key to sweep a data or task
+        # mix whatever the curriculum and its stage names (configs/sweep/, docs/sweeps.md).
+        shared = {k: cfg[k] for k in SHARED_FIELDS if cfg.get(k) is not None}
+        items = [dict(item, **shared) for item in items]
         stages = [from_mapping(Stage, item, f"curriculum.stages[{i}]") for i, item in enumerate(items)]
         return cls(name=str(cfg.get("name", "curriculum")), stages=stages)
 

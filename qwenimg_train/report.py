@@ -447,8 +447,9 @@ def config_highlights(config: dict[str, Any]) -> list[list[Any]]:
     stages = get("curriculum", "stages") or {}
     if isinstance(stages, dict):
         parts = []
+        shared_mix = get("curriculum", "task_mix")  # set: it replaced every stage's own (curriculum.py)
         for key, stage in stages.items():
-            mix = ", ".join(f"{t} {w:g}" for t, w in (stage.get("task_mix") or {}).items() if w)
+            mix = ", ".join(f"{t} {w:g}" for t, w in (shared_mix or stage.get("task_mix") or {}).items() if w)
             name, fraction, resolution = stage.get("name", key), stage.get("fraction", 0), stage.get("resolution")
             parts.append(f"{name} ({fraction:.0%}, {resolution}px, {mix})")
         rows.append(["curriculum", "; ".join(parts)])
