@@ -135,7 +135,10 @@ class CurriculumDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
         )
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        from qwenimg_train.checkpointing import ignore_sigterm
+
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                           worker_init_fn=ignore_sigterm if self.num_workers else None)
 
 
 class CurriculumCallback(pl.Callback):

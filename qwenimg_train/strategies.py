@@ -114,6 +114,19 @@ def deepspeed(*, accelerator: str = "auto", precision: str = "32-true", config: 
     return DeepSpeedStrategy(config=config, **kwargs)
 
 
+def optimizer_step_skipped(trainer) -> bool:
+    """Whether DeepSpeed skipped the optimizer step just taken (a non-finite gradient
+    norm; qwenimg_train.guards). Its engine counts skips in `skipped_steps`; without
+    DeepSpeed there is no engine and this is False (the guard drops bad gradients itself)."""
+    engine = trainer.model
+    count = getattr(engine, "skipped_steps", None)
+    if not isinstance(count, int):
+        return False
+    seen = getattr(engine, "_qwenimg_skipped_seen", 0)
+    engine._qwenimg_skipped_seen = count
+    return count > seen
+
+
 def _partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 

@@ -110,15 +110,15 @@ def load_model_encoders(cfg: ModelConfig):
     return load_encoders(cfg.pretrained_path, dtype=cfg.encoder_dtype, max_sequence_length=cfg.max_sequence_length)
 
 
-def build_model(cfg: ModelConfig, encoders=None, rank: int = 0):
+def build_model(cfg: ModelConfig, encoders, rank: int = 0):
     """The model; called from `QwenImageModule.configure_model`, inside the strategy's
     sharded-init context where there is one (the transformer is then built from its
     config, partitioned as it is constructed, and its weights loaded one parameter at a
-    time: `strategies.load_weights`)."""
+    time: `strategies.load_weights`). `encoders`: from `load_model_encoders`, or None
+    when the data is precomputed (the model then never holds them)."""
     from qwenimg_train.model import QwenImageModel, load_transformer, read_transformer_weights
     from qwenimg_train.strategies import load_weights, sharded_init_active
 
-    encoders = encoders if encoders is not None else load_model_encoders(cfg)
     if sharded_init_active():
         from diffusers import QwenImageTransformer2DModel
 
@@ -139,6 +139,17 @@ def build_model(cfg: ModelConfig, encoders=None, rank: int = 0):
 
         zero_parameters([p for n, p in model.transformer.named_parameters() if ".lora_B." in n], rank=rank)
     return model
+
+
+def precomputed_tag(cfg: ModelConfig):
+    """The precompute tag this run's model folder and encoder settings give
+    (qwenimg_train.precomputed): precomputed shards must carry the same."""
+    from qwenimg_train.model import check_checkpoint_folder
+    from qwenimg_train.precomputed import PrecomputeTag
+
+    check_checkpoint_folder(cfg.pretrained_path)
+    return PrecomputeTag.for_model(cfg.pretrained_path, dtype=cfg.encoder_dtype,
+                                   max_sequence_length=cfg.max_sequence_length)
 
 
 def _resolve_ckpt(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
@@ -163,7 +174,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from qwenimg_train.checkpointing import AtomicModelCheckpoint, StageEndCheckpoint, StopAtStep
+    from qwenimg_train.checkpointing import AtomicModelCheckpoint, GracefulStop, StageEndCheckpoint, StopAtStep
 
     from qwenimg_train.curriculum import Curriculum
     from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
@@ -204,14 +215,17 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     ema_cfg = callbacks_cfg.pop("ema", None)
     stop_at_step = callbacks_cfg.pop("stop_at_step", None)
     ocr_cfg = callbacks_cfg.pop("ocr_eval", None)
+    nonfinite_cfg = callbacks_cfg.pop("nonfinite", None)
     if callbacks_cfg:
-        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema, ocr_eval, "
-                         "stop_at_step")
+        raise ValueError(f"callbacks: unknown key(s) {sorted(callbacks_cfg)}; known: checkpoint, ema, nonfinite, "
+                         "ocr_eval, stop_at_step")
     checkpoint_dir = out / "checkpoints"
     summary = RunSummary()
+    graceful = GracefulStop()  # SIGTERM: last.ckpt at the step end, then a normal exit
     callbacks = [
         CurriculumCallback(datamodule),
         summary,
+        graceful,
         # keep-last-K: rank periodic checkpoints by step (a candidate ModelCheckpoint always has).
         AtomicModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:06d}", auto_insert_metric_name=False,
                               every_n_train_steps=ckpt_cfg.every_n_train_steps, save_last=ckpt_cfg.save_last,
@@ -227,6 +241,14 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         callbacks.append(EMACallback(**ema_cfg))
     if stop_at_step is not None:
         callbacks.append(StopAtStep(int(stop_at_step)))
+    if nonfinite_cfg is not None:
+        from qwenimg_train.guards import NonFiniteGuard
+
+        if set(nonfinite_cfg) - {"max_consecutive"}:
+            raise ValueError(f"callbacks.nonfinite: unknown key(s) {sorted(set(nonfinite_cfg) - {'max_consecutive'})}; "
+                             "known: max_consecutive")
+        nonfinite = NonFiniteGuard(**nonfinite_cfg, checkpoint_dir=str(checkpoint_dir))
+        callbacks.append(nonfinite)
     ocr_eval = None
     if ocr_cfg is not None:
         from qwenimg_train.ocr_callback import OcrEvalCallback
@@ -234,9 +256,23 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         ocr_eval = OcrEvalCallback(output_dir=str(out), scheduler_dir=str(Path(model_cfg.pretrained_path) / "scheduler"),
                                    stage_ending_at=datamodule.stage_ending_at, **ocr_cfg)
         callbacks.append(ocr_eval)
-    encoders = load_model_encoders(model_cfg)
+    if datamodule.precomputed:
+        # The encoders never load: the shards carry their outputs, made by the encoders
+        # of this run's model folder at its dtype and sequence cap (checked by the tag).
+        if ocr_eval is not None:
+            raise ValueError("callbacks.ocr_eval generates images, which needs the encoders, but data.precomputed="
+                             "true keeps them off this machine: set callbacks.ocr_eval=null and score exported "
+                             "checkpoints with qwenimg-eval")
+        if model_cfg.build_tiny:
+            from qwenimg_train.tiny import ensure_tiny_checkpoint
+
+            ensure_tiny_checkpoint(model_cfg.pretrained_path, pipeline_class=model_cfg.pipeline_class)
+        datamodule.check_precomputed(precomputed_tag(model_cfg))
+        encoders = None
+    else:
+        encoders = load_model_encoders(model_cfg)
     edit_stages = [s.name for s in curriculum.stages if s.task_mix.get("ti2i", 0) + s.task_mix.get("i2i", 0) > 0]
-    if edit_stages and encoders.processor is None:
+    if edit_stages and encoders is not None and encoders.processor is None:
         raise ValueError(f"stages {edit_stages} train TI2I/I2I, but {model_cfg.pretrained_path!r} has no processor/ "
                          "(a T2I checkpoint): use a Qwen-Image-Edit folder, or stages with task_mix {t2i: 1.0}")
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
@@ -261,6 +297,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
                 logger.experiment.finish()
     result = summary.summary(trainer)
+    if graceful.stopped_at is not None:
+        result["stopped_by"] = {"signal": "SIGTERM", "step": graceful.stopped_at}
+    if nonfinite_cfg is not None:
+        result["nonfinite_skipped"] = nonfinite.skipped
     if ocr_eval is not None:
         result["ocr_eval"] = ocr_eval.history
     result["paths"] = {"output_dir": str(out), "checkpoints": str(checkpoint_dir),
@@ -270,10 +310,64 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _sweep_job(cfg: DictConfig) -> dict[str, Any]:
+    """One job of a Hydra multirun (`-m`, `sweep=...`; docs/sweeps.md).
+
+    - It writes to its own directory, <hydra.sweep.dir>/<hydra.sweep.subdir>: paths.output_dir
+      would give every job the same one (an experiment's fixed path, or the QWENIMG_RUN_DIR
+      that train() left set for the previous job of this process under the basic launcher).
+    - Lightning relaunches DDP ranks with this process's command line plus `hydra.run.dir=
+      <HydraConfig's run.dir>`; while the job runs, those are the job's own overrides in run
+      mode and its directory, so each rank runs this job, not the sweep.
+    - The basic launcher runs the jobs one after another in this process: each starts with
+      the environment the sweep started with (Lightning's launcher leaves LOCAL_RANK,
+      WORLD_SIZE, MASTER_PORT... set, which would tell the next job that its ranks already
+      exist) and without the previous job's process group.
+    - A failed job raises: Hydra records it, runs the other jobs and reports it at the end
+      (user_errors_exit's SystemExit would end the whole sweep at the first failure).
+    """
+    import sys
+
+    import torch.distributed as dist
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    hc = HydraConfig.get()
+    job_dir = hc.runtime.output_dir
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in hc.overrides.task]
+    if "paths.output_dir" in keys:
+        log.warning("paths.output_dir is ignored in a multirun: job %s writes to %s (hydra.sweep.dir=... chooses "
+                    "where a sweep goes)", hc.job.num, job_dir)
+    cfg.paths.output_dir = job_dir
+    with read_write(hc.run):  # this job's HydraConfig only; run_job sets a fresh one per job
+        hc.run.dir = job_dir
+    argv, env = sys.argv, dict(os.environ)
+    task = [o for o, key in zip(hc.overrides.task, keys) if key not in ("sweep", "paths.output_dir")]
+    sys.argv = [argv[0], *task, f'paths.output_dir="{job_dir}"', "hydra.mode=RUN"]
+    try:
+        return train(cfg)
+    except Exception as exc:
+        # Into the job's log (<job dir>/<job name>.log), where qwenimg-sweep-report finds the cause.
+        log.error("job %s failed: %s: %s", hc.job.num, type(exc).__name__, exc)
+        raise
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(env)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        result = train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        result = _sweep_job(cfg)
+    else:
+        with user_errors_exit(log):
+            result = train(cfg)
     print(json.dumps(result, indent=1))
 
 

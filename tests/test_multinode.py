@@ -258,6 +258,37 @@ def test_train_sbatch_launches_one_task_per_gpu_that_resumes(tmp_path):
         assert proc.returncode == 2 and wrong in proc.stderr, proc.stderr
 
 
+def test_train_sbatch_forwards_sigterm_and_requeues(tmp_path):
+    """SLURM's SIGTERM (--signal=B:TERM@180, or pre-emption) reaches the batch shell: it
+    forwards it to srun, waits for the tasks to checkpoint and exit, then requeues."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log, requeue = tmp_path / "srun.log", tmp_path / "scontrol.log"
+    (bin_dir / "srun").write_text(  # a task that, on SIGTERM, "saves" for a moment and exits 0
+        '#!/bin/bash\ntrap \'sleep 0.3; echo saved-and-stopped >> "$FAKE_SRUN_LOG"; exit 0\' TERM\n'
+        'echo started > "$FAKE_SRUN_LOG"\nwhile true; do sleep 0.05; done\n')
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1" = requeue ] && echo "requeue $2" >> "$FAKE_SCONTROL_LOG"\n'
+                                      '[ "$1" = show ] && echo node7\nexit 0\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SRUN_LOG=str(log), FAKE_SCONTROL_LOG=str(requeue),
+               PYTHON="/venv/bin/python", SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1",
+               SLURM_JOB_NODELIST="node7", SLURM_SUBMIT_DIR=str(tmp_path))
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm" / "train.sbatch"), "experiment=smoke"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert log.read_text().split() == ["started", "saved-and-stopped"]
+    assert requeue.read_text().split() == ["requeue", "4242"]
+
+
 def test_data_array_sbatch_passes_the_job_through(tmp_path):
     fake_python = tmp_path / "python"
     fake_python.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
