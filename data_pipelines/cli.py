@@ -43,10 +43,10 @@ def _synthetic(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _preview(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.preview import PreviewJob, run
+    from data_pipelines.preview import PreviewJob, make_sheet
 
-    out = run(from_mapping(PreviewJob, cfg))
-    return {"preview": str(out)}
+    out, skipped = make_sheet(from_mapping(PreviewJob, cfg))
+    return {"preview": str(out), "skipped": skipped}
 
 
 def _verify(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -2,16 +2,21 @@
 
 This is the one boundary where configuration is unpacked: below it, functions take
 explicit arguments. Unknown keys are an error that names the key and the known ones
-(a typo must never be silently ignored); validation lives in each dataclass's
-`__post_init__`.
+(a typo must never be silently ignored); so is a value of the wrong type for its
+field's annotation (`num_shards: "8"`, `fraction: [0.3]`, a NaN or infinite float),
+named with the key, the value and the expected type, before `__post_init__` compares
+it with anything. Value ranges are checked in each dataclass's `__post_init__`.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -57,11 +62,63 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "
         )
     kwargs = {}
     for name, value in mapping.items():
+        key = f"{where}.{name}" if where else name
         sub = _dataclass_type(hints.get(name))
         if sub is not None and isinstance(value, Mapping):
-            value = from_mapping(sub, value, f"{where}.{name}" if where else name)
+            value = from_mapping(sub, value, key)
+        elif name in hints and not _matches(value, hints[name]):
+            raise ValueError(f"{key} = {value!r:.120}: expected {_describe(hints[name])}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a plain config value fits annotation `tp` (scalars, None, unions, lists,
+    dicts, dataclasses; anything else is not checked). Ints fit floats; bools fit only bool."""
+    if tp is Any or tp is object:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (tp, Mapping))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin in (dict, typing.Mapping, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            return False
+        return len(args) != 2 or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return {"float": "a finite number", "int": "an integer", "str": "a string", "bool": "true or false",
+                "list": "a list", "dict": "a mapping"}.get(tp.__name__, tp.__name__)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin in (dict, typing.Mapping, collections.abc.Mapping):
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}" if len(args) == 2 else "a mapping"
+    return str(tp)
 
 
 @contextlib.contextmanager
@@ -76,3 +133,22 @@ def user_errors_exit(log: logging.Logger):
             raise
         log.error("%s", exc)
         raise SystemExit(2) from None
+
+
+# Config keys whose values are credentials: never written into a saved config, a
+# manifest, a checkpoint or a logger's hyperparameters (wandb keys, hub tokens, ...).
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key[_-]?secret|token|secret|password|passwd|credentials?)$",
+                         re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_secrets(config: Any) -> Any:
+    """A copy of a plain config with the values of credential-like keys replaced by
+    '<redacted>' (the keys stay, so the config still shows they were set; a mapping under
+    such a key is searched, not dropped)."""
+    if isinstance(config, Mapping):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(v, (str, bytes, int))
+                    else redact_secrets(v)) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [redact_secrets(v) for v in config]
+    return config

@@ -47,7 +47,12 @@ is refused instead of mixing two listings.
 Bad items never stop the job: unreadable, truncated and too-small images, missing
 files and malformed records are skipped through `tally.skip` and listed in the
 manifest with their reason ("UnidentifiedImageError: cannot identify image file",
-"TooSmall: 40x30 < 64", "BadJSON: ...").
+"TooSmall: 40x30 < 64", "BadJSON: ...", "Oversized: header says 30000x30000 >
+max_image_pixels=67108864": a decompression bomb, refused before decoding). Input
+names (file names, tar member names, JSONL image paths) are only read, never used to
+write: output samples are keyed `<source>_<shard>_<position>` and written into
+`out_dir` only; a tar member that is not a regular file (link, device, folder) is
+ignored.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.ocr import OcrEngine
@@ -88,6 +93,7 @@ from data_pipelines.schema import (
     split_language,
 )
 from data_pipelines.shards import encode_image
+from data_pipelines.untrusted import MAX_IMAGE_PIXELS, split_member_name
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,9 @@ class IngestConfig:
     """Images whose shorter side is below this many pixels are skipped ("TooSmall")."""
     max_side: int = 4096
     """Images whose longer side exceeds this are downscaled to it (and re-encoded)."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels (width x height) are skipped ("Oversized")
+    before they are decoded: decompression bombs. Default 8192x8192 (64 MP)."""
     ocr_boxes: bool = True
     """When an item has no text boxes, rapidocr detection + recognition supplies them
     (~0.65 s per 512² image on one core: the slow part of natural-image ingest)."""
@@ -141,6 +150,9 @@ class IngestConfig:
             raise ValueError(f"min_side = {self.min_side} must be >= 1")
         if self.max_side < self.min_side:
             raise ValueError(f"max_side = {self.max_side} must be >= min_side = {self.min_side}")
+        if self.max_image_pixels < self.min_side ** 2:
+            raise ValueError(f"max_image_pixels = {self.max_image_pixels} must be >= min_side**2 = {self.min_side ** 2} "
+                             f"(default {MAX_IMAGE_PIXELS})")
         if not 0 <= self.ocr_min_score <= 1:
             raise ValueError(f"ocr_min_score = {self.ocr_min_score} must lie in [0, 1]")
         try:
@@ -240,10 +252,14 @@ def list_webdataset(pattern: str) -> list[Item]:
             # "r:" refuses compressed tars: their members cannot be read by offset.
             with tarfile.open(shard, "r:") as tar:
                 for member in tar:
-                    if member.isfile():
-                        # Split as iter_tar_samples and WebDataset do: the key ends at the first dot.
-                        key, _, ext = member.name.partition(".")
-                        by_key.setdefault(key, []).append((ext, member.offset_data, member.size))
+                    # Regular members only: links and devices are never followed. Names are
+                    # only read (every output sample is renamed `<source>_<shard>_<pos>`),
+                    # so an odd or hostile name cannot place a file anywhere.
+                    if member.isreg():
+                        # Split as iter_tar_samples and WebDataset do: at the first dot of the base name.
+                        key, ext = split_member_name(member.name)
+                        if key is not None:
+                            by_key.setdefault(key, []).append((ext, member.offset_data, member.size))
         except tarfile.ReadError as exc:
             if not by_key:
                 raise ValueError(f"{shard}: not a readable uncompressed tar ({exc}); webdataset input must be plain .tar shards") from None
@@ -481,12 +497,23 @@ def _to_rgb(im: Image.Image, alpha: bool) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def prepare_image(data: bytes, *, min_side: int, max_side: int) -> PreparedImage:
-    """Decode fully (corrupt and truncated files fail here, not in a training loader) and decide how to store."""
+def prepare_image(data: bytes, *, min_side: int, max_side: int, max_pixels: int = MAX_IMAGE_PIXELS) -> PreparedImage:
+    """Decode fully (corrupt and truncated files fail here, not in a training loader) and decide how to store.
+
+    The header's size is checked against `max_pixels` before decoding (decompression bombs)."""
     if not data:
         raise SkipItem("EmptyFile: 0 bytes")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would be kept; unset it")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice its limit
+        raise SkipItem(f"Oversized: {describe(exc)}") from None
+    except Exception as exc:
+        raise SkipItem(describe(exc)) from None
+    if im.width * im.height > max_pixels:
+        raise SkipItem(f"Oversized: header says {im.width}x{im.height} > max_image_pixels={max_pixels}")
+    try:
         im.load()
         fmt = im.format
         # Cameras store rotation as an EXIF tag; readers that ignore it (WebDataset's
@@ -719,7 +746,8 @@ class IngestProducer:
         config = self.config
         raw = LOADERS[config.format](item)
         try:
-            prepared = prepare_image(raw.data, min_side=config.min_side, max_side=config.max_side)
+            prepared = prepare_image(raw.data, min_side=config.min_side, max_side=config.max_side,
+                                     max_pixels=config.max_image_pixels)
         except SkipItem as skip:
             raise SkipItem(skip.reason, raw.name) from None
         width, height = prepared.image.size
@@ -799,7 +827,10 @@ def run_ingest(
     if not items:
         raise ValueError(f"path = {config.path!r}: no {config.format} items found; check path and format")
     num_shards = math.ceil(len(items) / config.samples_per_shard)
-    settings = {"source": source, "ingest": asdict(config), "num_items": len(items), "items_digest": items_digest(items)}
+    ingest_settings = asdict(config)
+    if config.max_image_pixels == MAX_IMAGE_PIXELS:  # only when changed: earlier outputs keep their fingerprint
+        ingest_settings.pop("max_image_pixels")
+    settings = {"source": source, "ingest": ingest_settings, "num_items": len(items), "items_digest": items_digest(items)}
     job = ShardedJob(
         out_dir=out_dir,
         prefix=source,

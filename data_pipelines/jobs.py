@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from tqdm import tqdm
 
-from data_pipelines.schema import SampleMeta
+from data_pipelines.schema import SampleMeta, valid_key
 from data_pipelines.shards import AtomicShardWriter, ShardSet, fingerprint, node_shards, node_split
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,10 @@ def _write_shard(index: int) -> dict[str, Any]:
     try:
         for sample in producer.produce(index, tally):
             sample.meta.validate()
+            # The tar member names: a producer that copies keys from its input (verify,
+            # precompute) skips unsafe ones as `bad_key`; one reaching here is a bug.
+            if not valid_key(sample.key):
+                raise ValueError(f"shard {index}: producer {type(producer).__name__} yielded unsafe key {sample.key!r}")
             writer.write(sample.key, sample.fields)
             meta = sample.meta
             tally.add("text_class", meta.text_class)

@@ -36,8 +36,15 @@ from typing import Any, Iterator
 import torch
 
 from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
-from data_pipelines.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, META_EXTENSION, SOURCE_IMAGE_PREFIX, SampleMeta
-from data_pipelines.shards import iter_tar_samples
+from data_pipelines.schema import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    INSTRUCTION_EXTENSION,
+    META_EXTENSION,
+    SOURCE_IMAGE_PREFIX,
+    SampleMeta,
+)
+from data_pipelines.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, parse_meta, read_tar_samples
 from data_pipelines.verify import input_shards
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,8 @@ class PrecomputeJob:
     """Decode JPEGs at reduced size where the bucket allows, as the loader does (data.reduced_decode)."""
     batch_size: int = 8
     """Samples encoded together."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are skipped as `oversized` (decompression bombs)."""
     device: str = "auto"
     """auto: cuda:LOCAL_RANK when a GPU is present, else cpu."""
     build_tiny: bool = False
@@ -91,6 +100,8 @@ class PrecomputeJob:
             raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {MAX_SEQUENCE_LENGTH}]")
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch_size and workers must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels = {self.max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
         if not self.resolutions and not self.bucket_sets:
             raise ValueError("resolutions and bucket_sets are both empty: give at least one (e.g. resolutions=[512])")
         for w, h in (s for b in self.sizes() for s in b):
@@ -147,8 +158,8 @@ class PrecomputeProducer:
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
         path = self.paths[index]
         chunk: list[_Item] = []
-        for raw in iter_tar_samples(path):
-            item = self._read(raw, f"{path.name}:{raw.get('__key__')}", tally)
+        for raw in read_tar_samples(str(path), report=tally.skip):
+            item = self._read(raw, f"{path.name}:{raw.get('__key__')!r}", tally)
             if item is None:
                 continue
             chunk.append(item)
@@ -161,28 +172,36 @@ class PrecomputeProducer:
     def _read(self, raw: dict[str, Any], where: str, tally: Tally) -> _Item | None:
         from qwenimg_train.data import decode_image, nearest_bucket
 
+        pixels = self.job.max_image_pixels
         try:
+            check_key(raw["__key__"])  # it names the output's tar members
             ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
             if ext is None or META_EXTENSION not in raw:
-                raise KeyError("image or json member missing")
-            meta = SampleMeta.from_json(raw[META_EXTENSION])
+                raise BadSample("missing_member", "image or json member missing")
+            meta = parse_meta(raw[META_EXTENSION])
             edit = f"{SOURCE_IMAGE_PREFIX}.{ext}" in raw and INSTRUCTION_EXTENSION in raw
-            prompt = raw[INSTRUCTION_EXTENSION if edit else "txt"].decode("utf-8")
+            prompt_member = INSTRUCTION_EXTENSION if edit else CAPTION_EXTENSION
+            if prompt_member not in raw:
+                raise BadSample("missing_member", f"no {prompt_member} member")
+            try:
+                prompt = raw[prompt_member].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadSample("bad_caption", str(exc)) from None
             images = {}
             for sizes in self.bucket_sets:
-                size = nearest_bucket(int(meta.width), int(meta.height), sizes)
+                size = nearest_bucket(meta.width, meta.height, sizes)
                 if size in images:
                     continue
                 # HWC uint8 as the loader decodes it (a writable copy, as its collate
                 # makes), then the CHW view its Batch carries.
-                target = torch.from_numpy(decode_image(raw[ext], size, self.job.reduced_decode).copy()).permute(2, 0, 1)
+                target = torch.from_numpy(decode_image(raw[ext], size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
                 source = None
                 if edit:
                     data = raw[f"{SOURCE_IMAGE_PREFIX}.{ext}"]
-                    source = torch.from_numpy(decode_image(data, size, self.job.reduced_decode).copy()).permute(2, 0, 1)
+                    source = torch.from_numpy(decode_image(data, size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
                 images[size] = (target, source)
-        except Exception as exc:  # a bad sample is skipped and counted, never fatal
-            tally.skip(where, f"{type(exc).__name__}: {exc}")
+        except BadSample as bad:  # a bad sample is skipped and counted, never fatal
+            tally.skip(where, str(bad))
             return None
         return _Item(raw, meta, prompt, edit, images)
 
@@ -253,6 +272,8 @@ def run(job: PrecomputeJob) -> dict[str, Any]:
             extra["source"] = source["source"]
     settings = {"in_dir": extra["precomputed_from"], "tag": tag.to_dict(), "keep_images": job.keep_images,
                 "reduced_decode": job.reduced_decode}
+    if job.max_image_pixels != MAX_IMAGE_PIXELS:  # only when changed: earlier outputs keep their fingerprint
+        settings["max_image_pixels"] = job.max_image_pixels
     summary = run_sharded(
         ShardedJob(
             out_dir=job.out_dir, prefix=prefix, num_shards=len(paths), settings=settings,

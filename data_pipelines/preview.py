@@ -1,12 +1,15 @@
 """Contact sheets: the first N samples of a shard folder, polygons and classes drawn.
 
 Read with plain `webdataset.WebDataset`, the reader training uses, so a sheet that
-looks right also says the shards load.
+looks right also says the shards load. Bad samples (data_pipelines.untrusted reasons:
+unsafe key, bad metadata, undecodable or oversized image, a broken tar) are skipped,
+counted and logged; the sheet shows the good ones.
 """
 
 from __future__ import annotations
 
-import io
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,9 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.schema import IMAGE_EXTENSIONS, SampleMeta
+from data_pipelines.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, decode_rgb, parse_meta
+
+log = logging.getLogger(__name__)
 
 CLASS_COLOURS = {"none": (160, 160, 160), "simple": (40, 200, 90), "complex": (240, 80, 40)}
 
@@ -51,23 +57,47 @@ def _label_font(size: int) -> ImageFont.ImageFont:
 
 
 def run(job: PreviewJob) -> Path:
-    dataset = wds.WebDataset(shard_urls(job.shards), shardshuffle=False, empty_check=False)
+    return make_sheet(job)[0]
+
+
+def make_sheet(job: PreviewJob) -> tuple[Path, dict[str, int]]:
+    """The contact sheet's path and the bad samples skipped on the way, by reason."""
+    skipped: Counter = Counter()
+
+    def handler(exc: BaseException) -> bool:  # a tar that breaks off: the rest of it is lost
+        skipped["bad_shard" if "duplicate file name" not in str(exc) else "duplicate_member"] += 1
+        log.warning("preview: %s", exc)
+        return True
+
+    dataset = wds.WebDataset(shard_urls(job.shards), shardshuffle=False, empty_check=False, handler=handler)
     thumbs = []
     for sample in dataset:
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None or "json" not in sample:
+        try:
+            check_key(sample.get("__key__"))
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is None or "json" not in sample:
+                raise BadSample("missing_member", "image or json member missing")
+            meta = parse_meta(sample["json"])
+            image = decode_rgb(sample[ext], MAX_IMAGE_PIXELS)
+            source = sample.get(f"src.{ext}")
+            source = decode_rgb(source, MAX_IMAGE_PIXELS) if source is not None else None
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            log.warning("preview: skipped %s: %s", sample.get("__key__"), bad)
             continue
-        meta = SampleMeta.from_json(sample["json"])
-        image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-        source = sample.get(f"src.{ext}")
-        if source is not None:  # an edit pair: source and target side by side, region drawn
-            thumbs.append(_pair(Image.open(io.BytesIO(source)).convert("RGB"), image, meta, job.thumb_size))
-        else:
-            thumbs.append(_annotate(image, meta, job.thumb_size))
+        try:
+            if source is not None:  # an edit pair: source and target side by side, region drawn
+                thumbs.append(_pair(source, image, meta, job.thumb_size))
+            else:
+                thumbs.append(_annotate(image, meta, job.thumb_size))
+        except (TypeError, ValueError) as exc:  # a malformed extra.edit (region, instruction)
+            skipped["bad_meta"] += 1
+            log.warning("preview: skipped %s: bad_meta: %s", sample.get("__key__"), exc)
+            continue
         if len(thumbs) >= job.num_samples:
             break
     if not thumbs:
-        raise ValueError(f"no readable samples in {job.shards!r}")
+        raise ValueError(f"no readable samples in {job.shards!r} (skipped: {dict(skipped) or 'none'})")
     cols = min(job.columns, len(thumbs))
     rows = (len(thumbs) + cols - 1) // cols
     label_h = 18
@@ -81,7 +111,7 @@ def run(job: PreviewJob) -> Path:
     out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    return out
+    return out, dict(sorted(skipped.items()))
 
 
 def _annotate(image: Image.Image, meta: SampleMeta, size: int):
@@ -102,7 +132,8 @@ def _pair(source: Image.Image, target: Image.Image, meta: SampleMeta, size: int)
     half = size // 2
     scale = half / max(target.width, target.height)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    edit = meta.extra.get("edit", {})
+    edit = meta.extra.get("edit")
+    edit = edit if isinstance(edit, dict) else {}
     for i, im in enumerate((source, target)):
         thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
         canvas.paste(thumb, (i * half, 0))

@@ -38,8 +38,18 @@ SOURCE_IMAGE_PREFIX = "src"
 INSTRUCTION_EXTENSION = "instruction.txt"
 
 # Keys become tar member names `<key>.<ext>`: WebDataset splits a member name at its
-# first dot, so a key must not contain one.
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+# first dot, so a key must not contain one. A key is one or more segments of ASCII
+# letters, digits, '_' and '-' joined by single '/': no leading '/' (absolute), no
+# empty segment, no '.' or '..' (path traversal), no unicode (names that normalise
+# differently on different file systems), so a shard extracted by a user never
+# writes outside the folder it is extracted into.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*$")
+MAX_KEY_LENGTH = 200
+
+
+def valid_key(key: str) -> bool:
+    """Whether `key` is safe as a tar member name prefix (see `_KEY_RE`)."""
+    return isinstance(key, str) and len(key) <= MAX_KEY_LENGTH and _KEY_RE.fullmatch(key) is not None
 
 
 class TextClass(str, enum.Enum):
@@ -170,8 +180,11 @@ class SampleMeta:
     schema_version: int = SCHEMA_VERSION
 
     def validate(self) -> None:
-        if not _KEY_RE.match(self.key):
-            raise ValueError(f"sample key {self.key!r} may hold only letters, digits, '_', '-' and '/'")
+        if not valid_key(self.key):
+            raise ValueError(f"sample key {self.key!r}: use segments of ASCII letters, digits, '_' and '-' joined "
+                             f"by single '/' (no leading '/', no dots), at most {MAX_KEY_LENGTH} characters")
+        if not (_is_int(self.width) and _is_int(self.height) and self.width > 0 and self.height > 0):
+            raise ValueError(f"sample {self.key}: size {self.width!r}x{self.height!r} is not two positive integers")
         if self.source not in (s.value for s in Source):
             raise ValueError(f"sample {self.key}: unknown source {self.source!r}")
         if self.text_class not in (c.value for c in TextClass):
@@ -196,12 +209,82 @@ class SampleMeta:
 
     @classmethod
     def from_json(cls, data: str | bytes | dict[str, Any]) -> "SampleMeta":
-        obj = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
+        """Parse and type-check; anything malformed (not JSON, not an object, a required
+        field missing, a field of the wrong type, an unknown field) is a ValueError."""
+        obj = json.loads(data) if isinstance(data, (str, bytes, bytearray)) else data
+        if not isinstance(obj, dict):
+            raise ValueError(f"sample metadata must be a JSON object, got {type(obj).__name__}")
+        obj = dict(obj)
         version = obj.get("schema_version", SCHEMA_VERSION)
+        if not _is_int(version):
+            raise ValueError(f"sample metadata: schema_version = {version!r} is not an integer")
         if version > SCHEMA_VERSION:
             raise ValueError(f"sample schema version {version} is newer than this code ({SCHEMA_VERSION})")
-        obj["lines"] = [LineMeta(**line) for line in obj.get("lines", [])]
+        _check_fields("sample metadata", obj, _META_FIELDS)
+        lines = obj.get("lines", [])
+        for i, line in enumerate(lines):
+            if not isinstance(line, dict):
+                raise ValueError(f"sample metadata: lines[{i}] is a {type(line).__name__}, not an object")
+            _check_fields(f"sample metadata lines[{i}]", line, _LINE_FIELDS)
+            polygon = line["polygon"]
+            if not all(isinstance(p, list) and len(p) == 2 and all(_is_number(c) for c in p) for p in polygon):
+                raise ValueError(f"sample metadata lines[{i}]: polygon must be a list of [x, y] numbers")
+        obj["lines"] = [LineMeta(**line) for line in lines]
         return cls(**obj)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# field -> (required, check, what it must be): from_json's type check, kept next to the
+# dataclasses it mirrors.
+_OPT = False
+_REQ = True
+_META_FIELDS: dict[str, tuple[bool, Any, str]] = {
+    "key": (_REQ, lambda v: isinstance(v, str), "a string"),
+    "source": (_REQ, lambda v: isinstance(v, str), "a string"),
+    "width": (_REQ, _is_int, "an integer"),
+    "height": (_REQ, _is_int, "an integer"),
+    "text_class": (_REQ, lambda v: isinstance(v, str), "a string"),
+    "languages": (_REQ, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "lines": (_OPT, lambda v: isinstance(v, list), "a list"),
+    "layout": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "format": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "background": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "seed": (_OPT, lambda v: v is None or _is_int(v), "an integer or null"),
+    "ocr": (_OPT, lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "extra": (_OPT, lambda v: isinstance(v, dict), "an object"),
+    "schema_version": (_OPT, _is_int, "an integer"),
+}
+_LINE_FIELDS: dict[str, tuple[bool, Any, str]] = {
+    "text": (_REQ, lambda v: isinstance(v, str), "a string"),
+    "language": (_REQ, lambda v: isinstance(v, str), "a string"),
+    "polygon": (_REQ, lambda v: isinstance(v, list), "a list of [x, y] points"),
+    "direction": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "font": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "font_size": (_OPT, _is_int, "an integer"),
+    "role": (_OPT, lambda v: isinstance(v, str), "a string"),
+    "ocr_text": (_OPT, lambda v: v is None or isinstance(v, str), "a string or null"),
+    "ocr_score": (_OPT, lambda v: v is None or _is_number(v), "a number or null"),
+}
+
+
+def _check_fields(where: str, obj: dict[str, Any], spec: dict[str, tuple[bool, Any, str]]) -> None:
+    unknown = sorted(set(obj) - set(spec))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    for name, (required, check, what) in spec.items():
+        if name not in obj:
+            if required:
+                raise ValueError(f"{where}: required field {name!r} is missing")
+            continue
+        if not check(obj[name]):
+            raise ValueError(f"{where}: {name} = {obj[name]!r:.80} is not {what}")
 
 
 def classify_text(lines: Sequence[LineMeta]) -> TextClass:

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import socket
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -117,9 +116,16 @@ class ShardSet:
         (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
     def remove_partial(self, indices: Iterable[int]) -> None:
-        """Delete temporary files a killed run left for these shards (this node's only)."""
+        """Delete temporary files a killed run left for these shards (this node's only),
+        and a manifest's that a killed process of this host left (never one another
+        live process may still be renaming)."""
         for index in indices:
             for path in self.out_dir.glob(f"{self.prefix}-{index:06d}.*.tmp-*"):
+                path.unlink(missing_ok=True)
+        host = socket.gethostname()
+        for path in self.out_dir.glob(f"{MANIFEST_NAME}.tmp-*"):
+            owner, _, pid = path.name.rpartition(".tmp-")[2].rpartition("-")
+            if owner == host and pid.isdigit() and not _alive(int(pid)):
                 path.unlink(missing_ok=True)
 
     def write_stats(self, index: int, stats: Mapping[str, Any]) -> None:
@@ -185,6 +191,16 @@ class AtomicShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _tmp_path(path: Path) -> Path:
     # Host and pid: nodes sharing a file system never write the same temporary file.
     return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -197,21 +213,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def iter_tar_samples(path: str | Path) -> Iterable[dict[str, bytes]]:
-    """Samples of one shard as {ext: bytes, '__key__': key}, read with plain tarfile."""
-    with tarfile.open(path) as tar:
-        current: dict[str, Any] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            data = tar.extractfile(member)
-            current[ext] = data.read() if data else b""
-        if current:
-            yield current
+    """Samples of one shard as {ext: bytes, '__key__': key}, read with plain tarfile and
+    grouped as WebDataset groups them; a broken tar raises (jobs that read untrusted
+    shards use `data_pipelines.untrusted.read_tar_samples`, which counts instead)."""
+    from data_pipelines.untrusted import read_tar_samples
+
+    return read_tar_samples(str(path))
 
 
 def encode_image(image, fmt: str, jpeg_quality: int) -> bytes:

@@ -6,25 +6,23 @@ sample back with the recogniser, writes the samples that pass to a new folder
 under the same shard names (image and caption bytes untouched, metadata with the
 OCR fields filled in), and counts the drops. Shards are split over processes and
 nodes like generation, written atomically, and a rerun keeps complete ones.
-Unreadable samples (bad image, bad JSON, missing member) are skipped and counted.
+Unreadable samples (bad image, bad JSON, missing member, unsafe key; the reasons
+of data_pipelines.untrusted) are skipped and counted.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
-
 from data_pipelines.jobs import Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.ocr import DEFAULT_OCR_LANGUAGES, OcrEngine, verify_sample
-from data_pipelines.schema import IMAGE_EXTENSIONS, META_EXTENSION, SampleMeta
-from data_pipelines.shards import iter_tar_samples
+from data_pipelines.schema import IMAGE_EXTENSIONS, META_EXTENSION
+from data_pipelines.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, decode_rgb, parse_meta, read_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +39,8 @@ class VerifyJob:
     """Drop a sample whose normalised edit distance over its scored lines exceeds this."""
     languages: list[str] = field(default_factory=lambda: list(DEFAULT_OCR_LANGUAGES))
     threads: int = 1
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are skipped as `oversized` (decompression bombs)."""
     workers: int = 1
     node_rank: int | None = None
     num_nodes: int | None = None
@@ -55,6 +55,8 @@ class VerifyJob:
             raise ValueError("out_dir must differ from in_dir (verification never rewrites its input)")
         if self.workers < 1 or self.threads < 1:
             raise ValueError("workers and threads must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels = {self.max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
 
 
 def input_shards(in_dir: str) -> tuple[str, list[Path]]:
@@ -81,18 +83,19 @@ class VerifyProducer:
 
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
         job = self.job
-        for raw in iter_tar_samples(self.paths[index]):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        shard = self.paths[index]
+        for raw in read_tar_samples(str(shard), report=tally.skip):
             try:
+                key = check_key(raw["__key__"])
+                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
                 if ext is None or META_EXTENSION not in raw:
-                    raise KeyError("image or json member missing")
-                meta = SampleMeta.from_json(raw[META_EXTENSION])
-                image = Image.open(io.BytesIO(raw[ext]))
-                image.load()
-            except Exception as exc:  # a bad sample is skipped and counted, never fatal
-                tally.skip(f"{self.paths[index].name}:{raw.get('__key__')}", f"{type(exc).__name__}: {exc}")
+                    raise BadSample("missing_member", "image or json member missing")
+                meta = parse_meta(raw[META_EXTENSION])
+                image = decode_rgb(raw[ext], job.max_image_pixels)
+            except BadSample as bad:  # a bad sample is skipped and counted, never fatal
+                tally.skip(f"{shard.name}:{raw.get('__key__')!r}", str(bad))
                 continue
-            score = verify_sample(self.ocr, image.convert("RGB"), meta, job.mode)  # the generator's own check
+            score = verify_sample(self.ocr, image, meta, job.mode)  # the generator's own check
             if not meta.lines:
                 tally.add("ocr", "no_text")
             elif score is None:
@@ -104,11 +107,14 @@ class VerifyProducer:
                 tally.add("ocr", "passed")
             fields = {k: v for k, v in raw.items() if k != "__key__"}
             fields[META_EXTENSION] = meta.to_json().encode("utf-8")
-            yield Produced(raw["__key__"], fields, meta)
+            yield Produced(key, fields, meta)
 
 
 def _settings(job: VerifyJob) -> dict[str, Any]:
-    return {"in_dir": str(Path(job.in_dir).resolve()), "mode": job.mode, "max_ned": job.max_ned, "languages": job.languages}
+    settings = {"in_dir": str(Path(job.in_dir).resolve()), "mode": job.mode, "max_ned": job.max_ned, "languages": job.languages}
+    if job.max_image_pixels != MAX_IMAGE_PIXELS:  # only when changed: earlier outputs keep their fingerprint
+        settings["max_image_pixels"] = job.max_image_pixels
+    return settings
 
 
 def run(job: VerifyJob) -> dict[str, Any]:

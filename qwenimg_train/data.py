@@ -27,16 +27,21 @@ continues exactly where it stopped: the stream is rebuilt and its first
 `skip_batches` batches are drawn again without decoding a single image (only tar
 reads, JSON and the sampling draws), then dropped. The batches after the resume
 point are the ones the uninterrupted run would have seen (unless an undecodable
-sample lies in the skipped span: skipping does not decode, so it cannot notice it). Bad samples (undecodable image, missing member, bad JSON) are
-skipped and counted by reason; past `max_skip_fraction` of the samples seen the
-stream stops with an error naming the shard and key.
+sample lies in the skipped span: skipping does not decode, so it cannot notice it).
+
+Bad samples are skipped and counted by reason (`Batch.skipped`; the reasons are
+data_pipelines.untrusted.SKIP_REASONS: empty, truncated, undecodable, oversized (an
+image header over `max_image_pixels`, checked before decoding: decompression bombs),
+bad_json, bad_meta, bad_caption, missing_member, bad_key, duplicate_member, bad_shard);
+past `max_skip_fraction` of the samples seen the stream stops with an error naming
+the shard and key. Below it a bad sample is never fatal. Nothing is extracted to disk.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import tarfile
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +55,15 @@ from PIL import Image
 
 from data_pipelines.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX
 from data_pipelines.shards import MANIFEST_NAME, derive_seed
+from data_pipelines.untrusted import (
+    MAX_IMAGE_PIXELS,
+    BadSample,
+    check_key,
+    check_meta_fields,
+    image_reason,
+    load_json_object,
+    open_image,
+)
 from qwenimg_train.curriculum import SOURCES, Stage
 from qwenimg_train.precomputed import MEMBER as PRECOMPUTED_MEMBER
 
@@ -158,7 +172,16 @@ class _SkipCounter:
         self.min_seen = min_seen
 
     def __call__(self, exc: BaseException) -> bool:
-        self.skip(type(exc).__name__, " ".join(str(a) for a in exc.args)[:200])
+        """WebDataset's handler for errors reading a tar: a shard cut short or corrupt
+        (the rest of it is lost), a member duplicated within a sample."""
+        message = " ".join(str(a) for a in exc.args)[:200]
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            reason = "bad_shard"
+        elif isinstance(exc, ValueError) and "duplicate file name" in message:
+            reason = "duplicate_member"
+        else:
+            reason = type(exc).__name__
+        self.skip(reason, message)
         return True  # keep going
 
     def skip(self, reason: str, where: str) -> None:
@@ -172,6 +195,21 @@ class _SkipCounter:
             )
 
 
+def read_meta(sample: Mapping[str, Any], skips: _SkipCounter) -> dict | None:
+    """A sample's metadata, checked before any filter reads a field; None (counted by
+    reason: bad_key, missing_member, bad_json, bad_meta) when the sample is unusable."""
+    try:
+        check_key(sample.get("__key__"))
+        if "json" not in sample:
+            raise BadSample("missing_member", "no json member")
+        meta = load_json_object(sample["json"])
+        check_meta_fields(meta)
+    except BadSample as bad:
+        skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')!r}: {bad.detail}")
+        return None
+    return meta
+
+
 def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
     ratio = np.log(width / height)
     return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
@@ -182,10 +220,23 @@ def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
     return images_bchw.float().div_(127.5).sub_(1.0)
 
 
-def decode_image(data: bytes, size: tuple[int, int], reduced: bool) -> np.ndarray:
-    """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped."""
+def decode_image(data: bytes, size: tuple[int, int], reduced: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped.
+
+    Raises `BadSample` with its reason (empty, oversized, truncated, undecodable): the
+    header is checked against `max_pixels` before a pixel is decoded (decompression
+    bombs), and truncated files stay errors (data_pipelines.untrusted)."""
+    try:
+        return _decode(open_image(data, max_pixels), size, reduced)
+    except (BadSample, MemoryError):
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+        raise BadSample(image_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _decode(opened: Image.Image, size: tuple[int, int], reduced: bool) -> np.ndarray:
     tw, th = size
-    with Image.open(io.BytesIO(data)) as im:
+    with opened as im:
         if reduced and im.format == "JPEG":
             # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 size when that still
             # covers the target (3.2x a full decode + resize at 256², REFERENCE.md).
@@ -228,6 +279,7 @@ class StageStream(torch.utils.data.IterableDataset):
         reduced_decode: bool = True,
         num_batches: int | None = None,
         precomputed: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         if batch_size < 1:
@@ -256,6 +308,10 @@ class StageStream(torch.utils.data.IterableDataset):
         # Read each sample's encoder outputs (`pre.safetensors`) instead of decoding its
         # images; the draws (task, source, bucket, caption dropout) are the same.
         self.precomputed = precomputed
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels = {max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
+        # An image whose header claims more pixels is skipped as `oversized` before decoding.
+        self.max_image_pixels = max_image_pixels
 
     def _worker(self) -> tuple[int, int]:
         """(role, workers): this loader worker's place in the stage's stream. The
@@ -314,10 +370,8 @@ class StageStream(torch.utils.data.IterableDataset):
         rejected = [0]  # consecutive samples the filter refused
 
         def admit(sample: dict) -> bool:
-            try:
-                meta = json.loads(sample["json"])
-            except (KeyError, ValueError) as exc:
-                skips.skip(f"bad_json:{type(exc).__name__}", f"{sample.get('__url__')}:{sample.get('__key__')}")
+            meta = read_meta(sample, skips)
+            if meta is None:
                 return False
             sample["meta"] = meta
             if meta.get("text_class") in allowed and (select is None or select(meta)):
@@ -390,23 +444,37 @@ class StageStream(torch.utils.data.IterableDataset):
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         meta = sample["meta"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        load = (lambda data, size: decode_image(data, size, self.reduced_decode)) if decode else (lambda data, size: None)
+        load = ((lambda data, size: decode_image(data, size, self.reduced_decode, self.max_image_pixels)) if decode
+                else (lambda data, size: None))
         encoded = None
         try:
-            size = nearest_bucket(int(meta["width"]), int(meta["height"]), sizes)
-            prompt = sample[INSTRUCTION_EXTENSION if task != "t2i" else "txt"].decode("utf-8")
+            # width and height are positive ints: `admit` checked them.
+            size = nearest_bucket(meta["width"], meta["height"], sizes)
+            members = [INSTRUCTION_EXTENSION if task != "t2i" else "txt"]
+            if self.precomputed:
+                members.append(PRECOMPUTED_MEMBER)
+            else:
+                members += [ext] if ext is not None else ["jpg|png"]
+                if task != "t2i":
+                    members.append(f"{SOURCE_IMAGE_PREFIX}.{ext}")
+            missing = [m for m in members if m not in sample]
+            if missing:
+                raise BadSample("missing_member", f"no {', '.join(missing)} member")
+            try:
+                prompt = sample[members[0]].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadSample("bad_caption", str(exc)) from None
             target = source = None
             if self.precomputed:
-                if PRECOMPUTED_MEMBER not in sample:
-                    raise KeyError(f"no {PRECOMPUTED_MEMBER} member")
                 encoded = read_precomputed(sample[PRECOMPUTED_MEMBER]) if decode else {}
             else:
-                if ext is None:
-                    raise KeyError("no image member")
                 target = load(sample[ext], size)
                 if task != "t2i":
                     source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
-        except Exception as exc:  # undecodable image, missing member: counted, not fatal
+        except BadSample as bad:  # undecodable image, missing member, ...: counted, not fatal
+            skips.skip(bad.reason, f"{where}: {bad.detail}")
+            return None
+        except Exception as exc:  # anything else a sample's bytes provoke (a bad safetensors member)
             skips.skip(type(exc).__name__, where)
             return None
         dropped = rng.random() < self.stage.caption_dropout

@@ -186,7 +186,7 @@ def test_split_across_nodes_resume_and_bad_samples(setup, shard_sources, tmp_pat
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     source = json.loads((src / "manifest.json").read_text())
     assert manifest["num_samples"] == source["num_samples"] - 1
-    assert manifest["counts"]["skipped"] == {"UnidentifiedImageError": 1}
+    assert manifest["counts"]["skipped"] == {"undecodable": 1}
     assert len(manifest["skipped"]) == 1 and "synthetic-000001.tar" in manifest["skipped"][0]["item"]
 
 

@@ -182,7 +182,7 @@ def test_verify_stage_filters_counts_and_skips_bad_samples(tmp_path):
     summary = verify_run(VerifyJob(in_dir=str(src), out_dir=str(out), progress=False))
     assert summary["shards_verified"] == 2 and summary["manifest"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["skipped"] == {"UnidentifiedImageError": 1}
+    assert manifest["counts"]["skipped"] == {"undecodable": 1}
     ocr = manifest["counts"]["ocr"]
     assert sum(ocr.values()) == 7 and manifest["num_samples"] == 7 - ocr.get("dropped", 0)
     verified = list(wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False, empty_check=False))

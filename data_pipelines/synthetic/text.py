@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 
 MIXED = "mixed"
 CJK_LANGUAGES = ("zh-Hans", "zh-Hant", "ja", "ko")
+# Common characters of each language: when no font covers any of them, the job's fonts
+# cannot render the language at all, and the config is refused before a sample is made.
+COVERAGE_PROBES = {
+    "zh-Hans": "的一是在不了有和人这中大为上个国我以要他",
+    "zh-Hant": "的一是在不了有和人這中大為上個國我以要他",
+    "ja": "あいうえおかきくけこアイウエオ日本語",
+    "ko": "가나다라마바사아자차카타파하한국어",
+    "en": "AaBbCcEeNnTt",
+}
 VERTICAL_LANGUAGES = ("zh-Hans", "zh-Hant", "ja")  # vertical typesetting is a CJK (mostly zh/ja) practice
 
 _WORDLIST_FILES = {"zh-Hans": "zh_hans.txt", "zh-Hant": "zh_hant.txt", "en": "en.txt", "ja": "ja.txt", "ko": "ko.txt"}
@@ -160,6 +169,16 @@ class TextSampler:
         needed = set(self.language_names) - {MIXED}
         if MIXED in self.language_names:
             needed |= {"en"}
+        if covered is not None:
+            for lang in sorted(needed):
+                if not any(covered(ch) for ch in COVERAGE_PROBES[lang]):
+                    key = lang if lang in language_weights else MIXED
+                    raise ValueError(
+                        f"text.language_weights.{key} = {language_weights[key]}: no font in this job's font set covers "
+                        f"{lang} text (e.g. {COVERAGE_PROBES[lang][:6]!r}); install one fontconfig finds "
+                        f"(fonts-noto-cjk covers zh/ja/ko), add its folder to fonts.dirs, loosen fonts.include / "
+                        f"fonts.exclude, or set text.language_weights.{key}=0"
+                    )
         for lang in needed:
             if not self.sources.get(lang):
                 raise ValueError(
