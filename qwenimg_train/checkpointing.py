@@ -12,6 +12,7 @@ is assumed (as for any sharded checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -55,8 +56,39 @@ def resolve_checkpoint(path: Path) -> Path | None:
     return old if old.exists() else None
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder); the earlier ones are intact."""
+
+
+@contextlib.contextmanager
+def _collect_write_errors(trainer, errors: list[BaseException]):
+    """Record an OSError of Lightning's file writer instead of raising it, so that the
+    writing rank still meets the other ranks at Lightning's barrier after the write; the
+    ranks then decide together (AtomicModelCheckpoint)."""
+    io = trainer.strategy.checkpoint_io
+    original = io.save_checkpoint
+
+    def save_checkpoint(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except OSError as exc:
+            errors.append(exc)
+
+    io.save_checkpoint = save_checkpoint
+    try:
+        yield
+    finally:
+        del io.save_checkpoint  # back to the class's method
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose saves (periodic, stage-end and `last`) are atomic."""
+    """ModelCheckpoint whose saves (periodic, stage-end and `last`) are atomic.
+
+    A write that fails (disk full, an unwritable or vanished folder) removes its
+    temporary file and stops the run with `CheckpointWriteError`, naming the path, the
+    cause and the checkpoints that remain: nothing already saved is touched, and the
+    run resumes from them (`ckpt_path=last`) once there is space.
+    """
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         final = Path(trainer.strategy.broadcast(filepath))
@@ -64,11 +96,26 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _remove(tmp)  # a leftover of an interrupted save
         trainer.strategy.barrier("atomic_checkpoint_clean")
-        trainer.save_checkpoint(str(tmp), self.save_weights_only)
-        if tmp.is_dir():  # a sharded checkpoint: callbacks with per-rank state add their shards
-            for callback in trainer.callbacks:
-                if hasattr(callback, "save_shard"):
-                    callback.save_shard(tmp)
+        errors: list[BaseException] = []
+        with _collect_write_errors(trainer, errors):
+            try:
+                trainer.save_checkpoint(str(tmp), self.save_weights_only)
+                if tmp.is_dir():  # a sharded checkpoint: callbacks with per-rank state add their shards
+                    for callback in trainer.callbacks:
+                        if hasattr(callback, "save_shard"):
+                            callback.save_shard(tmp)
+            except OSError as exc:  # DeepSpeed's own writers, the shard files
+                errors.append(exc)
+        if trainer.strategy.reduce_boolean_decision(bool(errors), all=False):
+            if trainer.is_global_zero:
+                _remove(tmp)
+            trainer.strategy.barrier("atomic_checkpoint_failed")
+            kept = sorted(p.name for p in final.parent.glob("*.ckpt")) if final.parent.is_dir() else []
+            cause = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "the write failed on another rank"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final} at step {trainer.global_step} ({cause}). The earlier checkpoints "
+                f"are intact ({', '.join(kept) or 'none yet'}); free space or point paths.output_dir at a writable "
+                "disk, then resume with ckpt_path=last") from (errors[0] if errors else None)
         trainer.strategy.barrier("atomic_checkpoint_written")
         if trainer.is_global_zero:
             replace_path(tmp, final)

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 
 from qwenimg_train.curriculum import Curriculum
-from qwenimg_train.data import SourceShards, StageStream
+from qwenimg_train.data import MAX_IMAGE_PIXELS, SourceShards, StageStream
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         max_skip_fraction: float = 0.01,
         accumulate_grad_batches: int = 1,
         precomputed: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         self.curriculum = curriculum
@@ -56,6 +57,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self.accumulate = accumulate_grad_batches
         self.precomputed = precomputed
+        self.max_image_pixels = max_image_pixels
         self.sources: dict[str, SourceShards] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -64,9 +66,14 @@ class CurriculumDataModule(pl.LightningDataModule):
         needed = {n for s in self.curriculum.stages for n, w in s.source_weights.items() if w > 0}
         if any(s.task_mix.get(t, 0) > 0 for s in self.curriculum.stages for t in ("ti2i", "i2i")):
             needed.add("edit")
-        self.sources = {
-            name: SourceShards.from_folder(name, path) for name, path in self.source_dirs.items() if name in needed
-        }
+        self.sources = {}
+        for name, path in self.source_dirs.items():
+            if name not in needed:
+                continue
+            try:
+                self.sources[name] = SourceShards.from_folder(name, path)
+            except ValueError as exc:
+                raise ValueError(f"data.sources.{name} = {str(path)!r}: {exc}") from None
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
 
     def check_precomputed(self, expected) -> None:
@@ -134,6 +141,7 @@ class CurriculumDataModule(pl.LightningDataModule):
             skip_batches=(step - start) * self.accumulate,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
+            max_image_pixels=self.max_image_pixels,
         )
         from qwenimg_train.checkpointing import ignore_sigterm
 

@@ -135,7 +135,7 @@ def load_training_checkpoint(path: Path) -> dict:
     directory consolidated in memory (fp32 weights from every rank's partition, the
     Lightning state from rank 0's file, the EMA from its per-rank shard files)."""
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     if not (path / "latest").is_file():
         raise ValueError(f"checkpoint = {str(path)!r} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
@@ -144,7 +144,7 @@ def load_training_checkpoint(path: Path) -> dict:
 
     tag = (path / "latest").read_text().strip()
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
-    checkpoint = torch.load(get_model_state_file(str(path / tag), 3), map_location="cpu", weights_only=False)
+    checkpoint = torch.load(get_model_state_file(str(path / tag), 3), map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state_dict.items()}
     ema = checkpoint.get("callbacks", {}).get("ema")
     if ema and ema.get("sharded"):

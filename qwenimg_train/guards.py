@@ -54,7 +54,9 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+        # One fused norm and one device sync for all gradients (an inf or NaN anywhere
+        # makes the total norm non-finite), not a sync per parameter.
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
             for p in pl_module.parameters():
                 p.grad = None  # AdamW skips parameters without a gradient: no update at all
             self._dropped = True

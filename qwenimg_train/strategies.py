@@ -16,7 +16,6 @@ partitioned at construction (gathering one parameter at a time).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import sys
 from typing import Any, Mapping
@@ -101,7 +100,11 @@ def deepspeed(*, accelerator: str = "auto", precision: str = "32-true", config: 
               **kwargs: Any) -> Strategy:
     """DeepSpeed with the YAML's config; its `bf16.enabled` follows trainer.precision
     (bf16-mixed on GPU; fp32 on CPU, where DeepSpeed's bf16 path is not supported)."""
-    config = copy.deepcopy(dict(config))
+    from omegaconf import OmegaConf
+
+    # Plain containers: DeepSpeed stores its config in every checkpoint, which must load
+    # with torch.load(weights_only=True) (no OmegaConf objects to unpickle).
+    config = OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
     bf16 = dict(config.get("bf16") or {})
     bf16["enabled"] = str(precision).startswith("bf16")
     config["bf16"] = bf16

@@ -23,7 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.config import from_mapping, to_plain, user_errors_exit
+from data_pipelines.config import from_mapping, redact_secrets, to_plain, user_errors_exit
 from qwenimg_train.lora import LoraSettings
 
 log = logging.getLogger("qwenimg-train")
@@ -190,9 +190,17 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(known)}")
     out = Path(plain["paths"]["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any heavy work: a run that cannot write its checkpoints is pointless
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"paths.output_dir = {str(out)!r} is not writable ({type(exc).__name__}: {exc}); "
+                         "point it at a folder you can write to") from None
     os.environ["QWENIMG_RUN_DIR"] = str(out)  # ranks relaunched by the strategy resolve the same directory
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    saved = redact_secrets(plain)  # what goes into config.yaml, the loggers and every checkpoint
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
 
     seed = int(plain.get("seed", 0))
     pl.seed_everything(seed, workers=True)
@@ -206,9 +214,14 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"trainer.max_steps = {max_steps}: the curriculum's {len(curriculum.stages)} stages need "
                          "at least one step each")
     data = dict(plain["data"])
+    known_data = {"sources", "batch_size", "num_workers", "seed", "shuffle_buffer", "max_skip_fraction",
+                  "precomputed", "max_image_pixels"}
+    if set(data) - known_data:
+        raise ValueError(f"data: unknown key(s) {sorted(set(data) - known_data)}; known: {sorted(known_data)}")
     datamodule = CurriculumDataModule(
         curriculum=curriculum, sources=data.pop("sources"), batch_size=data.pop("batch_size"), total_steps=max_steps,
         accumulate_grad_batches=int(trainer_kwargs.get("accumulate_grad_batches", 1)), **data)
+    datamodule.setup()  # every shard folder a stage reads, checked now: before any model loads
 
     callbacks_cfg = dict(plain.get("callbacks") or {})
     ckpt_cfg = from_mapping(CheckpointConfig, callbacks_cfg.pop("checkpoint", {}), "callbacks.checkpoint")
@@ -277,10 +290,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                          "(a T2I checkpoint): use a Qwen-Image-Edit folder, or stages with task_mix {t2i: 1.0}")
     loggers = [instantiate(c) for c in (plain.get("logger") or {}).values()]
     for logger in loggers:  # the resolved config goes with the run (wandb config, CSV hparams.yaml)
-        logger.log_hyperparams(plain)
+        logger.log_hyperparams(saved)
 
     module = QwenImageModule(model=lambda rank: build_model(model_cfg, encoders, rank), objective=objective,
-                             optim=optim, lr_scale=datamodule.lr_scale_at, config=plain, seed=seed)
+                             optim=optim, lr_scale=datamodule.lr_scale_at, config=saved, seed=seed)
     strategy = instantiate(plain["strategy"]) if plain.get("strategy") else "auto"
     trainer = pl.Trainer(
         **trainer_kwargs, strategy=strategy, default_root_dir=str(out), callbacks=callbacks, logger=loggers or False,
@@ -289,7 +302,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.loggers import WandbLogger
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir))
+        # weights_only: a checkpoint is tensors and plain containers, never code to run on load
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(plain.get("ckpt_path"), checkpoint_dir),
+                    weights_only=True)
     finally:
         # Lightning leaves the wandb run open: close it (also after a failure) so its files
         # are complete and a later run in this process does not log into it.

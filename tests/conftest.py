@@ -87,3 +87,27 @@ def shard_sources(tmp_path_factory) -> dict[str, str]:
     run_design(DesignJob(out_dir=str(root / "design"), num_shards=2, samples_per_shard=20, progress=False))
     run_edit(EditPairsJob(out_dir=str(root / "edit"), num_shards=1, samples_per_shard=16, progress=False))
     return {name: str(root / name) for name in ("synthetic", "design", "edit")}
+
+
+# --- the fault-injection record (tests/test_faults.py) -------------------------------------
+# Each fault test records what it injected and what it checked; the list is printed at
+# the end of the run, so a CI log shows which faults were survived and what was lost.
+FAULT_RECORD: list[dict] = []
+
+
+@pytest.fixture
+def record_fault(request):
+    def record(fault: str, checked: str, lost: int = 0) -> None:
+        FAULT_RECORD.append({"test": request.node.name, "fault": fault, "checked": checked, "lost": lost})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_RECORD:
+        return
+    terminalreporter.section("fault injection: faults injected and survived")
+    for r in FAULT_RECORD:
+        terminalreporter.write_line(f"{r['fault']}: {r['checked']} (lost: {r['lost']})")
+    terminalreporter.write_line(f"{len(FAULT_RECORD)} faults injected and survived; "
+                                f"{sum(r['lost'] for r in FAULT_RECORD)} samples or checkpoints lost")

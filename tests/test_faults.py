@@ -72,7 +72,7 @@ def _metric(run: Path, key: str) -> dict[int, float]:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, shard_sources, monkeypatch):
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, shard_sources, monkeypatch, record_fault):
     rec = _Recorder(monkeypatch, bad={2, 3})
     summary = train(_compose(_overrides(tmp_path / "run", tmp_path / "models", shard_sources,
                                         "callbacks.nonfinite.max_consecutive=3")))
@@ -83,9 +83,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, shard_sources, monkey
     assert torch.isfinite(rec.weights[5]).all()
     counts = _metric(tmp_path / "run", "train/nonfinite_skipped")
     assert counts[1] == 0 and counts[2] == 1 and counts[5] == 2
+    record_fault("NaN loss at steps 2 and 3", "both updates skipped (weights unchanged), counted 2, run ends at step 6")
 
 
-def test_persistent_nonfinite_saves_and_stops_naming_the_batch(tmp_path, shard_sources, monkeypatch):
+def test_persistent_nonfinite_saves_and_stops_naming_the_batch(tmp_path, shard_sources, monkeypatch, record_fault):
     from qwenimg_train.guards import NonFiniteLossError
 
     rec = _Recorder(monkeypatch, bad={2, 3, 4, 5})
@@ -98,11 +99,13 @@ def test_persistent_nonfinite_saves_and_stops_naming_the_batch(tmp_path, shard_s
     weights = torch.cat([v.flatten() for k, v in state["state_dict"].items()])
     assert torch.isfinite(weights).all()
     assert torch.equal(rec.weights[2], rec.weights[4])  # the last good weights, unchanged since step 2
+    record_fault("NaN loss from step 2 on", "3 in a row: checkpoint of the last good weights, error names step 4, "
+                 "stage and batch keys")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3"])
-def test_nonfinite_on_one_rank_skips_on_every_rank(strategy, tmp_path, shard_sources):
+def test_nonfinite_on_one_rank_skips_on_every_rank(strategy, tmp_path, shard_sources, record_fault):
     """A NaN on rank 1 only: DDP averages it into both ranks' gradients, DeepSpeed's
     all-reduced gradient norm sees it; either way both ranks skip the same update and
     finish in step."""
@@ -121,6 +124,7 @@ def test_nonfinite_on_one_rank_skips_on_every_rank(strategy, tmp_path, shard_sou
     losses = _metric(run, "train/loss")
     assert sorted(losses) == list(range(6))
     assert all(losses[s] == losses[s] for s in (3, 4, 5))  # finite after the skip (rank 0's losses)
+    record_fault(f"NaN loss on rank 1 of 2 at step 2 ({strategy})", "both ranks skip the update, run ends at step 6")
 
 
 # --- SIGKILL at random points, SIGTERM: resume from the last complete checkpoint --------------
@@ -168,8 +172,9 @@ KILL_STEP = __import__("random").Random(9).randrange(1, 6)
 @pytest.mark.parametrize("fault,resumes_at", [
     (f"KILL@step:{KILL_STEP}", KILL_STEP // 2 * 2),  # the last periodic checkpoint before the kill
     ("KILL@stage_switch:2", 4),                      # stage 2 starts at step 4, just checkpointed
+    ("KILL@save:3", 2),                              # files 1-2: step000002 + last; file 3 (step 4) torn
 ])
-def test_sigkill_then_resume_continues_exactly(fault, resumes_at, reference, tmp_path, shard_sources):
+def test_sigkill_then_resume_continues_exactly(fault, resumes_at, reference, tmp_path, shard_sources, record_fault):
     run = tmp_path / "run"
     args = _fault_args(run, tmp_path / "models", shard_sources)
     killed = _run_cli(args, tmp_path, {"QWENIMG_FAULT_SIGNAL": fault}, check=False)
@@ -184,10 +189,12 @@ def test_sigkill_then_resume_continues_exactly(fault, resumes_at, reference, tmp
         assert stage == reference[step][1], step  # the curriculum position
         assert loss == pytest.approx(reference[step][0], abs=1e-5), step  # the data position and weights
     assert not list((run / "checkpoints").glob("*.tmp"))
+    record_fault(fault, f"resumed from the step-{resumes_at} checkpoint, losses and stages equal the uninterrupted "
+                 "run to step 6")
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path, shard_sources):
+def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path, shard_sources, record_fault):
     """SIGTERM to the whole process group (as SLURM sends it) in the middle of step 3: the
     step finishes, last.ckpt is written at step 4, the process exits 0; the resumed run
     finishes steps 4-5 exactly as the uninterrupted one."""
@@ -205,3 +212,58 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path, shard
     assert sorted(resumed) == [4, 5]
     for step, (loss, stage) in {**first, **resumed}.items():
         assert stage == reference[step][1] and loss == pytest.approx(reference[step][0], abs=1e-5), step
+    record_fault("SIGTERM to the process group mid-step 3", "last.ckpt at step 4, exit 0, exact resume to step 6")
+
+
+# --- disk full while saving ----------------------------------------------------------------
+
+def _tree_digest(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).digest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_data(tmp_path, shard_sources, monkeypatch,
+                                                                             record_fault):
+    """The second periodic save hits ENOSPC half-way through writing: a clear error, the
+    torn file removed, last.ckpt still the step-2 checkpoint and loadable, the shards
+    untouched; resuming (with space again) finishes the run."""
+    import errno
+
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    from qwenimg_train.checkpointing import CheckpointWriteError
+
+    before = {name: _tree_digest(Path(folder)) for name, folder in shard_sources.items()}
+    real_save, calls = torch_io._atomic_save, [0]
+
+    def full_disk(checkpoint, path):
+        calls[0] += 1
+        if calls[0] == 3:  # step 2: step000002 and last; step 4: step000004 fails
+            with open(path, "wb") as handle:
+                handle.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(checkpoint, path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    args = _overrides(tmp_path / "run", tmp_path / "models", shard_sources, "callbacks.checkpoint.every_n_train_steps=2",
+                      "callbacks.checkpoint.stage_end=false")
+    with pytest.raises(CheckpointWriteError, match=r"step000004\.ckpt at step 4 \(OSError: \[Errno 28\] No space left "
+                                                   r"on device.*intact \(last\.ckpt, step000002\.ckpt\).*ckpt_path=last"):
+        train(_compose(args))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000002.ckpt"]  # no torn .tmp
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    assert {name: _tree_digest(Path(folder)) for name, folder in shard_sources.items()} == before
+    monkeypatch.setattr(torch_io, "_atomic_save", real_save)
+    assert train(_compose(args + ["ckpt_path=last"]))["global_step"] == 6
+    record_fault("ENOSPC half-way through a checkpoint write", "clear error, torn file removed, last.ckpt (step 2) "
+                 "and shards intact, resume ends at step 6")
+
+
+def test_unwritable_output_dir_fails_before_any_work(tmp_path, shard_sources):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory should go")
+    with pytest.raises(ValueError, match=r"paths.output_dir = .*file/run' is not writable"):
+        train(_compose(_overrides(blocker / "run", tmp_path / "models", shard_sources)))

@@ -40,6 +40,8 @@ if os.environ.get("QWENIMG_FAULT_NAN_STEPS"):
 #   SLURM sends it, loader workers included); KILL to this process.
 # - QWENIMG_FAULT_SIGNAL=KILL@stage_switch:1: SIGKILL while the loader of curriculum
 #   stage 1 is being built (the stage switch).
+# - QWENIMG_FAULT_SIGNAL=KILL@save:3: SIGKILL half-way through writing the 3rd
+#   checkpoint file of the run.
 if os.environ.get("QWENIMG_FAULT_SIGNAL"):
     import signal
 
@@ -75,6 +77,20 @@ if os.environ.get("QWENIMG_FAULT_SIGNAL"):
 
         _module.QwenImageModule.training_step = _training_step
         _module.flow_matching_loss = _loss
+    elif point == "save":
+        import lightning.fabric.plugins.io.torch_io as _torch_io
+
+        _real_save, _calls = _torch_io._atomic_save, [0]
+
+        def _dying_save(checkpoint, path):
+            _calls[0] += 1
+            if _calls[0] == int(value):  # the Nth checkpoint file: die half-way through writing it
+                with open(path, "wb") as handle:
+                    handle.write(b"half a checkpoint")
+                _fire(f"half-way through writing checkpoint file {_calls[0]} ({path})")
+            return _real_save(checkpoint, path)
+
+        _torch_io._atomic_save = _dying_save
     elif point == "stage_switch":
         from qwenimg_train import curriculum_lightning as _cl
 
