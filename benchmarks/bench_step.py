@@ -1,7 +1,8 @@
 """Training-step time of the framework against a bare PyTorch loop, fp32, CPU.
 
     (a) the framework: `lightning.pytorch.Trainer` (cpu, 32-true, CSVLogger with
-        log_every_n_steps=1, gradient_clip_val=1.0, EMACallback, RunSummary) fitting
+        log_every_n_steps=1, gradient_clip_val=1.0, EMACallback, RunSummary, GracefulStop,
+        NonFiniteGuard) fitting
         `QwenImageModule` (encode -> σ -> noise -> denoise -> per-sample loss ->
         per-task / per-σ-bucket / per-stage logging -> AdamW + LR schedule) on a
         DataLoader that yields one prebuilt mixed `Batch` every step;
@@ -43,7 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipelines.shards import derive_seed
+from qwenimg_train.checkpointing import GracefulStop
 from qwenimg_train.data import Batch
+from qwenimg_train.guards import NonFiniteGuard
 from qwenimg_train.ema import EMA, EMACallback
 from qwenimg_train.model import QwenImageModel
 from qwenimg_train.module import Optim, QwenImageModule, RunSummary
@@ -112,14 +116,16 @@ def run_bare(model, init, batch: Batch, steps: int, seed: int) -> tuple[list[flo
     opt, schedule = optimizer_for([p for _, p in named], optim, steps)
     params = [p for group in opt.param_groups for p in group["params"]]  # clipped in the optimizer's order, as Lightning
     ema = EMA(named)
-    torch.manual_seed(seed)
     starts, losses = [], []
-    for _ in range(steps):
+    for step in range(steps):
         starts.append(time.perf_counter())
         inputs = model.encode(target_bchw=batch.target_bchw, prompts=batch.prompt,
                               source_bchw=batch.source_bchw, has_source=batch.has_source)
-        sigmas = objective.sample_sigmas(inputs.target_tokens_b)
-        noise = torch.randn_like(inputs.target_bnc)
+        # σ and noise from the per-step generator QwenImageModule.step_generator seeds
+        # (seed, "noise", step, micro-batch 0, rank 0): the same draws as the framework side.
+        generator = torch.Generator().manual_seed(derive_seed(seed, "noise", step, 0, 0))
+        sigmas = objective.sample_sigmas(inputs.target_tokens_b, generator=generator)
+        noise = torch.randn(inputs.target_bnc.shape, generator=generator, dtype=inputs.target_bnc.dtype)
         loss = flow_matching_loss(lambda x, s, inputs=inputs: model.denoise(x, s, inputs), inputs.target_bnc, noise, sigmas,
                                   inputs.target_mask_bn, objective.weights(sigmas)).mean()
         loss.backward()
@@ -155,13 +161,15 @@ def run_framework(model, init, batch: Batch, steps: int, seed: int, log_dir: Pat
     from lightning.pytorch.loggers import CSVLogger
 
     reset(model, init)
-    module = QwenImageModule(model=model, objective=FlowMatching(), optim=Optim())
+    module = QwenImageModule(model=model, objective=FlowMatching(), optim=Optim(), seed=seed)
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=steps, max_epochs=1,
         logger=CSVLogger(str(log_dir), name="bench"), log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-        callbacks=[timer.callback, EMACallback(), RunSummary()], default_root_dir=str(log_dir),
+        # the per-step callbacks train() adds by default: EMA, summary, SIGTERM and non-finite guards
+        callbacks=[timer.callback, EMACallback(), RunSummary(), GracefulStop(), NonFiniteGuard()],
+        default_root_dir=str(log_dir),
     )
     # The loader draws its base seed from its own generator, so the global RNG (σ,
     # noise) runs as in the bare loop and the losses can be compared.
