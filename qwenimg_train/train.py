@@ -141,6 +141,17 @@ def build_model(cfg: ModelConfig, encoders, rank: int = 0):
     return model
 
 
+def _launcher_rank() -> int:
+    """This process's global rank as its launcher set it before any Trainer exists:
+    torchrun's RANK, srun's SLURM_PROCID, or LOCAL_RANK of the ranks Lightning starts
+    itself on one node; 0 for a process started alone."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def precomputed_tag(cfg: ModelConfig):
     """The precompute tag this run's model folder and encoder settings give
     (qwenimg_train.precomputed): precomputed shards must carry the same."""
@@ -200,7 +211,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                          "point it at a folder you can write to") from None
     os.environ["QWENIMG_RUN_DIR"] = str(out)  # ranks relaunched by the strategy resolve the same directory
     saved = redact_secrets(plain)  # what goes into config.yaml, the loggers and every checkpoint
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    if _launcher_rank() == 0:  # one writer on a shared file system, and never a half-written file
+        tmp = out / f"config.yaml.tmp-{os.getpid()}"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+        os.replace(tmp, out / "config.yaml")
 
     seed = int(plain.get("seed", 0))
     pl.seed_everything(seed, workers=True)
