@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.19,<0.20"
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
