@@ -83,7 +83,8 @@ class CurriculumDataModule(pl.LightningDataModule):
         training starts; an error names the folder, both tags and the fix."""
         from qwenimg_train.precomputed import PrecomputeTag
 
-        self.setup()
+        if not self.sources:  # train() has read the manifests already
+            self.setup()
         for name, source in self.sources.items():
             where = f"data.sources.{name} = {self.source_dirs[name]!r}"
             tag = PrecomputeTag.from_manifest(source.manifest, where)

@@ -68,17 +68,16 @@ class NonFiniteGuard(pl.Callback):
         nonfinite_loss = loss is not None and not math.isfinite(float(loss))
         skipped = self._dropped or optimizer_step_skipped(trainer)
         self._dropped = False
-        if not (skipped or nonfinite_loss):
-            self.in_a_row = 0
-            pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+        bad = skipped or nonfinite_loss
+        self.skipped += bad
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+        if not bad:
             return
-        self.skipped += 1
-        self.in_a_row += 1
         step = trainer.global_step - 1  # the step just taken (or skipped)
         stage, keys = self._batch
         log.warning("step %d (stage %s): non-finite %s, update skipped (%d in a row, %d in the run); batch keys %s",
                     step, stage, "loss" if nonfinite_loss else "gradients", self.in_a_row, self.skipped, keys)
-        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
         if self.in_a_row >= self.max_consecutive:
             path = self._save(trainer, step)
             raise NonFiniteLossError(

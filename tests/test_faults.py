@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,7 @@ def _fault_args(run: Path, models: Path, sources: dict, *extra: str) -> list[str
 
 # A seeded "random" mid-step kill point, the stage switch, and the middle of a save are the
 # places a kill can land that matter: state half-updated, loader half-built, file half-written.
-KILL_STEP = __import__("random").Random(9).randrange(1, 6)
+KILL_STEP = random.Random(9).randrange(1, 6)
 
 
 @pytest.mark.slow
