@@ -59,7 +59,7 @@ demo: setup
 	$(VENV)/bin/qwenimg-export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out_dir=$(DEMO)/export
 	$(VENV)/bin/qwenimg-eval checkpoint_dir=$(DEMO)/export out_dir=$(DEMO)/eval limit=2 \
 		resolution=256 steps=8 guidance=2.0
-	$(PY) -m qwenimg_train.demo --root $(DEMO)
+	$(PY) -m qwenimg_train.tools.demo --root $(DEMO)
 	$(VENV)/bin/qwenimg-report run_dir=$(DEMO)/train out_dir=$(DEMO)/report \
 		eval_json=$(DEMO)/eval/ocr.json samples_dir=$(DEMO)/samples
 	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json, report: $(DEMO)/report/summary.md)"

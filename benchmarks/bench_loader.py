@@ -1,6 +1,6 @@
 """Loader throughput against a plain tarfile + PIL floor, one process, 512x512 JPEG.
 
-    (a) qwenimg_train.data.StageStream at stage settings (one T2I source, 512²
+    (a) qwenimg_train.data.loader.StageStream at stage settings (one T2I source, 512²
         output, shuffle buffer, text-class filter, typed batches of 16);
     (b) the floor: a bare `tarfile` loop over the same shard decoding every JPEG
         with PIL to a uint8 array of the same size.
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.synthetic.job import SyntheticJob
-from data_pipelines.synthetic.job import run as run_synthetic
-from qwenimg_train.curriculum import Stage
-from qwenimg_train.data import SourceShards, StageStream
+from data_pipelines.jobs.synthetic import SyntheticJob
+from data_pipelines.jobs.synthetic import run as run_synthetic
+from qwenimg_train.data.curriculum import Stage
+from qwenimg_train.data.loader import SourceShards, StageStream
 
 DATA = Path("outputs/bench/loader")
 

@@ -1,9 +1,9 @@
-"""The planner's memory model (`qwenimg_train.plan`) against measured CPU memory.
+"""The planner's memory model (`qwenimg_train.tools.plan`) against measured CPU memory.
 
 Single process: a QwenImageTransformer2DModel of width 256 (4 heads × 64), 4 blocks,
 joint_attention_dim 64 (9.8M parameters, 37 MiB in fp32) trains one step through the
 trainer's forward (`forward_mixed`) with AdamW (foreach, as on GPU);
-`qwenimg_train.memory.measure_step` counts parameters, gradients and AdamW states
+`qwenimg_train.tools.plan_memory.measure_step` counts parameters, gradients and AdamW states
 tensor by tensor and takes the activation and optimizer-step peaks from the profiler's
 allocation events (exact bytes; RSS would be noise). The planner gets the same
 transformer's config.json and the same step (`zero_stage=0` on 1 GPU: no DDP buckets;
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from qwenimg_train.memory import measure_step
-from qwenimg_train.plan import PlanConfig, TransformerSpec, ZeroSettings, activation_bytes, plan
+from qwenimg_train.tools.plan_memory import measure_step
+from qwenimg_train.tools.plan import PlanConfig, TransformerSpec, ZeroSettings, activation_bytes, plan
 
 MiB = 2**20
 TOLERANCE = 0.20
@@ -100,7 +100,7 @@ def single_process(args, folder: Path) -> dict:
 def zero3(args) -> dict:
     from bench_zero import RANKS, SPEC_KW
 
-    from qwenimg_train.tiny import TinySpec
+    from qwenimg_train.models.qwen_image.tiny import TinySpec
 
     print("\nZeRO-3, 2 CPU ranks (benchmarks/bench_zero.py) ...", flush=True)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_zero.py"))], capture_output=True,

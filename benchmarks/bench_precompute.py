@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.edit_job import EditPairsJob, run as run_edit
-from data_pipelines.precompute import PrecomputeJob, run as run_precompute
-from data_pipelines.synthetic.job import SyntheticJob, run as run_synthetic
-from qwenimg_train.curriculum import Stage
-from qwenimg_train.data import SourceShards, StageStream
-from qwenimg_train.model import QwenImageModel, load_encoders, load_transformer
-from qwenimg_train.module import Optim
-from qwenimg_train.objective import FlowMatching, flow_matching_loss
-from qwenimg_train.tiny import TinySpec, build_tiny_checkpoint
+from data_pipelines.jobs.edit_pairs import EditPairsJob, run as run_edit
+from data_pipelines.jobs.precompute import PrecomputeJob, run as run_precompute
+from data_pipelines.jobs.synthetic import SyntheticJob, run as run_synthetic
+from qwenimg_train.data.curriculum import Stage
+from qwenimg_train.data.loader import SourceShards, StageStream
+from qwenimg_train.models.qwen_image.model import QwenImageModel, load_encoders, load_transformer
+from qwenimg_train.training.module import Optim
+from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
+from qwenimg_train.models.qwen_image.tiny import TinySpec, build_tiny_checkpoint
 
 SPEC = TinySpec(
     num_layers=2, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),

@@ -23,10 +23,10 @@ import time
 
 from PIL import Image, ImageDraw
 
-from data_pipelines.fonts import face_tables
-from data_pipelines.ocr import OcrEngine, verify_sample
-from data_pipelines.shards import encode_image
-from data_pipelines.synthetic.job import SyntheticJob, build_renderer
+from data_pipelines.text.fonts import face_tables
+from data_pipelines.core.ocr import OcrEngine, verify_sample
+from data_pipelines.core.shards import encode_image
+from data_pipelines.jobs.synthetic import SyntheticJob, build_renderer
 
 
 def run_renderer(renderer, seeds, ocr=None, mode="crops"):

@@ -12,7 +12,7 @@
         `AdamW.step()` (same parameter groups), the same LR schedule, `zero_grad()`,
         and the same `EMA.update`: the same arithmetic and nothing else.
 
-The model is a tiny Qwen-Image checkpoint (`qwenimg_train.tiny`) grown to a few million
+The model is a tiny Qwen-Image checkpoint (`qwenimg_train.models.qwen_image.tiny`) grown to a few million
 trainable transformer parameters; the batch is 4 samples at 256x256 (2 t2i, 1 ti2i,
 1 i2i, prompts of different lengths). A step's time is the wall time between
 successive step starts (a callback's on_train_batch_start for (a), loop timestamps
@@ -44,15 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipelines.shards import derive_seed
-from qwenimg_train.checkpointing import GracefulStop
-from qwenimg_train.data import Batch
-from qwenimg_train.guards import NonFiniteGuard
-from qwenimg_train.ema import EMA, EMACallback
-from qwenimg_train.model import QwenImageModel
-from qwenimg_train.module import Optim, QwenImageModule, RunSummary
-from qwenimg_train.objective import FlowMatching, flow_matching_loss
-from qwenimg_train.tiny import TinySpec, build_tiny_checkpoint
+from data_pipelines.core.shards import derive_seed
+from qwenimg_train.training.checkpointing import GracefulStop
+from qwenimg_train.data.loader import Batch
+from qwenimg_train.training.callbacks.nonfinite import NonFiniteGuard
+from qwenimg_train.training.callbacks.ema import EMA, EMACallback
+from qwenimg_train.models.qwen_image.model import QwenImageModel
+from qwenimg_train.training.module import Optim, QwenImageModule, RunSummary
+from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
+from qwenimg_train.models.qwen_image.tiny import TinySpec, build_tiny_checkpoint
 
 SPEC = TinySpec(num_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
 RESOLUTION = 256

@@ -3,12 +3,12 @@
 Both strategies fit the same model with a 2-rank Lightning job (gloo, CPU, fp32,
 `precision="32-true"`), one job after the other in separate child processes. Lightning
 relaunches the child script for rank 1. The model is a tiny Qwen-Image checkpoint
-(`qwenimg_train.tiny`), grown to 2.47M trainable transformer parameters and built in a
+(`qwenimg_train.models.qwen_image.tiny`), grown to 2.47M trainable transformer parameters and built in a
 temporary folder. It is made by `build_model` inside `QwenImageModule.configure_model`,
 so ZeRO-3 partitions the transformer as it is built. Every step sees the same prebuilt
 `Batch`: 2 samples at 64x64, one t2i and one ti2i. The optimizer is AdamW with the same
-parameter groups on both sides. DDP is `qwenimg_train.strategies.ddp()`. ZeRO-3 is
-`qwenimg_train.strategies.deepspeed(accelerator="cpu", precision="32-true", config=...)`
+parameter groups on both sides. DDP is `qwenimg_train.parallel.strategies.ddp()`. ZeRO-3 is
+`qwenimg_train.parallel.strategies.deepspeed(accelerator="cpu", precision="32-true", config=...)`
 with the DeepSpeed config of configs/strategy/deepspeed_zero3.yaml, unchanged except
 train_micro_batch_size_per_gpu = 2. `--persistence-threshold` overrides
 stage3_param_persistence_threshold (see below).
@@ -78,7 +78,7 @@ autocast and ZeRO3", deepspeedai/DeepSpeed#7651). Its device test compares a
 torch.device with the accelerator's device name, which is a str ('cpu'). That
 comparison is always False, so the shortcut never fires on CPU and the master is a
 `.clone()`: ZeRO-3 would hold 16P/N in fp32, not 12P/N, a ratio of about 0.69.
-`qwenimg_train.strategies.CPUDeepSpeedStrategy` therefore lets that test see a
+`qwenimg_train.parallel.strategies.CPUDeepSpeedStrategy` therefore lets that test see a
 torch.device while the optimizer is built, so the master is the shard itself
 (master_shares_storage_with: params in the JSON) and the ratio is about 0.52.
 master_alias_condition in the JSON records DeepSpeed's own test as it stands. Under
@@ -256,7 +256,7 @@ def measure(trainer, module, strategy: str) -> dict:
 
 
 def make_batch(seed: int = 0):
-    from qwenimg_train.data import Batch
+    from qwenimg_train.data.loader import Batch
 
     rng = np.random.default_rng(seed)
     target = rng.integers(0, 256, (2, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
@@ -286,7 +286,7 @@ class SameBatch(torch.utils.data.Dataset):
 def deepspeed_config(persistence_threshold: float | None) -> dict:
     from omegaconf import OmegaConf
 
-    from qwenimg_train.train import config_dir
+    from qwenimg_train.training.train import config_dir
 
     yaml = OmegaConf.load(Path(config_dir()) / "strategy" / "deepspeed_zero3.yaml")
     yaml.config.train_micro_batch_size_per_gpu = 2  # ${data.batch_size} in a full run
@@ -300,10 +300,10 @@ def run_job(args) -> None:
     """One strategy, 2 ranks (Lightning relaunches this same command line for rank 1)."""
     import lightning.pytorch as pl
 
-    from qwenimg_train import strategies
-    from qwenimg_train.module import Optim, QwenImageModule
-    from qwenimg_train.objective import FlowMatching
-    from qwenimg_train.train import ModelConfig, build_model, load_model_encoders
+    from qwenimg_train.parallel import strategies
+    from qwenimg_train.training.module import Optim, QwenImageModule
+    from qwenimg_train.objectives.flow_matching import FlowMatching
+    from qwenimg_train.training.train import ModelConfig, build_model, load_model_encoders
 
     quiet()
     torch.set_num_threads(args.threads_per_rank)
@@ -381,7 +381,7 @@ def main() -> None:
         run_job(args)
         return
 
-    from qwenimg_train.tiny import TinySpec, build_tiny_checkpoint
+    from qwenimg_train.models.qwen_image.tiny import TinySpec, build_tiny_checkpoint
 
     quiet()
     wall = time.perf_counter()

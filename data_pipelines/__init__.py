@@ -1,5 +1,5 @@
 """qwenimg-train's data package: renderers, ingestion, shards and the sample schema.
 
-`data_pipelines.schema` is the contract every writer and reader shares; the
+`data_pipelines.core.schema` is the contract every writer and reader shares; the
 `qwenimg-data` console script (`data_pipelines.cli`) runs the jobs.
 """

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.config import from_mapping, to_plain, user_errors_exit
+from data_pipelines.core.config import from_mapping, to_plain, user_errors_exit
 
 log = logging.getLogger("qwenimg-data")
 
@@ -37,44 +37,44 @@ def config_dir() -> str:
 
 
 def _synthetic(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.synthetic.job import SyntheticJob, run
+    from data_pipelines.jobs.synthetic import SyntheticJob, run
 
     return run(from_mapping(SyntheticJob, cfg), resolved_config=cfg)
 
 
 def _preview(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.preview import PreviewJob, make_sheet
+    from data_pipelines.jobs.preview import PreviewJob, make_sheet
 
     out, skipped = make_sheet(from_mapping(PreviewJob, cfg))
     return {"preview": str(out), "skipped": skipped}
 
 
 def _verify(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.verify import VerifyJob, run
+    from data_pipelines.jobs.verify import VerifyJob, run
 
     return run(from_mapping(VerifyJob, cfg))
 
 
 def _design(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.sources import DesignJob, run_design
+    from data_pipelines.jobs.sources import DesignJob, run_design
 
     return run_design(from_mapping(DesignJob, cfg), resolved_config=cfg)
 
 
 def _natural(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.sources import NaturalJob, run_natural
+    from data_pipelines.jobs.sources import NaturalJob, run_natural
 
     return run_natural(from_mapping(NaturalJob, cfg), resolved_config=cfg)
 
 
 def _edit_pairs(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.edit_job import EditPairsJob, run
+    from data_pipelines.jobs.edit_pairs import EditPairsJob, run
 
     return run(from_mapping(EditPairsJob, cfg), resolved_config=cfg)
 
 
 def _precompute(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.precompute import PrecomputeJob, run
+    from data_pipelines.jobs.precompute import PrecomputeJob, run
 
     return run(from_mapping(PrecomputeJob, cfg))
 

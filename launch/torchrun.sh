@@ -30,7 +30,7 @@
 #                   --local-addr; default: its fully qualified host name)
 #   TORCHRUN_ARGS   further torchrun options, e.g. "--max-restarts=3"
 #   PYTHON          interpreter (default: the checkout's .venv/bin/python, else python3)
-#   ENTRY           what torchrun starts (default "-m qwenimg_train.train"): a module
+#   ENTRY           what torchrun starts (default "-m qwenimg_train.training.train"): a module
 #                   (-m name) or script that takes qwenimg-train's overrides
 #
 # The run directory: every process resolves paths.output_dir itself, and its default
@@ -108,7 +108,7 @@ else
 fi
 local_addr=()
 [[ -z "${LOCAL_ADDR:-}" ]] || local_addr=("--local-addr=$LOCAL_ADDR")
-read -r -a entry <<< "${ENTRY:--m qwenimg_train.train}"
+read -r -a entry <<< "${ENTRY:--m qwenimg_train.training.train}"
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
 
 echo "launch/torchrun.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE process(es) per node, run directory $output_dir" >&2

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.fonts import FontRegistry
-from data_pipelines.synthetic.job import FontsConfig, OcrConfig, SyntheticJob, TextConfig, build_renderer
-from data_pipelines.synthetic.render import RenderConfig
+from data_pipelines.text.fonts import FontRegistry
+from data_pipelines.jobs.synthetic import FontsConfig, OcrConfig, SyntheticJob, TextConfig, build_renderer
+from data_pipelines.sources.render import RenderConfig
 
 
 def make_font(path: Path, chars: str, family: str = "QwenimgTest") -> Path:
@@ -64,11 +64,11 @@ def samples(renderer):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny random-weight Qwen-Image-Edit folder (qwenimg_train.tiny), built once per
+    """A tiny random-weight Qwen-Image-Edit folder (qwenimg_train.models.qwen_image.tiny), built once per
     session. QwenImagePipeline.from_pretrained loads it too (it ignores the processor);
-    QwenImageEditPipeline needs `processor=qwenimg_train.tiny.load_processor(folder)`
+    QwenImageEditPipeline needs `processor=qwenimg_train.models.qwen_image.tiny.load_processor(folder)`
     where torchvision is missing."""
-    from qwenimg_train.tiny import build_tiny_checkpoint
+    from qwenimg_train.models.qwen_image.tiny import build_tiny_checkpoint
 
     folder = tmp_path_factory.mktemp("tiny") / "qwen-image-edit"
     return build_tiny_checkpoint(folder, pipeline_class="QwenImageEditPipeline")
@@ -77,10 +77,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shard_sources(tmp_path_factory) -> dict[str, str]:
     """Small synthetic, design and edit-pair shard folders (every text class, every task)."""
-    from data_pipelines.edit_job import EditPairsJob
-    from data_pipelines.edit_job import run as run_edit
-    from data_pipelines.sources import DesignJob, run_design
-    from data_pipelines.synthetic.job import run as run_synthetic
+    from data_pipelines.jobs.edit_pairs import EditPairsJob
+    from data_pipelines.jobs.edit_pairs import run as run_edit
+    from data_pipelines.jobs.sources import DesignJob, run_design
+    from data_pipelines.jobs.synthetic import run as run_synthetic
 
     root = tmp_path_factory.mktemp("shards")
     run_synthetic(SyntheticJob(out_dir=str(root / "synthetic"), num_shards=2, samples_per_shard=40, progress=False))

@@ -41,9 +41,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipelines.schema import valid_key
-from data_pipelines.shards import iter_tar_samples
-from data_pipelines.untrusted import SKIP_REASONS, read_tar_samples
+from data_pipelines.core.schema import valid_key
+from data_pipelines.core.shards import iter_tar_samples
+from data_pipelines.core.untrusted import SKIP_REASONS, read_tar_samples
 
 RES = 32
 SEQ = 32
@@ -267,8 +267,8 @@ def test_read_tar_samples_counts_and_never_follows_links(hostile):
 
 
 def test_loader_skips_and_counts_every_bad_sample(tmp_path, material):
-    from qwenimg_train.curriculum import Stage
-    from qwenimg_train.data import SourceShards, StageStream
+    from qwenimg_train.data.curriculum import Stage
+    from qwenimg_train.data.loader import SourceShards, StageStream
 
     good, cases = material
     folder = tmp_path / "synthetic"
@@ -301,7 +301,7 @@ def test_loader_skips_and_counts_every_bad_sample(tmp_path, material):
 
 
 def test_verify_job_skips_counts_and_writes_only_good_keys(tmp_path, hostile):
-    from data_pipelines.verify import VerifyJob, run
+    from data_pipelines.jobs.verify import VerifyJob, run
 
     folder, good_keys, cases = hostile
     out = tmp_path / "verified"
@@ -319,7 +319,7 @@ def test_verify_job_skips_counts_and_writes_only_good_keys(tmp_path, hostile):
 
 
 def test_precompute_job_skips_counts_and_writes_only_good_keys(tmp_path, hostile, tiny_checkpoint):
-    from data_pipelines.precompute import PrecomputeJob, run
+    from data_pipelines.jobs.precompute import PrecomputeJob, run
 
     folder, good_keys, cases = hostile
     out = tmp_path / "pre"
@@ -337,7 +337,7 @@ def test_precompute_job_skips_counts_and_writes_only_good_keys(tmp_path, hostile
 
 
 def test_preview_skips_and_counts(tmp_path, hostile):
-    from data_pipelines.preview import PreviewJob, make_sheet
+    from data_pipelines.jobs.preview import PreviewJob, make_sheet
 
     folder, good_keys, cases = hostile
     out = tmp_path / "sheet" / "preview.png"
@@ -352,7 +352,7 @@ def test_preview_skips_and_counts(tmp_path, hostile):
 
 
 def test_ingest_of_a_hostile_tar_renames_everything_and_skips_bad_images(tmp_path, hostile):
-    from data_pipelines.ingest import IngestConfig, run_ingest
+    from data_pipelines.sources.ingest import IngestConfig, run_ingest
 
     folder, good_keys, cases = hostile
     out = tmp_path / "ingested"
@@ -373,7 +373,7 @@ def test_ingest_of_a_hostile_tar_renames_everything_and_skips_bad_images(tmp_pat
 
 
 def test_a_truncated_shard_is_counted_and_the_job_goes_on(tmp_path, material):
-    from data_pipelines.verify import VerifyJob, run
+    from data_pipelines.jobs.verify import VerifyJob, run
 
     good, _ = material
     folder = tmp_path / "in"
@@ -419,8 +419,8 @@ def test_a_language_no_font_covers_is_refused_before_any_work(tmp_path, job):
 
 
 def test_input_paths_that_match_nothing_are_named(tmp_path):
-    from data_pipelines.ingest import IngestConfig, run_ingest
-    from data_pipelines.verify import VerifyJob, run
+    from data_pipelines.sources.ingest import IngestConfig, run_ingest
+    from data_pipelines.jobs.verify import VerifyJob, run
 
     with pytest.raises(ValueError, match=r"path = '.*nothing-\*\.tar': no \.tar shards found"):
         run_ingest(IngestConfig(format="webdataset", path=str(tmp_path / "nothing-*.tar")), source="design",
@@ -431,8 +431,8 @@ def test_input_paths_that_match_nothing_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"no shards \(<prefix>-NNNNNN.tar\)"):
         run(VerifyJob(in_dir=str(tmp_path), out_dir=str(tmp_path / "o"), progress=False))
     with pytest.raises(ValueError, match=r"num_shards = '4': expected an integer"):
-        from data_pipelines.config import from_mapping
-        from data_pipelines.synthetic.job import SyntheticJob
+        from data_pipelines.core.config import from_mapping
+        from data_pipelines.jobs.synthetic import SyntheticJob
 
         from_mapping(SyntheticJob, {"out_dir": "x", "num_shards": "4"})
     assert not (tmp_path / "o").exists()

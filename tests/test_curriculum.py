@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qwenimg_train.curriculum import Curriculum, Stage
+from qwenimg_train.data.curriculum import Curriculum, Stage
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -85,11 +85,11 @@ def test_filters_are_checked_against_the_manifests():
 
 def test_demo_manifests_satisfy_the_default_curriculum(tmp_path):
     """The data jobs' own manifests feed the check (tiny runs of each source)."""
-    from data_pipelines.edit_job import EditPairsJob
-    from data_pipelines.edit_job import run as run_edit
-    from data_pipelines.sources import DesignJob, run_design
-    from data_pipelines.synthetic.job import SyntheticJob
-    from data_pipelines.synthetic.job import run as run_synthetic
+    from data_pipelines.jobs.edit_pairs import EditPairsJob
+    from data_pipelines.jobs.edit_pairs import run as run_edit
+    from data_pipelines.jobs.sources import DesignJob, run_design
+    from data_pipelines.jobs.synthetic import SyntheticJob
+    from data_pipelines.jobs.synthetic import run as run_synthetic
 
     run_synthetic(SyntheticJob(out_dir=str(tmp_path / "synthetic"), num_shards=1, samples_per_shard=40, progress=False))
     run_design(DesignJob(out_dir=str(tmp_path / "design"), num_shards=1, samples_per_shard=30, progress=False))

@@ -4,9 +4,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from qwenimg_train.curriculum import Curriculum, Stage
-from qwenimg_train.curriculum_lightning import CurriculumCallback, CurriculumDataModule
-from qwenimg_train.data import to_unit_range
+from qwenimg_train.data.curriculum import Curriculum, Stage
+from qwenimg_train.data.datamodule import CurriculumCallback, CurriculumDataModule
+from qwenimg_train.data.loader import to_unit_range
 
 
 class Tiny(pl.LightningModule):

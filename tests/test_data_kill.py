@@ -3,8 +3,8 @@ the same command completes the job with every shard listed once, every key once,
 temporary file left, and shards byte-identical to an uninterrupted run's (issue 9).
 
 The synthetic job is deterministic by seed: sample j of shard i is rendered from
-`derive_seed(seed, i, j, attempt)` (data_pipelines/synthetic/job.py) and written with
-fixed tar headers (data_pipelines/shards.py), so the same command gives the same bytes.
+`derive_seed(seed, i, j, attempt)` (data_pipelines/jobs/synthetic.py) and written with
+fixed tar headers (data_pipelines/core/shards.py), so the same command gives the same bytes.
 A shard is written under `<name>.tmp-<host>-<pid>` and renamed when complete, then its
 statistics (also tmp + rename); the manifest is written last, tmp + rename. The kills:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.shards import iter_tar_samples
+from data_pipelines.core.shards import iter_tar_samples
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ CLI = [sys.executable, "-m", "data_pipelines.cli"]
 # argv[1], it writes half of the temporary file and SIGKILLs its own process.
 KILLING_CLI = [sys.executable, "-c", """
 import os, signal, sys
-import data_pipelines.shards as shards
+import data_pipelines.core.shards as shards
 target, real = sys.argv[1], shards._atomic_write_text
 def write(path, text):
     if path.name == target:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_pipelines.design import DesignComposer, DesignConfig
-from data_pipelines.edit import EDIT_TYPES, EditMaker
-from data_pipelines.edit_job import EditPairsJob
-from data_pipelines.edit_job import run as run_edit_pairs
-from data_pipelines.ocr import OcrEngine
-from data_pipelines.schema import SampleMeta
-from data_pipelines.sources import NaturalJob, NaturalProducer, run_natural
-from data_pipelines.synthetic.render import RenderConfig
+from data_pipelines.sources.design import DesignComposer, DesignConfig
+from data_pipelines.pairs.edit import EDIT_TYPES, EditMaker
+from data_pipelines.jobs.edit_pairs import EditPairsJob
+from data_pipelines.jobs.edit_pairs import run as run_edit_pairs
+from data_pipelines.core.ocr import OcrEngine
+from data_pipelines.core.schema import SampleMeta
+from data_pipelines.jobs.sources import NaturalJob, NaturalProducer, run_natural
+from data_pipelines.sources.render import RenderConfig
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def _args(out: Path, models: Path, sources: dict, *extra: str) -> list[str]:
 def _train(args: list[str], cwd: Path) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWENIMG_RUN_DIR", None)
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -71,7 +71,7 @@ def test_two_ranks_resume_exactly(strategy, tmp_path, shard_sources):
 def test_zero3_checkpoint_exports_to_diffusers(tmp_path, shard_sources):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from qwenimg_train.export import ExportJob, export, load_training_checkpoint
+    from qwenimg_train.export.to_diffusers import ExportJob, export, load_training_checkpoint
 
     run = tmp_path / "run"
     _train(_args(run, tmp_path / "models", shard_sources, "strategy=deepspeed_zero3", "trainer.devices=2",
@@ -95,7 +95,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     import lightning.fabric.plugins.io.torch_io as torch_io
     from hydra import compose, initialize_config_dir
-    from qwenimg_train.train import config_dir, train
+    from qwenimg_train.training.train import config_dir, train
 
     real_save = torch_io._atomic_save
     calls = [0]

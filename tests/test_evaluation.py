@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import charsets
-from data_pipelines.ocr import OcrEngine, normalize
-from data_pipelines.synthetic.text import builtin_phrases
-from qwenimg_train import suites as S
-from qwenimg_train.evaluation import (
+from data_pipelines.text import charsets
+from data_pipelines.core.ocr import OcrEngine, normalize
+from data_pipelines.text.corpus import builtin_phrases
+from qwenimg_train.eval import suites as S
+from qwenimg_train.eval.metrics import (
     METRICS,
     aggregate,
     binomial_se,
@@ -27,7 +27,7 @@ from qwenimg_train.evaluation import (
     word_accuracy,
     write_report,
 )
-from qwenimg_train.suites import Record, load_suites, reference_image, render_text_image
+from qwenimg_train.eval.suites import Record, load_suites, reference_image, render_text_image
 
 GT_SIZE = 256  # reference renders: rapidocr upscales anything smaller than 736 px, so a bigger canvas only costs drawing
 
@@ -41,7 +41,7 @@ def ocr():
 
 
 def test_committed_suites_are_the_generator_output():
-    """The JSONL files are `build_suites()` (rerun `python -m qwenimg_train.suites` after changing it)."""
+    """The JSONL files are `build_suites()` (rerun `python -m qwenimg_train.eval.suites` after changing it)."""
     built = S.build_suites()
     loaded = load_suites("all")
     assert [r.id for r in loaded] == [r.id for records in built.values() for r in records]
@@ -243,7 +243,7 @@ def _check_report(out: Path, doc: dict, suites: list[str], per_suite: int) -> No
 
 def test_evaluate_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path, ocr):
     """Both pipelines, one prompt of a few suites (the tiny model draws noise: structure, not quality)."""
-    from qwenimg_train.evaluate import evaluate
+    from qwenimg_train.eval.runner import evaluate
 
     suites = ["zh_char_l1", "en_long", "zh_vertical", "edit_en"]
     doc = evaluate(tiny_checkpoint, suites, limit=1, resolution=64, steps=2, guidance=1.0, out_dir=tmp_path,
@@ -255,7 +255,7 @@ def test_evaluate_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path, ocr):
 def test_generate_callable_and_seeds_fix_the_outputs(tmp_path, ocr):
     """A callable generator (what a training callback can pass): reference renders for
     T2I prompts, the source image for edits, so "old gone" fails exactly on edits."""
-    from qwenimg_train.evaluate import evaluate, prompt_seed
+    from qwenimg_train.eval.runner import evaluate, prompt_seed
 
     calls = []
 
@@ -276,9 +276,9 @@ def test_qwenimg_eval_writes_a_complete_report(tiny_checkpoint, tmp_path):
     """The console script's path (configs/eval.yaml composed, run()): every suite, 2 prompts each."""
     from hydra import compose, initialize_config_dir
 
-    from data_pipelines.config import from_mapping, to_plain
-    from qwenimg_train.evaluate import EvalJob, run
-    from qwenimg_train.train import config_dir
+    from data_pipelines.core.config import from_mapping, to_plain
+    from qwenimg_train.eval.runner import EvalJob, run
+    from qwenimg_train.training.train import config_dir
 
     overrides = [f"checkpoint_dir={tiny_checkpoint}", f"out_dir={tmp_path}", "limit=2", "resolution=64", "steps=2",
                  "progress=false"]
@@ -296,7 +296,7 @@ def test_suites_a_model_cannot_run():
     """A text-to-image-only model (no processor/): "all" leaves the edit suites out, naming one is an error."""
     from types import SimpleNamespace
 
-    from qwenimg_train.evaluate import _supported_suites
+    from qwenimg_train.eval.runner import _supported_suites
 
     t2i_only = SimpleNamespace(supports_edit=False, supports_t2i=True)
     assert _supported_suites("all", t2i_only) == [n for n in S.SUITES if n not in S.EDIT_SUITES]
@@ -308,9 +308,9 @@ def test_suites_a_model_cannot_run():
 def test_eval_config_composes_into_a_job(tiny_checkpoint, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from data_pipelines.config import from_mapping, to_plain
-    from qwenimg_train.evaluate import EvalJob
-    from qwenimg_train.train import config_dir
+    from data_pipelines.core.config import from_mapping, to_plain
+    from qwenimg_train.eval.runner import EvalJob
+    from qwenimg_train.training.train import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"checkpoint_dir={tiny_checkpoint}", "suites=[zh_phrase,edit_zh]"])
@@ -319,7 +319,7 @@ def test_eval_config_composes_into_a_job(tiny_checkpoint, tmp_path):
 
 
 def test_eval_job_errors_name_the_value(tmp_path):
-    from qwenimg_train.evaluate import EvalJob
+    from qwenimg_train.eval.runner import EvalJob
 
     with pytest.raises(ValueError, match="checkpoint_dir"):
         EvalJob(checkpoint_dir=str(tmp_path / "missing"))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from qwenimg_train.train import config_dir, train
+from qwenimg_train.training.train import config_dir, train
 
 STAGES = ("no_text", "simple_text", "complex_layout")
 FAULTS = Path(__file__).parent / "faults"
@@ -48,7 +48,7 @@ class _Recorder:
     and NaN losses at `bad` steps."""
 
     def __init__(self, monkeypatch, bad: set[int]):
-        from qwenimg_train import module
+        from qwenimg_train.training import module
 
         self.weights: dict[int, torch.Tensor] = {}
         real_step, real_loss = module.QwenImageModule.training_step, module.flow_matching_loss
@@ -88,7 +88,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, shard_sources, monkey
 
 
 def test_persistent_nonfinite_saves_and_stops_naming_the_batch(tmp_path, shard_sources, monkeypatch, record_fault):
-    from qwenimg_train.guards import NonFiniteLossError
+    from qwenimg_train.training.callbacks.nonfinite import NonFiniteLossError
 
     rec = _Recorder(monkeypatch, bad={2, 3, 4, 5})
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*step 4, stage 'complex_layout', batch keys \['"):
@@ -116,7 +116,7 @@ def test_nonfinite_on_one_rank_skips_on_every_rank(strategy, tmp_path, shard_sou
     run = tmp_path / "run"
     args = _overrides(run, tmp_path / "models", shard_sources, f"strategy={strategy}", "trainer.devices=2",
                       "data.num_workers=1")
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "fault injected: NaN loss at step 2 on rank 1" in proc.stderr
@@ -135,7 +135,7 @@ def _run_cli(args: list[str], cwd: Path, fault: dict[str, str] | None = None, ch
     env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")])
     env.pop("QWENIMG_RUN_DIR", None)
     # a session of its own: a group-wide SIGTERM reaches the run and its loader workers only
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600, start_new_session=True)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -234,7 +234,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_data(tmp_
 
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from qwenimg_train.checkpointing import CheckpointWriteError
+    from qwenimg_train.training.checkpointing import CheckpointWriteError
 
     before = {name: _tree_digest(Path(folder)) for name, folder in shard_sources.items()}
     real_save, calls = torch_io._atomic_save, [0]

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from data_pipelines.fonts import FontRegistry, MissingGlyphsError
-from data_pipelines.synthetic.linebreak import NO_LINE_END, NO_LINE_START, break_lines, units
-from data_pipelines.synthetic.text import Corpus, TextSampler
+from data_pipelines.text.fonts import FontRegistry, MissingGlyphsError
+from data_pipelines.text.linebreak import NO_LINE_END, NO_LINE_START, break_lines, units
+from data_pipelines.text.corpus import Corpus, TextSampler
 
 from conftest import make_font
 
@@ -129,7 +129,7 @@ def test_text_config_errors_name_the_value(tmp_path):
 
 
 def test_random_characters_come_from_the_codec_sets():
-    from data_pipelines import charsets
+    from data_pipelines.text import charsets
 
     ts = sampler(phrase_weight=0.0, level2_fraction=1.0)
     rng = random.Random(3)

@@ -31,9 +31,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_pipelines.config import from_mapping
-from data_pipelines.schema import LANGUAGES, LineMeta, SampleMeta, Source, classify_text, sample_languages
-from data_pipelines.untrusted import SKIP_REASONS, BadSample, parse_meta, read_tar_samples
+from data_pipelines.core.config import from_mapping
+from data_pipelines.core.schema import LANGUAGES, LineMeta, SampleMeta, Source, classify_text, sample_languages
+from data_pipelines.core.untrusted import SKIP_REASONS, BadSample, parse_meta, read_tar_samples
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -117,8 +117,8 @@ def test_valid_metadata_round_trips(meta):
 
 
 def _stream():
-    from qwenimg_train.curriculum import Stage
-    from qwenimg_train.data import SourceShards, StageStream
+    from qwenimg_train.data.curriculum import Stage
+    from qwenimg_train.data.loader import SourceShards, StageStream
 
     stage = Stage(name="s", fraction=1.0, resolution=32, source_weights={"synthetic": 1.0},
                   task_mix={"t2i": 0.5, "ti2i": 0.5}, caption_dropout=0.0)
@@ -147,7 +147,7 @@ def _jpeg():
        image=st.sampled_from(["good", "garbage", "empty"]), key=st.sampled_from(["k_1", "a/b", "../x", "/abs", "ü", ""]),
        task=st.sampled_from(["t2i", "ti2i"]))
 def test_loader_sample_path_never_raises(meta, raw, members, image, key, task):
-    from qwenimg_train.data import _SkipCounter, read_meta
+    from qwenimg_train.data.loader import _SkipCounter, read_meta
 
     global STREAM
     STREAM = STREAM or _stream()
@@ -185,7 +185,7 @@ member_names = st.one_of(
 def test_fuzzed_tar_is_read_without_exceptions_or_writes(entries):
     import webdataset as wds
 
-    from qwenimg_train.data import _SkipCounter, read_meta
+    from qwenimg_train.data.loader import _SkipCounter, read_meta
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz-000000.tar"
@@ -228,7 +228,7 @@ def _check(cls, mapping, where=""):
                        anything, max_size=4),
        st.dictionaries(st.sampled_from(["mode", "fraction", "max_ned", "threads"]), anything, max_size=2))
 def test_synthetic_job_config_is_valid_or_a_named_value_error(top, ocr):
-    from data_pipelines.synthetic.job import SyntheticJob
+    from data_pipelines.jobs.synthetic import SyntheticJob
 
     mapping = {"out_dir": "unused", **top}
     if ocr:
@@ -241,7 +241,7 @@ def test_synthetic_job_config_is_valid_or_a_named_value_error(top, ocr):
                                         "batch_size", "max_image_pixels", "workers", "null_prompts", "bogus"]),
                        anything, max_size=4))
 def test_precompute_job_config_is_valid_or_a_named_value_error(top):
-    from data_pipelines.precompute import PrecomputeJob
+    from data_pipelines.jobs.precompute import PrecomputeJob
 
     _check(PrecomputeJob, {"in_dir": "a", "out_dir": "b", "pretrained_path": "m", **top})
 
@@ -265,7 +265,7 @@ stage_values = st.fixed_dictionaries(
 @FAST
 @given(stage_values)
 def test_stage_config_is_valid_or_a_named_value_error(values):
-    from qwenimg_train.curriculum import Stage
+    from qwenimg_train.data.curriculum import Stage
 
     _check(Stage, values, "curriculum.stages[0]")
 
@@ -273,7 +273,7 @@ def test_stage_config_is_valid_or_a_named_value_error(values):
 @SLOW
 @given(st.lists(stage_values, min_size=1, max_size=3))
 def test_curriculum_config_is_valid_or_a_value_error(stages):
-    from qwenimg_train.curriculum import Curriculum
+    from qwenimg_train.data.curriculum import Curriculum
 
     try:
         Curriculum.from_config({"name": "fuzz", "stages": {f"s{i}": s for i, s in enumerate(stages)}})
@@ -285,7 +285,7 @@ def test_curriculum_config_is_valid_or_a_value_error(stages):
 @given(st.dictionaries(st.sampled_from(["lr", "betas", "weight_decay", "eps", "warmup_steps", "schedule",
                                         "min_lr_ratio", "grad_clip", "bogus"]), anything, max_size=4))
 def test_optim_config_is_valid_or_a_named_value_error(top):
-    from qwenimg_train.module import Optim
+    from qwenimg_train.training.module import Optim
 
     _check(Optim, top, "optim")
 
@@ -296,7 +296,7 @@ def test_optim_config_is_valid_or_a_named_value_error(top):
                                         "max_sequence_length", "lora", "bogus"]), anything, max_size=4),
        st.dictionaries(st.sampled_from(["rank", "alpha", "dropout", "target_modules", "x"]), anything, max_size=3))
 def test_model_config_is_valid_or_a_named_value_error(top, lora):
-    from qwenimg_train.train import ModelConfig
+    from qwenimg_train.training.train import ModelConfig
 
     mapping = {"pretrained_path": "m", **top}
     if lora and "lora" not in top:
@@ -308,7 +308,7 @@ def test_model_config_is_valid_or_a_named_value_error(top, lora):
 @given(st.dictionaries(st.sampled_from(["every_n_train_steps", "keep_last", "save_last", "stage_end", "bogus"]),
                        anything, max_size=3))
 def test_checkpoint_config_is_valid_or_a_named_value_error(top):
-    from qwenimg_train.train import CheckpointConfig
+    from qwenimg_train.training.train import CheckpointConfig
 
     _check(CheckpointConfig, top, "callbacks.checkpoint")
 
@@ -317,6 +317,6 @@ def test_checkpoint_config_is_valid_or_a_named_value_error(top):
 @given(st.dictionaries(st.sampled_from(["density", "logit_mean", "logit_std", "mode_scale", "shift", "weighting",
                                         "sigma_buckets", "bogus"]), anything, max_size=4))
 def test_objective_config_is_valid_or_a_named_value_error(top):
-    from qwenimg_train.objective import FlowMatching
+    from qwenimg_train.objectives.flow_matching import FlowMatching
 
     _check(FlowMatching, top, "objective")

@@ -1,4 +1,4 @@
-"""Ingest of existing images (data_pipelines/ingest.py): every input format, bad items, OCR boxes, determinism.
+"""Ingest of existing images (data_pipelines/sources/ingest.py): every input format, bad items, OCR boxes, determinism.
 
 Inputs are tiny images made here with Pillow; outputs are read back with WebDataset's
 own reader (the training side's) and with plain tarfile for byte comparisons.
@@ -13,11 +13,11 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines.config import from_mapping
-from data_pipelines.ingest import IngestConfig, IngestProducer, list_items, parse_polygon, run_ingest
-from data_pipelines.jobs import Tally
-from data_pipelines.schema import SampleMeta, classify_text
-from data_pipelines.shards import iter_tar_samples
+from data_pipelines.core.config import from_mapping
+from data_pipelines.sources.ingest import IngestConfig, IngestProducer, list_items, parse_polygon, run_ingest
+from data_pipelines.core.sharded import Tally
+from data_pipelines.core.schema import SampleMeta, classify_text
+from data_pipelines.core.shards import iter_tar_samples
 
 NOTO_CJK = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
 
@@ -299,7 +299,7 @@ def test_parse_polygon_forms():
 def cjk_font(size):
     if NOTO_CJK.exists():
         return ImageFont.truetype(str(NOTO_CJK), size, index=2)
-    from data_pipelines.fonts import FontRegistry
+    from data_pipelines.text.fonts import FontRegistry
 
     registry = FontRegistry.discover()
     faces = [f for f in registry.faces if registry.covers(f, "春节快乐")]

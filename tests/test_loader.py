@@ -7,15 +7,15 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipelines.edit_job import EditPairsJob
-from data_pipelines.edit_job import run as run_edit
-from data_pipelines.shards import AtomicShardWriter, iter_tar_samples
-from data_pipelines.sources import DesignJob, run_design
-from data_pipelines.synthetic.job import SyntheticJob
-from data_pipelines.synthetic.job import run as run_synthetic
-from data_pipelines.synthetic.render import RenderConfig
-from qwenimg_train.curriculum import Stage
-from qwenimg_train.data import Interleave, SkippedTooMany, SourceShards, StageStream, to_unit_range
+from data_pipelines.jobs.edit_pairs import EditPairsJob
+from data_pipelines.jobs.edit_pairs import run as run_edit
+from data_pipelines.core.shards import AtomicShardWriter, iter_tar_samples
+from data_pipelines.jobs.sources import DesignJob, run_design
+from data_pipelines.jobs.synthetic import SyntheticJob
+from data_pipelines.jobs.synthetic import run as run_synthetic
+from data_pipelines.sources.render import RenderConfig
+from qwenimg_train.data.curriculum import Stage
+from qwenimg_train.data.loader import Interleave, SkippedTooMany, SourceShards, StageStream, to_unit_range
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qwenimg_train.export import ExportJob, export
-from qwenimg_train.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_lora_key, to_diffusers_names
-from qwenimg_train.model import QwenImageModel, load_transformer
-from qwenimg_train.objective import flow_matching_loss
-from qwenimg_train.train import ModelConfig, config_dir, train
-from qwenimg_train.transformer import MixedBatchAttnProcessor
+from qwenimg_train.export.to_diffusers import ExportJob, export
+from qwenimg_train.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_lora_key, to_diffusers_names
+from qwenimg_train.models.qwen_image.model import QwenImageModel, load_transformer
+from qwenimg_train.objectives.flow_matching import flow_matching_loss
+from qwenimg_train.training.train import ModelConfig, config_dir, train
+from qwenimg_train.models.qwen_image.transformer import MixedBatchAttnProcessor
 
 RANK, ALPHA = 4, 8  # alpha != rank: the LoRA file's metadata must carry the scale (2)
 PREFIX = "model.transformer."

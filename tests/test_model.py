@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qwenimg_train.ema import EMA
-from qwenimg_train.encoding import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE, pack_latents, unpack_latents
-from qwenimg_train.model import QwenImageModel
-from qwenimg_train.objective import flow_matching_loss
-from qwenimg_train.transformer import forward_mixed
+from qwenimg_train.training.callbacks.ema import EMA
+from qwenimg_train.models.qwen_image.encoding import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE, pack_latents, unpack_latents
+from qwenimg_train.models.qwen_image.model import QwenImageModel
+from qwenimg_train.objectives.flow_matching import flow_matching_loss
+from qwenimg_train.models.qwen_image.transformer import forward_mixed
 
 PROMPTS = ["a poster with the title “春节快乐”", "海报"]
 

@@ -29,8 +29,8 @@ RECORDING_TRAIN = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from hydra import compose, initialize_config_dir
-    import qwenimg_train.module as module
-    from qwenimg_train.train import config_dir, train
+    import qwenimg_train.training.module as module
+    from qwenimg_train.training.train import config_dir, train
 
     class Recorder(module.RunSummary):
         def __init__(self):
@@ -189,7 +189,7 @@ def test_torchrun_wrapper_command_line(tmp_path):
     lines = launch("experiment=smoke", NPROC_PER_NODE="2", QWENIMG_RUN_DIR="/stale")
     assert lines[0].startswith("RUN_DIR=outputs/train/")
     assert lines[1:] == ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--standalone",
-                         "-m", "qwenimg_train.train", "experiment=smoke", "trainer.num_nodes=1", "trainer.devices=2"]
+                         "-m", "qwenimg_train.training.train", "experiment=smoke", "trainer.num_nodes=1", "trainer.devices=2"]
     # Two nodes: node 0 hosts the c10d store; an inherited run directory is dropped.
     for node in (0, 1):
         lines = launch("paths.output_dir=/shared/run", "trainer.devices=4", NNODES="2", NODE_RANK=str(node),
@@ -250,7 +250,7 @@ def test_train_sbatch_launches_one_task_per_gpu_that_resumes(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().splitlines() == [
-        "--kill-on-bad-exit=1", "/venv/bin/python", "-m", "qwenimg_train.train", "trainer=gpu", "experiment=smoke",
+        "--kill-on-bad-exit=1", "/venv/bin/python", "-m", "qwenimg_train.training.train", "trainer=gpu", "experiment=smoke",
         "strategy=deepspeed_zero3", "trainer.num_nodes=2", "trainer.devices=8",
         f"paths.output_dir={tmp_path}/outputs/train/qwenimg-train-4242", "ckpt_path=last", "MASTER=node7:19242"]
     for wrong in ("paths.output_dir=/x", "trainer.devices=4", "ckpt_path=/x.ckpt"):

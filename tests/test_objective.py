@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from qwenimg_train import objective as obj
+from qwenimg_train.objectives import flow_matching as obj
 
 
 def released_scheduler():

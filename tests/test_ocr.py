@@ -1,9 +1,9 @@
 import pytest
 from PIL import Image
 
-from data_pipelines.ocr import OcrEngine, char_accuracy, line_strip, ned, normalize, verify_sample
-from data_pipelines.synthetic import job as synth
-from data_pipelines.synthetic.render import RenderConfig, SyntheticRenderer
+from data_pipelines.core.ocr import OcrEngine, char_accuracy, line_strip, ned, normalize, verify_sample
+from data_pipelines.jobs import synthetic as synth
+from data_pipelines.sources.render import RenderConfig, SyntheticRenderer
 
 from conftest import small_job
 

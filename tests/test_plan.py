@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenimg_train.plan import (
+from qwenimg_train.tools.plan import (
     PRESETS,
     QWEN25_VL_7B,
     PlanConfig,
@@ -61,7 +61,7 @@ def test_parameter_tensors_match_diffusers_exactly(tmp_path):
     spec = TransformerSpec.from_config(config)
     assert dict(spec.parameter_tensors()) == actual
     assert spec.num_params() == sum(p.numel() for p in model.parameters())
-    assert PRESETS["tiny"][0].num_params() == spec.num_params()  # the tiny preset is qwenimg_train.tiny's
+    assert PRESETS["tiny"][0].num_params() == spec.num_params()  # the tiny preset is qwenimg_train.models.qwen_image.tiny's
     model.save_config(tmp_path / "transformer")
     for path in (tmp_path, tmp_path / "transformer", tmp_path / "transformer" / "config.json"):
         assert load_spec(str(path))[0] == spec
@@ -78,7 +78,7 @@ def test_memory_model_matches_measured_cpu_step(tmp_path, checkpointing):
     step's peak (torch profiler allocation events) within 20% of the planner."""
     from diffusers import QwenImageTransformer2DModel
 
-    from qwenimg_train.memory import measure_step
+    from qwenimg_train.tools.plan_memory import measure_step
 
     torch.manual_seed(0)
     model = QwenImageTransformer2DModel(**MEASURED_KW)
@@ -216,12 +216,12 @@ def test_user_errors_name_the_key_and_the_fix(overrides, words):
 def test_cli_exit_status_and_message(tmp_path):
     env = dict(os.environ)
     env.pop("QWENIMG_DEBUG", None)
-    ok = subprocess.run([sys.executable, "-m", "qwenimg_train.plan", "model=qwen_image", "resolution=1024",
+    ok = subprocess.run([sys.executable, "-m", "qwenimg_train.tools.plan", "model=qwen_image", "resolution=1024",
                          "gpus_per_node=8", "nodes=4", "gpu_memory_gb=80", "zero_stage=3"],
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "peak" in ok.stdout and "-> fits" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "qwenimg_train.plan", "resolution=1000"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "qwenimg_train.tools.plan", "resolution=1000"], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2
     assert "resolution = 1000" in bad.stderr and "1008" in bad.stderr and not bad.stdout.strip()

@@ -12,14 +12,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data_pipelines.precompute import PrecomputeJob, run as run_precompute
-from data_pipelines.shards import iter_tar_samples
-from qwenimg_train.curriculum import Stage
-from qwenimg_train.data import SourceShards, StageStream
-from qwenimg_train.model import QwenImageModel
-from qwenimg_train.objective import FlowMatching, flow_matching_loss
-from qwenimg_train.precomputed import MEMBER, from_bytes
-from qwenimg_train.train import config_dir, train
+from data_pipelines.jobs.precompute import PrecomputeJob, run as run_precompute
+from data_pipelines.core.shards import iter_tar_samples
+from qwenimg_train.data.curriculum import Stage
+from qwenimg_train.data.loader import SourceShards, StageStream
+from qwenimg_train.models.qwen_image.model import QwenImageModel
+from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
+from qwenimg_train.data.precomputed import MEMBER, from_bytes
+from qwenimg_train.training.train import config_dir, train
 
 STAGES = ("no_text", "simple_text", "complex_layout")
 RES = 32
@@ -71,7 +71,7 @@ def test_manifest_tag_and_members(setup, shard_sources):
 
 def test_same_batches_inputs_and_loss_as_online_encoding(setup, shard_sources):
     """The reference: the online path (frozen encoders on decoded images)."""
-    from qwenimg_train.model import load_encoders, load_transformer
+    from qwenimg_train.models.qwen_image.model import load_encoders, load_transformer
 
     _, model_dir, pre = setup
     model = QwenImageModel(load_transformer(model_dir), load_encoders(model_dir, max_sequence_length=SEQ))
@@ -121,7 +121,7 @@ def test_training_never_loads_the_encoders(setup, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the encoders were loaded")
 
-    monkeypatch.setattr("qwenimg_train.model.load_encoders", refuse)
+    monkeypatch.setattr("qwenimg_train.models.qwen_image.model.load_encoders", refuse)
     summary = train(_config(tmp_path / "run", model.parent, pre, "data.batch_size=8"))  # 24 samples: every task
     assert summary["global_step"] == 3 and list(summary["stages"]) == list(STAGES)
     assert {t for s in summary["stages"].values() for t in s["loss_by_task"]} == {"t2i", "ti2i", "i2i"}
@@ -136,7 +136,7 @@ def test_stale_cache_is_refused_naming_both_tags(setup, tmp_path):
     with pytest.raises(ValueError, match=r"trains at buckets \['64x64'\].*bucket sets \[\['32x32'\]\]"):
         train(_config(tmp_path / "c", model.parent, pre, "curriculum.stages.no_text.resolution=64"))
     # another model folder (a tiny model of another seed): the encoder fingerprints differ
-    from qwenimg_train.tiny import build_tiny_checkpoint
+    from qwenimg_train.models.qwen_image.tiny import build_tiny_checkpoint
 
     other = build_tiny_checkpoint(tmp_path / "models" / "tiny", pipeline_class="QwenImageEditPipeline", seed=1)
     with pytest.raises(ValueError, match=r"encoder, vae differ"):

@@ -3,9 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_pipelines.color import contrast_ratio
-from data_pipelines.schema import classify_text
-from data_pipelines.synthetic.render import FORMATS, RenderConfig
+from data_pipelines.text.color import contrast_ratio
+from data_pipelines.core.schema import classify_text
+from data_pipelines.sources.render import FORMATS, RenderConfig
 
 
 def ink_mask(renderer, seed, key):
@@ -121,7 +121,7 @@ def test_render_is_deterministic(renderer):
 
 
 def test_other_sizes_and_aspect_ratios(renderer):
-    from data_pipelines.synthetic.render import SyntheticRenderer
+    from data_pipelines.sources.render import SyntheticRenderer
 
     r = SyntheticRenderer(fonts=renderer.fonts, text=renderer.text, config=RenderConfig(sizes=["768x384", "384x640:2"]))
     sizes = {r.render(seed, "k").image.size for seed in range(12)}
@@ -147,7 +147,7 @@ def test_render_config_errors(kwargs, match):
 def test_photo_backgrounds_and_unreadable_photos(renderer, tmp_path):
     from PIL import Image
 
-    from data_pipelines.synthetic.render import SyntheticRenderer
+    from data_pipelines.sources.render import SyntheticRenderer
 
     Image.new("RGB", (300, 200), (200, 40, 40)).save(tmp_path / "red.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")

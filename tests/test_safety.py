@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 
-from qwenimg_train.train import config_dir, train
+from qwenimg_train.training.train import config_dir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("no_text", "simple_text", "complex_layout")
@@ -65,7 +65,7 @@ def test_config_errors_name_the_key_before_heavy_work(override, message, tmp_pat
 
 def test_unknown_group_option_names_the_choices(tmp_path):
     """A typo in a group option stops the command before anything runs, listing the options."""
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", "curriculum=three_stages",
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", "curriculum=three_stages",
                            f"paths.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Could not find 'curriculum/three_stages'" in proc.stderr and "three_stage" in proc.stderr

@@ -13,10 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from data_pipelines.config import from_mapping
-from qwenimg_train.report import ReportJob, ema, ocr_columns, read_metrics, report
-from qwenimg_train.sample import SampleJob, job_mapping, sample
-from qwenimg_train.train import config_dir, train
+from data_pipelines.core.config import from_mapping
+from qwenimg_train.tools.report import ReportJob, ema, ocr_columns, read_metrics, report
+from qwenimg_train.tools.sample import SampleJob, job_mapping, sample
+from qwenimg_train.training.train import config_dir, train
 
 STAGES = ("no_text", "simple_text", "complex_layout")
 
@@ -109,7 +109,7 @@ def test_sample_input_mistakes_are_clear(tiny_checkpoint, tmp_path):
 
 
 def test_sample_edit_needs_an_edit_folder(tmp_path):
-    from qwenimg_train.tiny import build_tiny_checkpoint
+    from qwenimg_train.models.qwen_image.tiny import build_tiny_checkpoint
 
     t2i_only = build_tiny_checkpoint(tmp_path / "t2i", pipeline_class="QwenImagePipeline")
     Image.new("RGB", (32, 32)).save(tmp_path / "source.png")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from data_pipelines import charsets
-from data_pipelines.schema import (
+from data_pipelines.text import charsets
+from data_pipelines.core.schema import (
     SIMPLE_MAX_CHARS,
     LineMeta,
     SampleMeta,

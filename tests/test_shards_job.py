@@ -12,10 +12,10 @@ import webdataset as wds
 from hydra import compose, initialize_config_dir
 
 from data_pipelines.cli import config_dir, run_job
-from data_pipelines.config import from_mapping
-from data_pipelines.schema import SampleMeta
-from data_pipelines.shards import node_split, node_shards
-from data_pipelines.synthetic import job as synth
+from data_pipelines.core.config import from_mapping
+from data_pipelines.core.schema import SampleMeta
+from data_pipelines.core.shards import node_split, node_shards
+from data_pipelines.jobs import synthetic as synth
 
 from conftest import small_job
 
@@ -164,9 +164,9 @@ def test_resume_after_a_killed_run(tmp_path):
 
 
 def test_verify_stage_filters_counts_and_skips_bad_samples(tmp_path):
-    from data_pipelines.shards import AtomicShardWriter, iter_tar_samples
-    from data_pipelines.verify import VerifyJob
-    from data_pipelines.verify import run as verify_run
+    from data_pipelines.core.shards import AtomicShardWriter, iter_tar_samples
+    from data_pipelines.jobs.verify import VerifyJob
+    from data_pipelines.jobs.verify import run as verify_run
 
     src = tmp_path / "rendered"
     synth.run(small_job(src, num_shards=2, samples_per_shard=4))

@@ -18,9 +18,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from qwenimg_train.curriculum import Curriculum
-from qwenimg_train.sweep_report import SweepReportJob, sweep_report
-from qwenimg_train.train import config_dir
+from qwenimg_train.data.curriculum import Curriculum
+from qwenimg_train.tools.sweep_report import SweepReportJob, sweep_report
+from qwenimg_train.training.train import config_dir
 
 STAGES = ("no_text", "simple_text", "complex_layout")
 
@@ -110,7 +110,7 @@ def test_slurm_launcher_composes_to_an_sbatch_script(tmp_path, monkeypatch):
     base = set(OmegaConf.structured(BaseQueueConf).keys())  # as SlurmLauncher.launch maps them
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
                                   if k not in ("submitit_folder", "max_num_timeout")})
-    script = executor._executor._make_submission_file_text("python -m qwenimg_train.train", "uid")
+    script = executor._executor._make_submission_file_text("python -m qwenimg_train.training.train", "uid")
     for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=90",
                  "--mail-type=END", "--signal=USR2@120"):
         assert f"#SBATCH {line}\n" in script, line
@@ -264,7 +264,7 @@ def test_report_refuses_what_is_not_a_sweep(tmp_path):
     with pytest.raises(ValueError, match="final_window"):
         SweepReportJob(sweep_dir=".", final_window=0)
     # the command: one line naming the problem, exit status 2
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.sweep_report", str(tmp_path / "empty")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.tools.sweep_report", str(tmp_path / "empty")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 2 and "not a sweep directory" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -300,7 +300,7 @@ def test_multirun_of_the_smoke_experiment_and_its_report(tmp_path, shard_sources
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWENIMG_RUN_DIR", None)
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     # Hydra runs every job, then fails the command with the broken job's error.
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -316,7 +316,7 @@ def test_multirun_of_the_smoke_experiment_and_its_report(tmp_path, shard_sources
             {"design": design, "synthetic": round(1 - design, 1)}
     assert not (sweep / "1" / "summary.json").exists() and (sweep / "multirun.yaml").is_file()
 
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.sweep_report", str(sweep)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.tools.sweep_report", str(sweep)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = sweep / "report"
@@ -362,7 +362,7 @@ def test_multirun_with_two_ddp_ranks_per_job(tmp_path, shard_sources):
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWENIMG_RUN_DIR", None)
-    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.train", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for num in (0, 1):

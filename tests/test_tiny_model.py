@@ -1,4 +1,4 @@
-"""The tiny checkpoint (qwenimg_train.tiny) loads and runs in diffusers' own pipelines.
+"""The tiny checkpoint (qwenimg_train.models.qwen_image.tiny) loads and runs in diffusers' own pipelines.
 
 Everything offline and on CPU; the edit call dominates (the edit pipeline VAE-encodes
 its source at about 1024x1024 whatever the input size).
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwenimg_train import tiny
+from qwenimg_train.models.qwen_image import tiny
 
 
 @pytest.fixture(scope="module")

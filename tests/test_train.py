@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from qwenimg_train.export import ExportJob, export
-from qwenimg_train.train import config_dir, train
+from qwenimg_train.export.to_diffusers import ExportJob, export
+from qwenimg_train.training.train import config_dir, train
 
 STAGES = ("no_text", "simple_text", "complex_layout")
 
@@ -121,7 +121,7 @@ def test_exported_folder_runs_in_both_pipelines(run):
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
     from PIL import Image
 
-    from qwenimg_train.encoding import load_processor
+    from qwenimg_train.models.qwen_image.encoding import load_processor
 
     root, _, _ = run
     out = export(ExportJob(checkpoint=str(root / "train" / "checkpoints" / "last.ckpt"), out_dir=str(root / "export")))
@@ -151,7 +151,7 @@ def test_config_mistakes_are_clear(tmp_path, shard_sources):
         train(_config(tmp_path / "c", tmp_path / "m", shard_sources, "model.build_tiny=false",
                       f"model.pretrained_path={tmp_path / 'missing'}"))
     t2i_only = tmp_path / "t2i"
-    from qwenimg_train.tiny import build_tiny_checkpoint
+    from qwenimg_train.models.qwen_image.tiny import build_tiny_checkpoint
 
     build_tiny_checkpoint(t2i_only, pipeline_class="QwenImagePipeline")
     with pytest.raises(ValueError, match="no processor"):
@@ -162,7 +162,7 @@ def test_config_mistakes_are_clear(tmp_path, shard_sources):
 
 
 def test_optim_schedule():
-    from qwenimg_train.module import Optim
+    from qwenimg_train.training.module import Optim
 
     optim = Optim(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
     factors = [optim.factor(s, 14) for s in range(14)]

@@ -15,7 +15,7 @@ if os.environ.get("QWENIMG_FAULT_NAN_STEPS"):
     steps = {int(s) for s in os.environ["QWENIMG_FAULT_NAN_STEPS"].split(",")}
     only_rank = os.environ.get("QWENIMG_FAULT_NAN_RANK")
 
-    from qwenimg_train import module
+    from qwenimg_train.training import module
 
     real_step, real_loss = module.QwenImageModule.training_step, module.flow_matching_loss
     state = {}
@@ -59,7 +59,7 @@ if os.environ.get("QWENIMG_FAULT_SIGNAL"):
             os.kill(os.getpid(), sig)
 
     if point == "step":
-        from qwenimg_train import module as _module
+        from qwenimg_train.training import module as _module
 
         _real_step, _real_loss = _module.QwenImageModule.training_step, _module.flow_matching_loss
         _state = {"fired": False}
@@ -92,7 +92,7 @@ if os.environ.get("QWENIMG_FAULT_SIGNAL"):
 
         _torch_io._atomic_save = _dying_save
     elif point == "stage_switch":
-        from qwenimg_train import curriculum_lightning as _cl
+        from qwenimg_train.data.loader import datamodule as _cl
 
         _real_loader = _cl.CurriculumDataModule.train_dataloader
 

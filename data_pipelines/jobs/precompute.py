@@ -1,0 +1,285 @@
+"""`qwenimg-data --config-name precompute`: encoder outputs written into shards, once.
+
+The producer side of precomputed training (qwenimg_train.data.precomputed has the format
+and the tag). For every sample of an input shard folder (synthetic, design, natural
+or edit pairs, as the other jobs write them) it runs the frozen encoders of a model
+folder exactly as training would online:
+
+    decode      the target (and source) image at the bucket the loader would pick, with
+                the loader's own decoder (`qwenimg_train.data.loader.decode_image`), for each
+                bucket set of the job
+    VAE         normalised latents of the target, and of the source of an edit pair
+    Qwen2.5-VL  the caption with the T2I template, or the instruction with the source
+                image and the edit template; and the empty prompt (caption dropout)
+
+and writes the sample back under the same shard name with one more member,
+`<key>.pre.safetensors`, plus the original members (images too, unless
+keep_images=false). The output folder's manifest carries the tag.
+
+Work is split by shard index across processes and nodes like every `qwenimg-data`
+job: under torchrun each rank takes its slice (RANK / WORLD_SIZE) and runs on
+`cuda:LOCAL_RANK`; under a SLURM array each task takes its slice. Shards are written
+atomically, a rerun keeps complete ones, and an unreadable sample is skipped and
+counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from data_pipelines.core.sharded import Produced, ShardedJob, Tally, run_sharded
+from data_pipelines.core.schema import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    INSTRUCTION_EXTENSION,
+    META_EXTENSION,
+    SOURCE_IMAGE_PREFIX,
+    SampleMeta,
+)
+from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, parse_meta, read_tar_samples
+from data_pipelines.jobs.verify import input_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeJob:
+    in_dir: str
+    """A shard folder written by another qwenimg-data job (its manifest is carried over)."""
+    out_dir: str
+    """Folder for the shards with precomputed inputs (same names) and their manifest."""
+    pretrained_path: str
+    """The diffusers model folder whose encoders train with: the same as model.pretrained_path."""
+    encoder_dtype: str = "float32"
+    """dtype the encoders run and the tensors are stored in: the run's model.encoder_dtype."""
+    max_sequence_length: int = 1024
+    """The run's model.max_sequence_length."""
+    resolutions: list[int] = field(default_factory=lambda: [512])
+    """Square resolutions to encode at, one bucket set each (a stage's `resolution`)."""
+    bucket_sets: list[list[str]] = field(default_factory=list)
+    """Aspect-ratio bucket sets ("WxH" lists, a stage's `buckets`), in addition to resolutions."""
+    null_prompts: bool = True
+    """Also store the empty prompt's encoding (needed by stages with caption_dropout > 0)."""
+    keep_images: bool = True
+    """Copy the image members too (previews, evaluation); false keeps captions and metadata only."""
+    reduced_decode: bool = True
+    """Decode JPEGs at reduced size where the bucket allows, as the loader does (data.reduced_decode)."""
+    batch_size: int = 8
+    """Samples encoded together."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are skipped as `oversized` (decompression bombs)."""
+    device: str = "auto"
+    """auto: cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    build_tiny: bool = False
+    """Build the tiny random-weight folder at pretrained_path when missing (tests, demo)."""
+    workers: int = 1
+    """Processes on this node (each loads the encoders: on GPUs use torchrun ranks instead)."""
+    node_rank: int | None = None
+    num_nodes: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from qwenimg_train.data.curriculum import LATENT_PATCH
+        from qwenimg_train.models.qwen_image.encoding import MAX_SEQUENCE_LENGTH
+        from qwenimg_train.models.qwen_image.model import DTYPES
+
+        if Path(self.in_dir).resolve() == Path(self.out_dir).resolve():
+            raise ValueError("out_dir must differ from in_dir (precompute never rewrites its input)")
+        if self.encoder_dtype not in DTYPES:
+            raise ValueError(f"encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(DTYPES)}")
+        if not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {MAX_SEQUENCE_LENGTH}]")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError("batch_size and workers must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels = {self.max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
+        if not self.resolutions and not self.bucket_sets:
+            raise ValueError("resolutions and bucket_sets are both empty: give at least one (e.g. resolutions=[512])")
+        for w, h in (s for b in self.sizes() for s in b):
+            if w <= 0 or h <= 0 or w % LATENT_PATCH or h % LATENT_PATCH:
+                raise ValueError(f"resolution {w}x{h} is not a positive multiple of {LATENT_PATCH} "
+                                 "(8x VAE downsampling times the 2x2 latent patch)")
+
+    def sizes(self) -> list[list[tuple[int, int]]]:
+        """Every bucket set as (width, height) pairs."""
+        from qwenimg_train.data.curriculum import _parse_bucket
+
+        return [[(r, r)] for r in self.resolutions] + [[_parse_bucket(b) for b in s] for s in self.bucket_sets]
+
+    def bucket_names(self) -> list[list[str]]:
+        return [[f"{w}x{h}" for w, h in s] for s in self.sizes()]
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _rows(embeds_btd: torch.Tensor, mask_bt: torch.Tensor) -> list[torch.Tensor]:
+    """Padded encoder output -> each row's real tokens [T_i, D]."""
+    return [e[: int(m.sum())] for e, m in zip(embeds_btd, mask_bt)]
+
+
+@dataclass
+class _Item:
+    raw: dict[str, Any]
+    meta: SampleMeta
+    prompt: str
+    edit: bool
+    images: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]]  # size -> (target, source) uint8 CHW
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PrecomputeProducer:
+    """Encodes input shard `index` (one per process: the encoders load once)."""
+
+    def __init__(self, job: PrecomputeJob):
+        from qwenimg_train.models.qwen_image.model import load_encoders
+
+        self.job = job
+        self.paths = input_shards(job.in_dir)[1]
+        self.device = _device(job.device)
+        self.encoders = load_encoders(job.pretrained_path, dtype=job.encoder_dtype,
+                                      max_sequence_length=job.max_sequence_length).to(self.device)
+        self.bucket_sets = job.sizes()
+
+    def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
+        path = self.paths[index]
+        chunk: list[_Item] = []
+        for raw in read_tar_samples(str(path), report=tally.skip):
+            item = self._read(raw, f"{path.name}:{raw.get('__key__')!r}", tally)
+            if item is None:
+                continue
+            chunk.append(item)
+            if len(chunk) == self.job.batch_size:
+                yield from self._flush(chunk, tally)
+                chunk = []
+        if chunk:
+            yield from self._flush(chunk, tally)
+
+    def _read(self, raw: dict[str, Any], where: str, tally: Tally) -> _Item | None:
+        from qwenimg_train.data.loader import decode_image, nearest_bucket
+
+        pixels = self.job.max_image_pixels
+        try:
+            check_key(raw["__key__"])  # it names the output's tar members
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None or META_EXTENSION not in raw:
+                raise BadSample("missing_member", "image or json member missing")
+            meta = parse_meta(raw[META_EXTENSION])
+            edit = f"{SOURCE_IMAGE_PREFIX}.{ext}" in raw and INSTRUCTION_EXTENSION in raw
+            prompt_member = INSTRUCTION_EXTENSION if edit else CAPTION_EXTENSION
+            if prompt_member not in raw:
+                raise BadSample("missing_member", f"no {prompt_member} member")
+            try:
+                prompt = raw[prompt_member].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadSample("bad_caption", str(exc)) from None
+            images = {}
+            for sizes in self.bucket_sets:
+                size = nearest_bucket(meta.width, meta.height, sizes)
+                if size in images:
+                    continue
+                # HWC uint8 as the loader decodes it (a writable copy, as its collate
+                # makes), then the CHW view its Batch carries.
+                target = torch.from_numpy(decode_image(raw[ext], size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
+                source = None
+                if edit:
+                    data = raw[f"{SOURCE_IMAGE_PREFIX}.{ext}"]
+                    source = torch.from_numpy(decode_image(data, size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
+                images[size] = (target, source)
+        except BadSample as bad:  # a bad sample is skipped and counted, never fatal
+            tally.skip(where, str(bad))
+            return None
+        return _Item(raw, meta, prompt, edit, images)
+
+    @torch.no_grad()
+    def _flush(self, chunk: list[_Item], tally: Tally) -> Iterator[Produced]:
+        from qwenimg_train.data.loader import to_unit_range
+        from qwenimg_train.data.precomputed import MEMBER, size_name, to_bytes
+
+        enc, device, null = self.encoders, self.device, self.job.null_prompts
+        t2i = [it for it in chunk if not it.edit]
+        if t2i:
+            for it, row in zip(t2i, _rows(*enc.prompts.encode_t2i([it.prompt for it in t2i]))):
+                it.tensors["text"] = row
+            if null:
+                empty = _rows(*enc.prompts.encode_t2i([""]))[0]
+                for it in t2i:
+                    it.tensors["null"] = empty
+        for size in sorted({s for it in chunk for s in it.images}):
+            group = [it for it in chunk if size in it.images]
+            name = size_name(size)
+            targets = torch.stack([it.images[size][0] for it in group]).to(device)
+            for it, lat in zip(group, enc.codec.encode(to_unit_range(targets))):
+                it.tensors[f"target@{name}"] = lat
+            edits = [it for it in group if it.edit]
+            if not edits:
+                continue
+            sources = [it.images[size][1] for it in edits]
+            for it, lat in zip(edits, enc.codec.encode(to_unit_range(torch.stack(sources).to(device)))):
+                it.tensors[f"source@{name}"] = lat
+            for it, row in zip(edits, _rows(*enc.prompts.encode_edit([it.prompt for it in edits], sources))):
+                it.tensors[f"text@{name}"] = row
+            if null:
+                for it, row in zip(edits, _rows(*enc.prompts.encode_edit([""] * len(edits), sources))):
+                    it.tensors[f"null@{name}"] = row
+        for it in chunk:
+            tally.add("precompute", "edit" if it.edit else "t2i")
+            fields = {k: v for k, v in it.raw.items() if k != "__key__"}
+            if not self.job.keep_images:
+                fields = {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS}
+            fields[MEMBER] = to_bytes(it.tensors)
+            yield Produced(it.raw["__key__"], fields, it.meta)
+
+
+def job_tag(job: PrecomputeJob):
+    from qwenimg_train.data.precomputed import PrecomputeTag
+
+    return PrecomputeTag.for_model(job.pretrained_path, dtype=job.encoder_dtype,
+                                   max_sequence_length=job.max_sequence_length, bucket_sets=job.bucket_names(),
+                                   null_prompts=job.null_prompts)
+
+
+def run(job: PrecomputeJob) -> dict[str, Any]:
+    from qwenimg_train.models.qwen_image.model import check_checkpoint_folder
+
+    if job.build_tiny:
+        from qwenimg_train.models.qwen_image.tiny import ensure_tiny_checkpoint
+
+        ensure_tiny_checkpoint(job.pretrained_path, pipeline_class="QwenImageEditPipeline")
+    check_checkpoint_folder(job.pretrained_path)
+    prefix, paths = input_shards(job.in_dir)
+    tag = job_tag(job)
+    extra: dict[str, Any] = {"precompute": tag.to_dict(), "precomputed_from": str(Path(job.in_dir).resolve())}
+    source_manifest = Path(job.in_dir) / "manifest.json"
+    if source_manifest.exists():
+        source = json.loads(source_manifest.read_text("utf-8"))
+        extra["source_manifest"] = source
+        if "source" in source:
+            extra["source"] = source["source"]
+    settings = {"in_dir": extra["precomputed_from"], "tag": tag.to_dict(), "keep_images": job.keep_images,
+                "reduced_decode": job.reduced_decode}
+    if job.max_image_pixels != MAX_IMAGE_PIXELS:  # only when changed: earlier outputs keep their fingerprint
+        settings["max_image_pixels"] = job.max_image_pixels
+    summary = run_sharded(
+        ShardedJob(
+            out_dir=job.out_dir, prefix=prefix, num_shards=len(paths), settings=settings,
+            make_producer=functools.partial(PrecomputeProducer, job), workers=job.workers, node_rank=job.node_rank,
+            num_nodes=job.num_nodes, overwrite=job.overwrite, progress=job.progress, manifest_extra=extra,
+        )
+    )
+    summary["precompute"] = tag.to_dict()
+    return summary

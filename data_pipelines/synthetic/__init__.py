@@ -1,1 +1,0 @@
-"""Synthetic text renders: text sources, line breaking, layout, rendering, the job."""

@@ -1,0 +1,195 @@
+"""Lightning glue for the curriculum: the stage-aware data module and the stage callback.
+
+Each curriculum stage is one Lightning epoch. The data module's `train_dataloader`
+(reloaded every epoch) builds the stream of the stage that contains the current
+global step, finite: it yields exactly the batches left in that stage (times the
+gradient-accumulation factor), the same count on every rank. When it ends, Lightning
+starts the next epoch and the next stage's stream is built. A resumed run restarts
+from its global step: the stage follows from the step, and the stage's stream skips
+the batches the run already trained on (`StageStream.skip_batches`), so it continues
+with exactly the batches an uninterrupted run would have seen.
+
+The callback logs `curriculum/stage` (index), `curriculum/step_in_stage` and
+`data/skipped/<reason>` every step, reports stage changes, and keeps the stage in
+the checkpoint to detect a curriculum that changed between a run and its resume.
+A stage's `caption_dropout` is applied by its stream; its `lr_scale` by the
+module's scheduler through `CurriculumDataModule.lr_scale_at` (a LambdaLR factor).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+
+from qwenimg_train.data.curriculum import Curriculum
+from qwenimg_train.data.loader import MAX_IMAGE_PIXELS, SourceShards, StageStream
+
+log = logging.getLogger(__name__)
+
+
+class CurriculumDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        *,
+        curriculum: Curriculum,
+        sources: Mapping[str, str],
+        batch_size: int,
+        total_steps: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        max_skip_fraction: float = 0.01,
+        accumulate_grad_batches: int = 1,
+        precomputed: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ):
+        super().__init__()
+        self.curriculum = curriculum
+        self.source_dirs = dict(sources)
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_skip_fraction = max_skip_fraction
+        self.accumulate = accumulate_grad_batches
+        self.precomputed = precomputed
+        self.max_image_pixels = max_image_pixels
+        self.sources: dict[str, SourceShards] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        # Only the sources some stage draws from must exist: a configured folder that
+        # no stage uses (natural, at weight 0 by default) may be absent.
+        needed = {n for s in self.curriculum.stages for n, w in s.source_weights.items() if w > 0}
+        if any(s.task_mix.get(t, 0) > 0 for s in self.curriculum.stages for t in ("ti2i", "i2i")):
+            needed.add("edit")
+        self.sources = {}
+        for name, path in self.source_dirs.items():
+            if name not in needed:
+                continue
+            try:
+                self.sources[name] = SourceShards.from_folder(name, path)
+            except ValueError as exc:
+                raise ValueError(f"data.sources.{name} = {str(path)!r}: {exc}") from None
+        self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
+
+    def check_precomputed(self, expected) -> None:
+        """Every source a stage reads holds precomputed inputs made as this run would
+        encode (`expected`, a PrecomputeTag), at every bucket set a stage trains at, with
+        the empty-prompt encodings a stage with caption dropout needs. Called before
+        training starts; an error names the folder, both tags and the fix."""
+        from qwenimg_train.data.precomputed import PrecomputeTag
+
+        if not self.sources:  # train() has read the manifests already
+            self.setup()
+        for name, source in self.sources.items():
+            where = f"data.sources.{name} = {self.source_dirs[name]!r}"
+            tag = PrecomputeTag.from_manifest(source.manifest, where)
+            tag.check_against(expected, where)
+            for stage in self.curriculum.stages:
+                reads = stage.source_weights.get(name, 0) > 0 or (
+                    name == "edit" and stage.task_mix.get("ti2i", 0) + stage.task_mix.get("i2i", 0) > 0)
+                if not reads:
+                    continue
+                tag.check_buckets(stage.name, stage.sizes(), where)
+                if stage.caption_dropout > 0 and not tag.null_prompts:
+                    raise ValueError(f"stage {stage.name!r} has caption_dropout {stage.caption_dropout}, but {where} "
+                                     "was precomputed with null_prompts=false: precompute with null_prompts=true "
+                                     "or set the stage's caption_dropout to 0")
+
+    def current_stage(self):
+        """The stage active at the trainer's global step."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return self.curriculum.stages[self.stage_at(step)[0]]
+
+    def lr_scale_at(self, step: int) -> float:
+        """The learning-rate multiplier of the stage active at `step`.
+
+        Made for `torch.optim.lr_scheduler.LambdaLR` (stepped every optimizer step),
+        alone or multiplied into a warm-up/decay lambda, so the scale composes with
+        the schedule instead of fighting it:
+            LambdaLR(optimizer, lambda step: warmup(step) * datamodule.lr_scale_at(step))
+        """
+        return self.curriculum.stages[self.stage_at(step)[0]].lr_scale
+
+    def stage_at(self, step: int) -> tuple[int, int, int]:
+        """(stage index, first step, end step) of the stage active at `step`."""
+        starts = self.curriculum.boundaries(self.total_steps)
+        index = self.curriculum.stage_index(step, self.total_steps)
+        end = starts[index + 1] if index + 1 < len(starts) else self.total_steps
+        return index, starts[index], end
+
+    def stage_ending_at(self, step: int) -> int | None:
+        """The index of the stage whose last step is `step` (counted as optimizer steps
+        done), or None: for stage-end checkpoints and evaluations."""
+        if step <= 0:
+            return None
+        index, _, end = self.stage_at(step - 1)
+        return index if end == step else None
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        index, start, end = self.stage_at(step)
+        stream = StageStream(
+            stage=self.curriculum.stages[index], stage_index=index, sources=self.sources,
+            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
+            skip_batches=(step - start) * self.accumulate,
+            shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
+            num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
+            max_image_pixels=self.max_image_pixels,
+        )
+        from qwenimg_train.training.checkpointing import ignore_sigterm
+
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                           worker_init_fn=ignore_sigterm if self.num_workers else None)
+
+
+class CurriculumCallback(pl.Callback):
+    """Logs the active stage every step and keeps it in checkpoints."""
+
+    def __init__(self, datamodule: CurriculumDataModule):
+        self.datamodule = datamodule
+        self.stage_index: int | None = None
+        self.restored: dict[str, Any] | None = None
+        self.skipped: dict[int, dict[str, int]] = {}  # latest cumulative counts per loader worker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        index, start, _ = self.datamodule.stage_at(trainer.global_step)
+        if index != self.stage_index:
+            stage = self.datamodule.curriculum.stages[index]
+            log.info("curriculum: stage %d (%s) from step %d", index, stage.name, trainer.global_step)
+            self.stage_index = index
+        pl_module.log("curriculum/stage", float(index), on_step=True, on_epoch=False, batch_size=len(batch))
+        pl_module.log("curriculum/step_in_stage", float(trainer.global_step - start), on_step=True, on_epoch=False,
+                      batch_size=len(batch))
+        # data/skipped/<reason>: bad samples skipped so far in this stage, summed over workers.
+        self.skipped[batch.worker] = batch.skipped
+        totals: dict[str, int] = {}
+        for counts in self.skipped.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in totals.items():
+            pl_module.log(f"data/skipped/{reason}", float(n), on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.skipped = {}  # a new stage, a new stream: its workers count from zero
+
+    def state_dict(self) -> dict[str, Any]:
+        names = [s.name for s in self.datamodule.curriculum.stages]
+        return {"stage_index": self.stage_index, "stages": names, "curriculum": self.datamodule.curriculum.name}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored = dict(state_dict)
+        names = [s.name for s in self.datamodule.curriculum.stages]
+        if state_dict.get("stages") != names:
+            log.warning(
+                "resuming with another curriculum (%s, stages %s) than the checkpoint's (%s, stages %s): "
+                "the stage follows from the global step under the new one",
+                self.datamodule.curriculum.name, names, state_dict.get("curriculum"), state_dict.get("stages"),
+            )

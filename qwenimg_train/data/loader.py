@@ -1,0 +1,537 @@
+"""The streaming loader: one WebDataset pipeline per source, mixed and batched per stage.
+
+For the active curriculum stage, every worker of every rank runs, per source:
+
+    ResampledShards(urls)        shards drawn with replacement, seeded (no epochs:
+                                 a stream never ends, ranks never run dry, #188/#225)
+    tarfile_to_samples           tar members grouped into samples; a corrupt shard is
+                                 counted and skipped (handler)
+    shuffle(buffer)              seeded, so the stream is reproducible
+    select(text class)           the stage's allowed text classes
+
+then, in this module's own loop (not a WebDataset stage: it needs the stage's exact
+proportions, which RandomMix only meets on average):
+
+    task     t2i / ti2i / i2i by the stage's task mix, in exact proportion
+    source   design / synthetic / natural by the stage's weights, in exact proportion
+             (ti2i and i2i samples come from the edit-pair shards)
+    decode   PIL, with reduced-size JPEG decoding (`Image.draft`) when the bucket is
+             at most half the stored size; resize to cover the bucket, centre crop
+    bucket   the stage's aspect-ratio bucket nearest the image's; a batch holds one
+             bucket, so every tensor in it has one shape
+    collate  into a typed `Batch`
+
+Seeds derive from (seed, stage, rank, worker): two ranks or workers never read the
+same stream, and a stage's stream is the same on every run. A run resumed mid-stage
+continues exactly where it stopped: the stream is rebuilt and its first
+`skip_batches` batches are drawn again without decoding a single image (only tar
+reads, JSON and the sampling draws), then dropped. The batches after the resume
+point are the ones the uninterrupted run would have seen (unless an undecodable
+sample lies in the skipped span: skipping does not decode, so it cannot notice it).
+
+Bad samples are skipped and counted by reason (`Batch.skipped`; the reasons are
+data_pipelines.core.untrusted.SKIP_REASONS: empty, truncated, undecodable, oversized (an
+image header over `max_image_pixels`, checked before decoding: decompression bombs),
+bad_json, bad_meta, bad_caption, missing_member, bad_key, duplicate_member, bad_shard);
+past `max_skip_fraction` of the samples seen the stream stops with an error naming
+the shard and key. Below it a bad sample is never fatal. Nothing is extracted to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data_pipelines.core.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX
+from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
+from data_pipelines.core.untrusted import (
+    MAX_IMAGE_PIXELS,
+    BadSample,
+    check_key,
+    check_meta_fields,
+    image_reason,
+    load_json_object,
+    open_image,
+)
+from qwenimg_train.data.curriculum import SOURCES, Stage
+from qwenimg_train.data.precomputed import MEMBER as PRECOMPUTED_MEMBER
+
+log = logging.getLogger(__name__)
+
+EDIT_SOURCE = "edit"
+# A source whose samples the stage's filter refuses this many times in a row holds
+# (almost) none the stage allows: stop with an error instead of spinning forever.
+_MAX_CONSECUTIVE_REJECTS = 20_000
+
+
+class SkippedTooMany(RuntimeError):
+    pass
+
+
+class _Starved(Exception):
+    """A stream's filter refused too many samples in a row."""
+
+
+@dataclass
+class SourceShards:
+    """One source's shard files, read from its manifest."""
+
+    name: str
+    urls: list[str]
+    manifest: dict[str, Any]
+
+    @classmethod
+    def from_folder(cls, name: str, folder: str | Path) -> "SourceShards":
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not path.exists():
+            raise ValueError(f"data source {name!r}: no {MANIFEST_NAME} in {str(folder)!r}; generate the shards first")
+        manifest = json.loads(path.read_text("utf-8"))
+        urls = [str(folder / s["file"]) for s in manifest.get("shards", []) if s.get("num_samples", 0) > 0]
+        if not urls:
+            raise ValueError(f"data source {name!r}: the manifest in {str(folder)!r} lists no non-empty shard")
+        return cls(name, urls, manifest)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch's encoder outputs, read from precomputed shards (qwenimg_train.data.precomputed)
+    instead of running the VAE and Qwen2.5-VL: what `QwenImageModel.encode` would return
+    before packing."""
+
+    target_bzhw: torch.Tensor  # normalised VAE latents of the targets [B, z, H/8, W/8]
+    source_bzhw: torch.Tensor | None  # the sources' [K, z, H/8, W/8], rows of the samples with has_source
+    text_btd: torch.Tensor  # Qwen2.5-VL last hidden states, template dropped, right-padded [B, T, D]
+    text_mask_bt: torch.Tensor  # long [B, T]: 1 = token
+
+
+@dataclass
+class Batch:
+    """One batch of one bucket size; per-sample tasks may differ (mixed-task batches)."""
+
+    task: list[str]  # t2i | ti2i | i2i, per sample
+    # uint8 RGB: a quarter of float32's bytes through pinned memory and the bus;
+    # the model side normalises on the device (`to_unit_range`). The tensors are
+    # BCHW views of channels-last memory (images are stacked as decoded, HWC).
+    # None when the batch comes precomputed (`encoded`): no image is decoded then.
+    target_bchw: torch.Tensor | None  # uint8 [B, 3, H, W]
+    source_bchw: torch.Tensor | None  # uint8 [B, 3, H, W], zeros where has_source is False; None when no sample has one
+    has_source: torch.Tensor  # bool [B]
+    prompt: list[str]  # caption (t2i) or instruction (ti2i, i2i); "" when dropped
+    key: list[str]
+    source: list[str]  # which data source each sample came from
+    text_class: list[str]
+    stage: str
+    skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips so far, by reason
+    worker: int = 0  # which loader worker made it (skip counts are per worker)
+    encoded: EncodedBatch | None = None  # precomputed encoder outputs (data.precomputed=true)
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+
+class Interleave:
+    """Exact weighted interleaving (smooth weighted round robin).
+
+    Over any window of n picks, each name is picked within one of n * weight times:
+    the mix holds in every batch, not only on average. A seeded random start makes
+    different workers' sequences differ.
+    """
+
+    def __init__(self, weights: Mapping[str, float], rng: np.random.Generator):
+        self.names = [k for k, w in weights.items() if w > 0]
+        total = sum(weights[k] for k in self.names)
+        self.weights = np.array([weights[k] / total for k in self.names])
+        self.credit = rng.random(len(self.names)) * self.weights
+
+    def __next__(self) -> str:
+        self.credit += self.weights
+        i = int(np.argmax(self.credit))
+        self.credit[i] -= 1.0
+        return self.names[i]
+
+
+class _SkipCounter:
+    """A WebDataset handler that counts what it skips and enforces the threshold."""
+
+    def __init__(self, max_fraction: float, min_seen: int = 200):
+        self.counts: Counter = Counter()
+        self.seen = 0
+        self.max_fraction = max_fraction
+        self.min_seen = min_seen
+
+    def __call__(self, exc: BaseException) -> bool:
+        """WebDataset's handler for errors reading a tar: a shard cut short or corrupt
+        (the rest of it is lost), a member duplicated within a sample."""
+        message = " ".join(str(a) for a in exc.args)[:200]
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            reason = "bad_shard"
+        elif isinstance(exc, ValueError) and "duplicate file name" in message:
+            reason = "duplicate_member"
+        else:
+            reason = type(exc).__name__
+        self.skip(reason, message)
+        return True  # keep going
+
+    def skip(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        total = sum(self.counts.values())
+        log.warning("skipped sample (%s): %s", reason, where)
+        if self.seen + total >= self.min_seen and total > self.max_fraction * (self.seen + total):
+            raise SkippedTooMany(
+                f"{total} of {self.seen + total} samples skipped ({dict(self.counts)}), over "
+                f"data.max_skip_fraction={self.max_fraction}; last: {reason} at {where}"
+            )
+
+
+def read_meta(sample: Mapping[str, Any], skips: _SkipCounter) -> dict | None:
+    """A sample's metadata, checked before any filter reads a field; None (counted by
+    reason: bad_key, missing_member, bad_json, bad_meta) when the sample is unusable."""
+    try:
+        check_key(sample.get("__key__"))
+        if "json" not in sample:
+            raise BadSample("missing_member", "no json member")
+        meta = load_json_object(sample["json"])
+        check_meta_fields(meta)
+    except BadSample as bad:
+        skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')!r}: {bad.detail}")
+        return None
+    return meta
+
+
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = np.log(width / height)
+    return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
+
+
+def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (the VAE's input range), on whatever device they are."""
+    return images_bchw.float().div_(127.5).sub_(1.0)
+
+
+def decode_image(data: bytes, size: tuple[int, int], reduced: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped.
+
+    Raises `BadSample` with its reason (empty, oversized, truncated, undecodable): the
+    header is checked against `max_pixels` before a pixel is decoded (decompression
+    bombs), and truncated files stay errors (data_pipelines.core.untrusted)."""
+    try:
+        return _decode(open_image(data, max_pixels), size, reduced)
+    except (BadSample, MemoryError):
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+        raise BadSample(image_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _decode(opened: Image.Image, size: tuple[int, int], reduced: bool) -> np.ndarray:
+    tw, th = size
+    with opened as im:
+        if reduced and im.format == "JPEG":
+            # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 size when that still
+            # covers the target (3.2x a full decode + resize at 256², REFERENCE.md).
+            scale = max(tw / im.width, th / im.height)
+            im.draft("RGB", (int(im.width * scale + 0.5), int(im.height * scale + 0.5)))
+        # convert() copies even an RGB image; load() decodes in place.
+        if im.mode == "RGB":
+            im.load()
+        else:
+            im = im.convert("RGB")
+        if im.size != (tw, th):
+            scale = max(tw / im.width, th / im.height)
+            cw, ch = tw / scale, th / scale
+            x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
+            im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        return np.asarray(im, dtype=np.uint8)
+
+
+class StageStream(torch.utils.data.IterableDataset):
+    """A stream of `Batch`es for one stage and one rank (its workers split it below):
+    endless, or `num_batches` long (a curriculum stage's remaining batches).
+
+    Use with `DataLoader(stream, batch_size=None, num_workers=N)`: batching happens
+    here, per bucket. `rank` and `world_size` are arguments, never read from globals.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: Stage,
+        stage_index: int,
+        sources: Mapping[str, SourceShards],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_batches: int = 0,
+        shuffle_buffer: int = 256,
+        max_skip_fraction: float = 0.01,
+        reduced_decode: bool = True,
+        num_batches: int | None = None,
+        precomputed: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        for name, weight in stage.source_weights.items():
+            if weight > 0 and name not in sources:
+                raise ValueError(f"stage {stage.name!r} draws from {name!r} but no {name} shards were given")
+        if sum(stage.task_mix.get(t, 0) for t in ("ti2i", "i2i")) > 0 and EDIT_SOURCE not in sources:
+            raise ValueError(f"stage {stage.name!r} has TI2I/I2I weight but no edit-pair shards were given")
+        self.stage = stage
+        self.stage_index = stage_index
+        self.sources = dict(sources)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches = {skip_batches} must be >= 0")
+        self.skip_batches = skip_batches  # over all workers of this rank, as num_batches
+        self.shuffle_buffer = shuffle_buffer
+        self.max_skip_fraction = max_skip_fraction
+        self.reduced_decode = reduced_decode
+        self.num_batches = num_batches  # over all workers of this rank; None: endless
+        # Read each sample's encoder outputs (`pre.safetensors`) instead of decoding its
+        # images; the draws (task, source, bucket, caption dropout) are the same.
+        self.precomputed = precomputed
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels = {max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
+        # An image whose header claims more pixels is skipped as `oversized` before decoding.
+        self.max_image_pixels = max_image_pixels
+
+    def _worker(self) -> tuple[int, int]:
+        """(role, workers): this loader worker's place in the stage's stream. The
+        DataLoader takes batches from workers 0, 1, ... in turn, so batch i of a rank is
+        made by role i % workers; a stream that skips k batches starts with role
+        k % workers, so worker w plays role (w + k) % workers."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (worker + self.skip_batches) % workers, workers
+
+    def stream_seed(self) -> int:
+        worker, _ = self._worker()
+        return derive_seed(self.seed, self.stage_index, self.rank, worker)
+
+    def _my_urls(self, name: str) -> list[str]:
+        """This (rank, worker)'s shards of a source: a disjoint slice when there are at
+        least as many shards as streams, else all of them (streams then differ by seed
+        only, and may meet the same samples)."""
+        urls = self.sources[name].urls
+        worker, workers = self._worker()
+        slots = self.world_size * workers
+        if len(urls) >= slots:
+            return urls[self.rank * workers + worker :: slots]
+        if not getattr(self, "_warned", False):
+            log.warning("source %s has %d shards for %d streams (ranks x workers): streams share shards", name, len(urls), slots)
+            self._warned = True
+        return urls
+
+    def _samples(self, name: str, seed: int, skips: _SkipCounter, select=None) -> Iterator[dict]:
+        """The flat WebDataset pipeline of one source (see the module docstring).
+
+        A stream reads its own slice of the source's shards; if the slice holds
+        (almost) no sample the stage admits (a rare text class, I2I pairs of text-free
+        images, in a few small shards), the stream falls back to all of the source's
+        shards with a warning, and only if those hold none either is it an error.
+        """
+        allowed = set(self.stage.text_classes)
+        all_urls = self.sources[name].urls
+        urls = self._my_urls(name)
+        while True:
+            try:
+                yield from self._pipeline(name, urls, seed, skips, allowed, select)
+            except _Starved:
+                if len(urls) == len(all_urls):
+                    raise ValueError(
+                        f"stage {self.stage.name!r}: {_MAX_CONSECUTIVE_REJECTS} samples in a row from source {name!r} "
+                        f"failed its filter (text classes {sorted(allowed)}); the source holds (almost) none that "
+                        "it allows"
+                    ) from None
+                log.warning("stage %s: this stream's %d shards of source %s hold (almost) no sample the stage admits; "
+                            "reading all %d shards (streams may meet the same samples)",
+                            self.stage.name, len(urls), name, len(all_urls))
+                urls = all_urls
+
+    def _pipeline(self, name: str, urls: list[str], seed: int, skips: _SkipCounter, allowed: set, select):
+        rejected = [0]  # consecutive samples the filter refused
+
+        def admit(sample: dict) -> bool:
+            meta = read_meta(sample, skips)
+            if meta is None:
+                return False
+            sample["meta"] = meta
+            if meta.get("text_class") in allowed and (select is None or select(meta)):
+                rejected[0] = 0
+                return True
+            rejected[0] += 1
+            if rejected[0] > _MAX_CONSECUTIVE_REJECTS:
+                raise _Starved()
+            return False
+
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True),
+            wds.tarfile_to_samples(handler=skips),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
+            wds.select(admit),
+        )
+        return iter(pipeline)
+
+    def __iter__(self) -> Iterator[Batch]:
+        seed = self.stream_seed()
+        rng = np.random.default_rng(seed)
+        skips = _SkipCounter(self.max_skip_fraction)
+        stage = self.stage
+        streams: dict[str, Iterator[dict]] = {}
+        for k, name in enumerate(n for n in SOURCES if stage.source_weights.get(n, 0) > 0):
+            streams[name] = self._samples(name, derive_seed(seed, "source", k), skips)
+        if stage.task_mix.get("ti2i", 0) > 0:
+            streams["ti2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "ti2i"), skips,
+                                            select=lambda m: m.get("extra", {}).get("edit", {}).get("type") != "reconstruct")
+        if stage.task_mix.get("i2i", 0) > 0:
+            streams["i2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "i2i"), skips,
+                                           select=lambda m: m.get("extra", {}).get("edit", {}).get("type") == "reconstruct")
+        tasks = Interleave(stage.task_mix, rng)
+        t2i_sources = Interleave(stage.source_weights, rng)
+        sizes = stage.sizes()
+        pending: dict[tuple[int, int], list[dict]] = {}
+        # A finite stream (one curriculum stage) splits its batches over the workers;
+        # every rank yields the same count, so no rank waits at the stage's end.
+        # Batch i of this rank is made by role i % workers (see _worker).
+        role, workers = self._worker()
+
+        def mine(count: int) -> int:  # of batches 0 .. count-1, those of this role
+            return count // workers + (role < count % workers)
+
+        skip = mine(self.skip_batches)
+        remaining = None if self.num_batches is None else mine(self.skip_batches + self.num_batches) - skip
+        while remaining is None or remaining > 0:
+            task = next(tasks)
+            name = next(t2i_sources) if task == "t2i" else task
+            sample = next(streams[name])
+            item = self._item(sample, task, name, sizes, rng, skips, decode=skip == 0)
+            if item is None:
+                continue
+            skips.seen += 1
+            bucket = pending.setdefault(item["size"], [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                pending[item["size"]] = []
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield self._collate(bucket, skips)
+                if remaining is not None:
+                    remaining -= 1
+
+    def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter,
+              decode: bool = True) -> dict | None:
+        """One sample, decoded to its bucket; `decode=False` (skipping to a resume
+        point) makes the same draws and the same bucket choice without decoding."""
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        meta = sample["meta"]
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        load = ((lambda data, size: decode_image(data, size, self.reduced_decode, self.max_image_pixels)) if decode
+                else (lambda data, size: None))
+        encoded = None
+        try:
+            # width and height are positive ints: `admit` checked them.
+            size = nearest_bucket(meta["width"], meta["height"], sizes)
+            members = [INSTRUCTION_EXTENSION if task != "t2i" else "txt"]
+            if self.precomputed:
+                members.append(PRECOMPUTED_MEMBER)
+            else:
+                members += [ext] if ext is not None else ["jpg|png"]
+                if task != "t2i":
+                    members.append(f"{SOURCE_IMAGE_PREFIX}.{ext}")
+            missing = [m for m in members if m not in sample]
+            if missing:
+                raise BadSample("missing_member", f"no {', '.join(missing)} member")
+            try:
+                prompt = sample[members[0]].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadSample("bad_caption", str(exc)) from None
+            target = source = None
+            if self.precomputed:
+                encoded = read_precomputed(sample[PRECOMPUTED_MEMBER]) if decode else {}
+            else:
+                target = load(sample[ext], size)
+                if task != "t2i":
+                    source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
+        except BadSample as bad:  # undecodable image, missing member, ...: counted, not fatal
+            skips.skip(bad.reason, f"{where}: {bad.detail}")
+            return None
+        except Exception as exc:  # anything else a sample's bytes provoke (a bad safetensors member)
+            skips.skip(type(exc).__name__, where)
+            return None
+        dropped = rng.random() < self.stage.caption_dropout
+        if dropped:
+            prompt = ""
+        if encoded:  # the tensors of this sample's bucket, as the online encoder would give them
+            suffix = f"@{size[0]}x{size[1]}"
+            text = ("null" if dropped else "text") + ("" if task == "t2i" else suffix)
+            try:
+                encoded = {"target": encoded["target" + suffix], "text": encoded[text],
+                           "source": encoded["source" + suffix] if task != "t2i" else None}
+            except KeyError as exc:
+                # The tag check at start-up makes this a shard that differs from its manifest.
+                raise ValueError(f"{where}: precomputed tensors lack {exc.args[0]!r} (has {sorted(encoded)}); "
+                                 "the shard does not match its manifest's precompute tag: precompute it again") from None
+        return {
+            "task": task, "target": target, "source_img": source, "prompt": prompt, "key": sample["__key__"],
+            "source": name if task == "t2i" else EDIT_SOURCE, "text_class": meta.get("text_class", ""), "size": size,
+            "encoded": encoded,
+        }
+
+    def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
+        has_source = torch.tensor([it["task"] != "t2i" for it in items])
+        target = source = encoded = None
+        if self.precomputed:
+            encoded = collate_encoded([it["encoded"] for it in items])
+        else:
+            # np.stack of HWC arrays is one memcpy per image; the BCHW view costs nothing.
+            target = torch.from_numpy(np.stack([it["target"] for it in items])).permute(0, 3, 1, 2)
+        if has_source.any() and not self.precomputed:
+            blank = np.zeros_like(items[0]["target"])
+            stacked = np.stack([it["source_img"] if it["source_img"] is not None else blank for it in items])
+            source = torch.from_numpy(stacked).permute(0, 3, 1, 2)
+        return Batch(
+            task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
+            prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
+            text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
+            worker=self._worker()[0], encoded=encoded,
+        )
+
+
+def read_precomputed(data: bytes) -> dict[str, torch.Tensor]:
+    from qwenimg_train.data.precomputed import from_bytes
+
+    return from_bytes(data)
+
+
+def collate_encoded(items: list[dict[str, torch.Tensor | None]]) -> EncodedBatch:
+    """Per-sample precomputed tensors -> one `EncodedBatch`: latents stacked (one bucket),
+    text rows right-padded with a mask, as `PromptEncoder.encode` pads a mixed batch."""
+    texts = [it["text"] for it in items]
+    length = max(t.shape[0] for t in texts)
+    text = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
+    mask = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        text[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = 1
+    sources = [it["source"] for it in items if it["source"] is not None]
+    return EncodedBatch(target_bzhw=torch.stack([it["target"] for it in items]),
+                        source_bzhw=torch.stack(sources) if sources else None, text_btd=text, text_mask_bt=mask)
