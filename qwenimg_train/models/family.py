@@ -1,0 +1,73 @@
+"""The model-family seam: what the trainer, the tools and the data jobs need from one
+generation of the model, and nothing else.
+
+A family loads its frozen encoders and its transformer from a diffusers folder, builds
+a tiny folder in-process (tests, the demo), assembles the trainable model (whose
+`encode_batch(batch)` encodes prompts and condition images exactly as the family's
+pipelines do and whose `denoise(x, sigmas, inputs)` runs a mixed batch), names the
+diffusers pipeline classes that load an export, fingerprints its prompt templates
+(precomputed encoder outputs carry it) and gives the planner its preset name.
+
+`training/`, `eval/`, `export/` and `tools/` reach a family only through
+`get_family(name)`; none of them names a family's classes. A new generation is a new
+module beside `qwen_image/` plus one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class ModelFamily(Protocol):
+    name: str
+    """The `model.family` value that selects it."""
+    planner_preset: str
+    """The `qwenimg-plan` preset of the released model (qwenimg_train.tools.plan.PRESETS)."""
+    tiny_variants: tuple[str, ...]
+    """What `build_tiny(path, variant=...)` can build (its model_index pipeline class)."""
+
+    def check_folder(self, path: str | Path) -> Path:
+        """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""
+
+    def build_tiny(self, path: str | Path, *, variant: str) -> Path:
+        """A tiny random-weight folder at `path` (built once; an existing one is reused)."""
+
+    def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int) -> Any:
+        """The frozen encoders (VAE, vision-language encoder, tokenizer, processor)."""
+
+    def build_model(self, path: str | Path, encoders: Any, *, options: Mapping[str, Any],
+                    load_transformer: Callable[[type, Path, dict[str, Any]], "torch.nn.Module"]) -> "torch.nn.Module":
+        """The trainable model around `encoders` (None: precomputed inputs). The strategy
+        layer supplies `load_transformer(cls, folder, config_overrides)`, which builds the
+        transformer plainly or partitioned as it is constructed (qwenimg_train.parallel)."""
+
+    def prompt_fingerprint(self) -> str:
+        """A digest of the prompt templates and dropped-prefix counts (precomputed shards carry it)."""
+
+    def pipelines(self, components: Mapping[str, Any], *, processor: Any | None) -> tuple[Any, Any | None]:
+        """(text-to-image pipeline, edit pipeline or None) over one set of modules, no copy of the weights."""
+
+    def pipeline_classes(self) -> tuple[type, type]:
+        """(text-to-image, edit) diffusers pipeline classes that load this family's exports."""
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called `name` (`model.family`)."""
+    if name not in FAMILIES:
+        raise ValueError(f"model.family = {name!r}; known families: {sorted(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def _qwen_image() -> ModelFamily:
+    from qwenimg_train.models.qwen_image import QwenImageFamily
+
+    return QwenImageFamily()
+
+
+FAMILIES: dict[str, Callable[[], ModelFamily]] = {
+    "qwen_image": _qwen_image,
+}
