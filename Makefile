@@ -36,7 +36,7 @@ fonts:
 		fc-cache -f >/dev/null; \
 	fi
 
-# The embedded default, end to end, under outputs/demo/ (DESIGN.md, interface contract):
+# The embedded default, end to end, under outputs/demo/:
 # a small set of every source with its contact sheet, then the tiny model trained
 # through all three curriculum stages and tasks (a fresh run each time), exported to a
 # diffusers folder, scored by OCR (qwenimg-eval), sampled through diffusers' pipelines,

@@ -40,7 +40,7 @@ from data_pipelines.jobs.synthetic import SyntheticJob, run as run_synthetic
 from qwenimg_train.data.curriculum import Stage
 from qwenimg_train.data.loader import SourceShards, StageStream
 from qwenimg_train.models.qwen_image.model import QwenImageModel, load_encoders, load_transformer
-from qwenimg_train.training.module import Optim
+from qwenimg_train.training.optim import Optim
 from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
 from qwenimg_train.models.qwen_image.tiny import TinySpec, build_tiny_checkpoint
 

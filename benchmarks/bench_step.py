@@ -45,12 +45,14 @@ import numpy as np
 import torch
 
 from data_pipelines.core.shards import derive_seed
-from qwenimg_train.training.checkpointing import GracefulStop
+from qwenimg_train.training.callbacks.graceful_stop import GracefulStop
 from qwenimg_train.data.loader import Batch
 from qwenimg_train.training.callbacks.nonfinite import NonFiniteGuard
 from qwenimg_train.training.callbacks.ema import EMA, EMACallback
 from qwenimg_train.models.qwen_image.model import QwenImageModel
-from qwenimg_train.training.module import Optim, QwenImageModule, RunSummary
+from qwenimg_train.training.callbacks.run_summary import RunSummary
+from qwenimg_train.training.module import QwenImageModule
+from qwenimg_train.training.optim import Optim
 from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
 from qwenimg_train.models.qwen_image.tiny import TinySpec, build_tiny_checkpoint
 

@@ -301,20 +301,24 @@ def run_job(args) -> None:
     import lightning.pytorch as pl
 
     from qwenimg_train.parallel import strategies
-    from qwenimg_train.training.module import Optim, QwenImageModule
+    from qwenimg_train.training.module import QwenImageModule
+    from qwenimg_train.training.optim import Optim
     from qwenimg_train.objectives.flow_matching import FlowMatching
-    from qwenimg_train.training.train import ModelConfig, build_model, load_model_encoders
+    from qwenimg_train.config.schema import ModelConfig
+    from qwenimg_train.models import get_family
+    from qwenimg_train.training.builders import build_model
 
     quiet()
     torch.set_num_threads(args.threads_per_rank)
     out = Path(args.out)
     if args.strategy == "ddp":
-        strategy = strategies.ddp(accelerator="cpu")
+        strategy = strategies.ddp()
     else:
         strategy = strategies.deepspeed(accelerator="cpu", precision="32-true",
                                         config=deepspeed_config(args.persistence_threshold))
     model_cfg = ModelConfig(pretrained_path=args.tiny, max_sequence_length=32)
-    encoders = load_model_encoders(model_cfg)
+    encoders = get_family(model_cfg.family).load_encoders(model_cfg.pretrained_path, dtype=model_cfg.encoder_dtype,
+                                                          max_sequence_length=model_cfg.max_sequence_length)
     module = QwenImageModule(model=lambda rank: build_model(model_cfg, encoders, rank), objective=FlowMatching(),
                              optim=Optim(lr=1e-4, warmup_steps=0))
 

@@ -21,10 +21,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 from omegaconf import DictConfig
 
-from data_pipelines.core.config import from_mapping, to_plain, user_errors_exit
+from data_pipelines.core.app import console_script, plain_config
+from data_pipelines.core.config import from_mapping
 
 log = logging.getLogger("qwenimg-data")
 
@@ -56,13 +56,13 @@ def _verify(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _design(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.jobs.sources import DesignJob, run_design
+    from data_pipelines.jobs.design import DesignJob, run_design
 
     return run_design(from_mapping(DesignJob, cfg), resolved_config=cfg)
 
 
 def _natural(cfg: dict[str, Any]) -> dict[str, Any]:
-    from data_pipelines.jobs.sources import NaturalJob, run_natural
+    from data_pipelines.jobs.natural import NaturalJob, run_natural
 
     return run_natural(from_mapping(NaturalJob, cfg), resolved_config=cfg)
 
@@ -92,28 +92,20 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 def run_job(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Dispatch a composed config to its job; the function tests call."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
-        plain = to_plain(cfg)
-    except MissingMandatoryValue as exc:  # a `???` key left unset
-        raise ValueError(f"{exc.full_key} is required: pass {exc.full_key}=...") from None
-    plain = {k: v for k, v in plain.items() if k != "hydra"}
+    plain = plain_config(cfg)  # a `???` key left unset is named
     name = plain.pop("job", None)
     if name not in JOBS:
         raise ValueError(f"job = {name!r}; known jobs: {sorted(JOBS)} (pick one with --config-name)")
     return JOBS[name](plain)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="synthetic")
-def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        summary = run_job(cfg)
+def _show(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, ensure_ascii=False, indent=1))
 
 
-def main() -> None:
-    _main()
+# `--config-name <job>` picks the job; Hydra's job (and log file) name stays `cli`.
+main = console_script(run_job, config_dir=config_dir, config_name="synthetic", show=_show, logger="qwenimg-data",
+                      job_name="cli")
 
 
 if __name__ == "__main__":

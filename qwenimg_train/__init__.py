@@ -1,6 +1,5 @@
-"""qwenimg-train: the trainer package (model, objective, curriculum, Lightning glue).
+"""qwenimg-train: the trainer package, one sub-package per concern (docs/architecture.md).
 
 The data side lives in `data_pipelines`; this package may import its sample schema
-and readers (DESIGN.md, "Layout"). The trainer modules land with the issues that
-build them.
+and readers, never the other way round (except the model families, for precompute).
 """

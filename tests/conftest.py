@@ -1,14 +1,59 @@
-"""Shared fixtures: fonts, a renderer, tiny job configs. Everything offline and on CPU."""
+"""Shared fixtures: fonts, a renderer, tiny job configs, the composed training config of a
+debug run (`compose_debug`). Everything offline and on CPU."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from data_pipelines.text.fonts import FontRegistry
 from data_pipelines.jobs.synthetic import FontsConfig, OcrConfig, SyntheticJob, TextConfig, build_renderer
 from data_pipelines.sources.render import RenderConfig
+from qwenimg_train.config import config_dir  # the one place the tests learn where configs/ is
+
+TOOLS_CONFIG_DIR = Path(config_dir()) / "tools"
+"""The roots of the tool commands (qwenimg-eval, -export, -plan, -report, -sample, -sweep-report):
+configs/tools/<command>.yaml, composed by config name = the file's stem."""
+STAGES = ("no_text", "simple_text", "complex_layout")
+"""The stages of the default curriculum (configs/curriculum/three_stage.yaml), in order."""
+
+
+def compose_train(overrides=(), *, hydra_cfg: bool = False):
+    """configs/train.yaml composed with `overrides`, as `qwenimg-train` composes it."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def compose_tool(name: str, overrides=()):
+    """configs/tools/<name>.yaml composed with `overrides`, as the tool's command composes it."""
+    with initialize_config_dir(config_dir=str(TOOLS_CONFIG_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def debug_overrides(sources: dict[str, str], *overrides: str, out: Path | None = None,
+                    models: Path | None = None) -> list[str]:
+    """The command line of a `debug=default` run (configs/debug/default.yaml) on the
+    `shard_sources` shards, writing to `out` (paths.output_dir) and building the tiny model
+    under `models` (paths.models_dir); `overrides` come last and win. Subprocess tests pass
+    it to the console script as it is."""
+    return [
+        "debug=default",
+        *([f"paths.output_dir={out}"] if out is not None else []),
+        *([f"paths.models_dir={models}"] if models is not None else []),
+        # 32 px stages; the fixture's 16 edit pairs hold no single-line reconstruction, so
+        # stage 2 also admits complex layouts.
+        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
+        "curriculum.stages.simple_text.text_classes=[simple,complex]",
+        *[f"data.sources.{k}={v}" for k, v in sources.items()],
+        *overrides,
+    ]
+
+
+def compose_debug(sources: dict[str, str], *overrides: str, out: Path | None = None, models: Path | None = None):
+    """The composed config of `debug_overrides(...)`: what `train()` takes in-process."""
+    return compose_train(debug_overrides(sources, *overrides, out=out, models=models))
 
 
 def make_font(path: Path, chars: str, family: str = "QwenimgTest") -> Path:
@@ -79,7 +124,7 @@ def shard_sources(tmp_path_factory) -> dict[str, str]:
     """Small synthetic, design and edit-pair shard folders (every text class, every task)."""
     from data_pipelines.jobs.edit_pairs import EditPairsJob
     from data_pipelines.jobs.edit_pairs import run as run_edit
-    from data_pipelines.jobs.sources import DesignJob, run_design
+    from data_pipelines.jobs.design import DesignJob, run_design
     from data_pipelines.jobs.synthetic import run as run_synthetic
 
     root = tmp_path_factory.mktemp("shards")
@@ -103,7 +148,18 @@ def record_fault(request):
     return record
 
 
+# --- the bad-input record (tests/test_bad_input.py) ------------------------------------------
+# Each reader given hostile input records how many bad inputs it was handed, what it skipped
+# and counted, and how many good samples came through; printed at the end of the run.
+BAD_INPUT_RECORD: dict[str, dict] = {}
+
+
 def pytest_terminal_summary(terminalreporter):
+    if BAD_INPUT_RECORD:
+        terminalreporter.section("bad input: skipped, counted, and the good samples kept")
+        for reader, r in BAD_INPUT_RECORD.items():
+            terminalreporter.write_line(f"{reader}: {r['bad_inputs_tried']} bad inputs, skipped {r['skipped_counted']}; "
+                                        f"good samples {r['good_out']}/{r['good_in']} kept")
     if not FAULT_RECORD:
         return
     terminalreporter.section("fault injection: faults injected and survived")

@@ -87,7 +87,7 @@ def test_demo_manifests_satisfy_the_default_curriculum(tmp_path):
     """The data jobs' own manifests feed the check (tiny runs of each source)."""
     from data_pipelines.jobs.edit_pairs import EditPairsJob
     from data_pipelines.jobs.edit_pairs import run as run_edit
-    from data_pipelines.jobs.sources import DesignJob, run_design
+    from data_pipelines.jobs.design import DesignJob, run_design
     from data_pipelines.jobs.synthetic import SyntheticJob
     from data_pipelines.jobs.synthetic import run as run_synthetic
 

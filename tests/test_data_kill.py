@@ -1,11 +1,11 @@
 """Data generation killed (SIGKILL) mid-shard, mid-statistics and mid-manifest: a rerun of
 the same command completes the job with every shard listed once, every key once, no
-temporary file left, and shards byte-identical to an uninterrupted run's (issue 9).
+temporary file left, and shards byte-identical to an uninterrupted run's.
 
 The synthetic job is deterministic by seed: sample j of shard i is rendered from
 `derive_seed(seed, i, j, attempt)` (data_pipelines/jobs/synthetic.py) and written with
 fixed tar headers (data_pipelines/core/shards.py), so the same command gives the same bytes.
-A shard is written under `<name>.tmp-<host>-<pid>` and renamed when complete, then its
+A shard is written under `<name>.tmp-<host>-<pid>-<random>` and renamed when complete, then its
 statistics (also tmp + rename); the manifest is written last, tmp + rename. The kills:
 
 - mid-shard: the real CLI in a subprocess, SIGKILLed as soon as shard 1's temporary
@@ -37,18 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_SHARDS, PER_SHARD = 3, 40
 ARGS = [f"num_shards={NUM_SHARDS}", f"samples_per_shard={PER_SHARD}", "seed=5", "progress=false"]
 CLI = [sys.executable, "-m", "data_pipelines.cli"]
-# Runs the CLI with `_atomic_write_text` wrapped: when it is asked to write the file named
+# Runs the CLI with `atomic_write_text` wrapped: when it is asked to write the file named
 # argv[1], it writes half of the temporary file and SIGKILLs its own process.
 KILLING_CLI = [sys.executable, "-c", """
 import os, signal, sys
-import data_pipelines.core.shards as shards
-target, real = sys.argv[1], shards._atomic_write_text
-def write(path, text):
+import data_pipelines.core.files as files
+target, real = sys.argv[1], files.atomic_write_text
+def write(path, text, **kwargs):
     if path.name == target:
-        shards._tmp_path(path).write_text(text[: len(text) // 2], "utf-8")
+        files.tmp_path(path).write_text(text[: len(text) // 2], "utf-8")
         os.kill(os.getpid(), signal.SIGKILL)
-    real(path, text)
-shards._atomic_write_text = write
+    return real(path, text, **kwargs)
+files.atomic_write_text = write
 sys.argv = ["qwenimg-data"] + sys.argv[2:]
 from data_pipelines.cli import main
 main()

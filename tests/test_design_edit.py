@@ -14,7 +14,8 @@ from data_pipelines.jobs.edit_pairs import EditPairsJob
 from data_pipelines.jobs.edit_pairs import run as run_edit_pairs
 from data_pipelines.core.ocr import OcrEngine
 from data_pipelines.core.schema import SampleMeta
-from data_pipelines.jobs.sources import NaturalJob, NaturalProducer, run_natural
+from data_pipelines.jobs.natural import NaturalJob, run_natural
+from data_pipelines.sources.natural import NaturalImages
 from data_pipelines.sources.render import RenderConfig
 
 
@@ -76,7 +77,7 @@ def test_ocr_boxes_on_composed_posters_match_the_composer(composer, ocr):
 def test_text_free_designs_and_natural_images_hold_no_readable_text(composer, ocr):
     textless = DesignComposer(fonts=composer.fonts, text=composer.text, config=RenderConfig(),
                               design=DesignConfig(text_free_fraction=1.0, single_line_fraction=0.0))
-    natural = NaturalProducer(NaturalJob(out_dir="unused"))
+    natural = NaturalImages()
     images = [textless.render(seed, "t").image for seed in range(3)]
     images += [natural.image(random.Random(seed))[0] for seed in range(4)]
     for image in images:

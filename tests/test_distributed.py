@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from conftest import debug_overrides
 
-STAGES = ("no_text", "simple_text", "complex_layout")
+pytestmark = pytest.mark.slow
 
 
 def _args(out: Path, models: Path, sources: dict, *extra: str) -> list[str]:
-    return [
-        "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.output_dir={out}", f"paths.models_dir={models}", "trainer.max_steps=6",
-        "callbacks.checkpoint.every_n_train_steps=3", "data.shuffle_buffer=8", "model.max_sequence_length=32",
-        "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in sources.items()], *extra,
-    ]
+    # one loader worker process per rank (the smoke experiment's), not the debug preset's none
+    return debug_overrides(sources, "trainer.max_steps=6", "data.num_workers=1", *extra, out=out, models=models)
 
 
 def _train(args: list[str], cwd: Path) -> None:
@@ -95,7 +90,8 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     import lightning.fabric.plugins.io.torch_io as torch_io
     from hydra import compose, initialize_config_dir
-    from qwenimg_train.training.train import config_dir, train
+    from qwenimg_train.config import config_dir
+    from qwenimg_train.training.train import train
 
     real_save = torch_io._atomic_save
     calls = [0]

@@ -19,7 +19,6 @@ from qwenimg_train.eval import suites as S
 from qwenimg_train.eval.metrics import (
     METRICS,
     aggregate,
-    binomial_se,
     flat_metrics,
     reading_order,
     score_image,
@@ -148,7 +147,6 @@ def test_aggregate_and_report(tmp_path):
     assert json.loads((tmp_path / "ocr.json").read_text())["aggregates"] == doc["aggregates"]
     md = (tmp_path / "ocr.md").read_text()
     assert "| `zh_char_l1` | 2 | 0.500 ± 0.500 |" in md and "gb2312_level2" in md
-    assert binomial_se(0.5, 50) == pytest.approx(0.0707, abs=1e-4)
 
 
 # --- the metric validated against renders of known quality -------------------------------
@@ -273,17 +271,14 @@ def test_generate_callable_and_seeds_fix_the_outputs(tmp_path, ocr):
 
 @pytest.mark.slow
 def test_qwenimg_eval_writes_a_complete_report(tiny_checkpoint, tmp_path):
-    """The console script's path (configs/eval.yaml composed, run()): every suite, 2 prompts each."""
-    from hydra import compose, initialize_config_dir
-
+    """The console script's path (configs/tools/eval.yaml composed, run()): every suite, 2 prompts each."""
+    from conftest import compose_tool
     from data_pipelines.core.config import from_mapping, to_plain
     from qwenimg_train.eval.runner import EvalJob, run
-    from qwenimg_train.training.train import config_dir
 
     overrides = [f"checkpoint_dir={tiny_checkpoint}", f"out_dir={tmp_path}", "limit=2", "resolution=64", "steps=2",
                  "progress=false"]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=overrides)
+    cfg = compose_tool("eval", overrides)
     job = from_mapping(EvalJob, {k: v for k, v in to_plain(cfg).items() if k != "hydra"}, "eval")
     doc = run(job)
     _check_report(tmp_path, doc, list(S.SUITES), per_suite=2)
@@ -306,14 +301,11 @@ def test_suites_a_model_cannot_run():
 
 
 def test_eval_config_composes_into_a_job(tiny_checkpoint, tmp_path):
-    from hydra import compose, initialize_config_dir
-
+    from conftest import compose_tool
     from data_pipelines.core.config import from_mapping, to_plain
     from qwenimg_train.eval.runner import EvalJob
-    from qwenimg_train.training.train import config_dir
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"checkpoint_dir={tiny_checkpoint}", "suites=[zh_phrase,edit_zh]"])
+    cfg = compose_tool("eval", [f"checkpoint_dir={tiny_checkpoint}", "suites=[zh_phrase,edit_zh]"])
     job = from_mapping(EvalJob, {k: v for k, v in to_plain(cfg).items() if k != "hydra"}, "eval")
     assert job.suites == ["zh_phrase", "edit_zh"] and job.limit is None and job.resolution == 512
 

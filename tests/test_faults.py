@@ -19,28 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from qwenimg_train.training.train import config_dir, train
+from conftest import compose_train, debug_overrides
+from qwenimg_train.training.train import train
 
-STAGES = ("no_text", "simple_text", "complex_layout")
 FAULTS = Path(__file__).parent / "faults"
 
 
 def _overrides(out: Path, models: Path, sources: dict, *extra: str) -> list[str]:
-    return [
-        "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.output_dir={out}",
-        f"paths.models_dir={models}", "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=3",
-        "data.shuffle_buffer=8", "data.num_workers=0", "model.max_sequence_length=32", "callbacks.ema=null",
-        "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in sources.items()], *extra,
-    ]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return debug_overrides(sources, "trainer.max_steps=6", "callbacks.ema=null", *extra, out=out, models=models)
 
 
 class _Recorder:
@@ -75,7 +62,7 @@ def _metric(run: Path, key: str) -> dict[int, float]:
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, shard_sources, monkeypatch, record_fault):
     rec = _Recorder(monkeypatch, bad={2, 3})
-    summary = train(_compose(_overrides(tmp_path / "run", tmp_path / "models", shard_sources,
+    summary = train(compose_train(_overrides(tmp_path / "run", tmp_path / "models", shard_sources,
                                         "callbacks.nonfinite.max_consecutive=3")))
     assert summary["global_step"] == 6 and summary["nonfinite_skipped"] == 2
     # the skipped updates changed nothing; the others did
@@ -92,7 +79,7 @@ def test_persistent_nonfinite_saves_and_stops_naming_the_batch(tmp_path, shard_s
 
     rec = _Recorder(monkeypatch, bad={2, 3, 4, 5})
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*step 4, stage 'complex_layout', batch keys \['"):
-        train(_compose(_overrides(tmp_path / "run", tmp_path / "models", shard_sources,
+        train(compose_train(_overrides(tmp_path / "run", tmp_path / "models", shard_sources,
                                   "callbacks.nonfinite.max_consecutive=3")))
     saved = tmp_path / "run" / "checkpoints" / "nonfinite-step000004.ckpt"
     state = torch.load(saved, map_location="cpu", weights_only=False)
@@ -234,7 +221,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_data(tmp_
 
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from qwenimg_train.training.checkpointing import CheckpointWriteError
+    from qwenimg_train.training.callbacks.checkpoint import CheckpointWriteError
 
     before = {name: _tree_digest(Path(folder)) for name, folder in shard_sources.items()}
     real_save, calls = torch_io._atomic_save, [0]
@@ -252,13 +239,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_data(tmp_
                       "callbacks.checkpoint.stage_end=false")
     with pytest.raises(CheckpointWriteError, match=r"step000004\.ckpt at step 4 \(OSError: \[Errno 28\] No space left "
                                                    r"on device.*intact \(last\.ckpt, step000002\.ckpt\).*ckpt_path=last"):
-        train(_compose(args))
+        train(compose_train(args))
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000002.ckpt"]  # no torn .tmp
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
     assert {name: _tree_digest(Path(folder)) for name, folder in shard_sources.items()} == before
     monkeypatch.setattr(torch_io, "_atomic_save", real_save)
-    assert train(_compose(args + ["ckpt_path=last"]))["global_step"] == 6
+    assert train(compose_train(args + ["ckpt_path=last"]))["global_step"] == 6
     record_fault("ENOSPC half-way through a checkpoint write", "clear error, torn file removed, last.ckpt (step 2) "
                  "and shards intact, resume ends at step 6")
 
@@ -267,4 +254,4 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path, shard_sources):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory should go")
     with pytest.raises(ValueError, match=r"paths.output_dir = .*file/run' is not writable"):
-        train(_compose(_overrides(blocker / "run", tmp_path / "models", shard_sources)))
+        train(compose_train(_overrides(blocker / "run", tmp_path / "models", shard_sources)))

@@ -1,4 +1,4 @@
-"""Property-based (hypothesis) fuzzing of what the data side reads from outside (issue 9).
+"""Property-based (hypothesis) fuzzing of what the data side reads from outside.
 
 - Sample metadata: `SampleMeta.from_json` on arbitrary JSON values and bytes either
   parses or raises ValueError (the readers count that as bad_json / bad_meta); valid
@@ -285,7 +285,7 @@ def test_curriculum_config_is_valid_or_a_value_error(stages):
 @given(st.dictionaries(st.sampled_from(["lr", "betas", "weight_decay", "eps", "warmup_steps", "schedule",
                                         "min_lr_ratio", "grad_clip", "bogus"]), anything, max_size=4))
 def test_optim_config_is_valid_or_a_named_value_error(top):
-    from qwenimg_train.training.module import Optim
+    from qwenimg_train.training.optim import Optim
 
     _check(Optim, top, "optim")
 
@@ -296,7 +296,7 @@ def test_optim_config_is_valid_or_a_named_value_error(top):
                                         "max_sequence_length", "lora", "bogus"]), anything, max_size=4),
        st.dictionaries(st.sampled_from(["rank", "alpha", "dropout", "target_modules", "x"]), anything, max_size=3))
 def test_model_config_is_valid_or_a_named_value_error(top, lora):
-    from qwenimg_train.training.train import ModelConfig
+    from qwenimg_train.config.schema import ModelConfig
 
     mapping = {"pretrained_path": "m", **top}
     if lora and "lora" not in top:
@@ -308,7 +308,7 @@ def test_model_config_is_valid_or_a_named_value_error(top, lora):
 @given(st.dictionaries(st.sampled_from(["every_n_train_steps", "keep_last", "save_last", "stage_end", "bogus"]),
                        anything, max_size=3))
 def test_checkpoint_config_is_valid_or_a_named_value_error(top):
-    from qwenimg_train.training.train import CheckpointConfig
+    from qwenimg_train.config.schema import CheckpointConfig
 
     _check(CheckpointConfig, top, "callbacks.checkpoint")
 

@@ -10,12 +10,13 @@ import torch
 from data_pipelines.jobs.edit_pairs import EditPairsJob
 from data_pipelines.jobs.edit_pairs import run as run_edit
 from data_pipelines.core.shards import AtomicShardWriter, iter_tar_samples
-from data_pipelines.jobs.sources import DesignJob, run_design
+from data_pipelines.jobs.design import DesignJob, run_design
 from data_pipelines.jobs.synthetic import SyntheticJob
 from data_pipelines.jobs.synthetic import run as run_synthetic
 from data_pipelines.sources.render import RenderConfig
 from qwenimg_train.data.curriculum import Stage
-from qwenimg_train.data.loader import Interleave, SkippedTooMany, SourceShards, StageStream, to_unit_range
+from data_pipelines.core.images import to_unit_range
+from qwenimg_train.data.loader import Interleave, SkippedTooMany, SourceShards, StageStream
 
 
 @pytest.fixture(scope="module")

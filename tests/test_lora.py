@@ -14,7 +14,8 @@ from qwenimg_train.export.to_diffusers import ExportJob, export
 from qwenimg_train.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, is_lora_key, to_diffusers_names
 from qwenimg_train.models.qwen_image.model import QwenImageModel, load_transformer
 from qwenimg_train.objectives.flow_matching import flow_matching_loss
-from qwenimg_train.training.train import ModelConfig, config_dir, train
+from qwenimg_train.config.schema import ModelConfig
+from qwenimg_train.training.train import config_dir, train
 from qwenimg_train.models.qwen_image.transformer import MixedBatchAttnProcessor
 
 RANK, ALPHA = 4, 8  # alpha != rank: the LoRA file's metadata must carry the scale (2)
@@ -28,7 +29,7 @@ def _config(out: Path, folder: Path, sources: dict, experiment: str, *overrides:
             "trainer.max_steps=4", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.shuffle_buffer=8",
             "model.max_sequence_length=32", "curriculum.stages.all.resolution=32",
             "callbacks.checkpoint.every_n_train_steps=2", "logger=csv", "callbacks.ocr_eval=null",
-            *[f"data.sources.{k}={v}" for k, v in sources.items()], *overrides,
+            *[f"+data.sources.{k}={v}" for k, v in sources.items()], *overrides,  # configs/data names none
         ])
 
 

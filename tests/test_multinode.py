@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import debug_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = ROOT / "launch" / "torchrun.sh"
-STAGES = ("no_text", "simple_text", "complex_layout")
 STEPS = 3  # one per curriculum stage
 
 # qwenimg-train with a per-rank record: after each optimizer step, this rank's own loss
@@ -29,8 +30,9 @@ RECORDING_TRAIN = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from hydra import compose, initialize_config_dir
-    import qwenimg_train.training.module as module
-    from qwenimg_train.training.train import config_dir, train
+    import qwenimg_train.training.callbacks.run_summary as module
+    from qwenimg_train.config import config_dir
+    from qwenimg_train.training.train import train
 
     class Recorder(module.RunSummary):
         def __init__(self):
@@ -56,14 +58,9 @@ RECORDING_TRAIN = textwrap.dedent("""
 
 
 def _args(out: Path, models: Path, sources: dict, *extra: str) -> list[str]:
-    return [
-        "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.output_dir={out}", f"paths.models_dir={models}",
-        f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false", f"callbacks.checkpoint.every_n_train_steps={STEPS}",
-        "callbacks.checkpoint.stage_end=false", "data.shuffle_buffer=8", "data.num_workers=0", "model.max_sequence_length=32",
-        "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in sources.items()], *extra,
-    ]
+    return debug_overrides(sources, f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false",
+                           f"callbacks.checkpoint.every_n_train_steps={STEPS}", "callbacks.checkpoint.stage_end=false",
+                           *extra, out=out, models=models)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from conftest import STAGES, compose_debug
 from data_pipelines.jobs.precompute import PrecomputeJob, run as run_precompute
 from data_pipelines.core.shards import iter_tar_samples
 from qwenimg_train.data.curriculum import Stage
 from qwenimg_train.data.loader import SourceShards, StageStream
 from qwenimg_train.models.qwen_image.model import QwenImageModel
 from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
-from qwenimg_train.data.precomputed import MEMBER, from_bytes
-from qwenimg_train.training.train import config_dir, train
+from data_pipelines.core.precomputed import MEMBER, from_bytes
+from qwenimg_train.training.train import train
 
-STAGES = ("no_text", "simple_text", "complex_layout")
 RES = 32
 SEQ = 32
 
@@ -104,15 +103,10 @@ def test_same_batches_inputs_and_loss_as_online_encoding(setup, shard_sources):
 
 
 def _config(root: Path, models: Path, sources: dict, *overrides: str):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=smoke", f"paths.output_dir={root}", f"paths.models_dir={models}", "trainer.max_steps=3",
-            "data.num_workers=0", "data.shuffle_buffer=8", f"model.max_sequence_length={SEQ}", "logger=csv",
-            "callbacks.ocr_eval=null", "data.precomputed=true",
-            "curriculum.stages.simple_text.text_classes=[simple,complex]",
-            *[f"curriculum.stages.{s}.resolution={RES}" for s in STAGES],
-            *[f"data.sources.{k}={v}" for k, v in sources.items()], *overrides,
-        ])
+    # The precomputed folders hold RES px images and SEQ-token prompts: the run must ask for those.
+    return compose_debug(sources, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=30",
+                         "data.precomputed=true", f"model.max_sequence_length={SEQ}",
+                         *[f"curriculum.stages.{s}.resolution={RES}" for s in STAGES], *overrides, out=root, models=models)
 
 
 def test_training_never_loads_the_encoders(setup, tmp_path, monkeypatch):

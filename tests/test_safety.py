@@ -10,28 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 
-from qwenimg_train.training.train import config_dir, train
+from conftest import compose_train, debug_overrides
+from qwenimg_train.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("no_text", "simple_text", "complex_layout")
 
 
 def _overrides(out: Path, models: Path, sources: dict, *extra: str) -> list[str]:
-    return [
-        "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.output_dir={out}",
-        f"paths.models_dir={models}", "trainer.max_steps=3", "data.shuffle_buffer=8", "data.num_workers=0",
-        "model.max_sequence_length=32", "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in sources.items()], *extra,
-    ]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return debug_overrides(sources, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=30", *extra,
+                           out=out, models=models)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -60,7 +49,7 @@ def test_config_errors_name_the_key_before_heavy_work(override, message, tmp_pat
     monkeypatch.setattr(AutoencoderKLQwenImage, "from_pretrained", heavy)
     monkeypatch.setattr(QwenImageTransformer2DModel, "from_pretrained", heavy)
     with pytest.raises(ValueError, match=message):
-        train(_compose(_overrides(tmp_path / "run", tmp_path / "models", shard_sources, *override.split())))
+        train(compose_train(_overrides(tmp_path / "run", tmp_path / "models", shard_sources, *override.split())))
 
 
 def test_unknown_group_option_names_the_choices(tmp_path):
@@ -108,7 +97,7 @@ def test_secrets_never_reach_saved_configs_logs_or_checkpoints(tmp_path, shard_s
                            f"+logger.probe._target_={__name__}.SecretLogger", "+logger.probe.api_key=${oc.env:QWENIMG_TEST_SECRET}",
                            f"+logger.probe.save_dir={run}", "+logger.probe.name=secret_logs",
                            "callbacks.checkpoint.every_n_train_steps=1")
-    train(_compose(overrides))
+    train(compose_train(overrides))
     assert SecretLogger.received["api_key"] == secret  # the logger itself gets its key
     hp = SecretLogger.received["hyperparams"]
     assert isinstance(hp, dict), repr(hp)[:500]

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from conftest import STAGES, compose_debug, compose_tool
 from data_pipelines.core.config import from_mapping
 from qwenimg_train.tools.report import ReportJob, ema, ocr_columns, read_metrics, report
 from qwenimg_train.tools.sample import SampleJob, job_mapping, sample
-from qwenimg_train.training.train import config_dir, train
-
-STAGES = ("no_text", "simple_text", "complex_layout")
+from qwenimg_train.training.train import train
 
 
 def _valid_png(path: Path) -> Image.Image:
@@ -28,11 +26,6 @@ def _valid_png(path: Path) -> Image.Image:
     image = Image.open(path)
     assert image.format == "PNG" and image.width > 0 and image.height > 0
     return image
-
-
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 # --- qwenimg-sample -----------------------------------------------------------------------
@@ -119,16 +112,16 @@ def test_sample_edit_needs_an_edit_folder(tmp_path):
 
 
 def test_commands_compose_into_their_jobs(tmp_path):
-    cfg = _compose("sample", ["checkpoint_dir=ck", "out_dir=o", 'prompts=["a “你好” sign",b]',
+    cfg = compose_tool("sample", ["checkpoint_dir=ck", "out_dir=o", 'prompts=["a “你好” sign",b]',
                               "source_images=[null,s.png]"])
     job = from_mapping(SampleJob, job_mapping(cfg), "sample")
     assert job.prompts == ["a “你好” sign", "b"] and job.source_images == [None, "s.png"]
     with pytest.raises(ValueError, match=r"missing required key\(s\) \['out_dir'\]"):
-        job_mapping(_compose("sample", ["checkpoint_dir=ck"]))
-    job = from_mapping(ReportJob, job_mapping(_compose("report", ["run_dir=r", "eval_json=e.json"])), "report")
+        job_mapping(compose_tool("sample", ["checkpoint_dir=ck"]))
+    job = from_mapping(ReportJob, job_mapping(compose_tool("report", ["run_dir=r", "eval_json=e.json"])), "report")
     assert (job.run_dir, job.out_dir, job.eval_json) == ("r", None, "e.json")
     with pytest.raises(ValueError, match="run_dir"):
-        job_mapping(_compose("report", []))
+        job_mapping(compose_tool("report", []))
 
 
 # --- qwenimg-report -----------------------------------------------------------------------
@@ -138,15 +131,8 @@ def test_commands_compose_into_their_jobs(tmp_path):
 def logged_run(tmp_path_factory, shard_sources) -> Path:
     """A 9-step run through the three stages (3 steps each), logged by the CSV logger."""
     root = tmp_path_factory.mktemp("report-run")
-    overrides = [
-        "experiment=smoke", f"paths.output_dir={root / 'train'}", f"paths.models_dir={root / 'models'}",
-        "trainer.max_steps=9", "logger=csv", "callbacks.ocr_eval=null", "data.num_workers=0", "data.shuffle_buffer=8",
-        "callbacks.checkpoint.every_n_train_steps=9", "model.max_sequence_length=32",
-        "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in shard_sources.items()],
-    ]
-    train(_compose("train", overrides))
+    train(compose_debug(shard_sources, "callbacks.checkpoint.every_n_train_steps=9", out=root / "train",
+                        models=root / "models"))
     return root / "train"
 
 

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import compose_train, debug_overrides
 from qwenimg_train.data.curriculum import Curriculum
 from qwenimg_train.tools.sweep_report import SweepReportJob, sweep_report
-from qwenimg_train.training.train import config_dir
-
-STAGES = ("no_text", "simple_text", "complex_layout")
-
-
-def _compose(overrides: list[str], hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 def _expand(cfg) -> list[list[str]]:
@@ -46,13 +39,13 @@ def _expand(cfg) -> list[list[str]]:
 @pytest.mark.parametrize("preset, jobs", [("curriculum", 2), ("data_mix", 3), ("task_mix", 3)])
 def test_sweep_presets_expand_to_valid_jobs(preset, jobs):
     """Each preset turns on multirun and expands to jobs whose configs pass the curriculum's validation."""
-    cfg = _compose(["experiment=smoke", f"sweep={preset}"], hydra_cfg=True)
+    cfg = compose_train(["experiment=smoke", f"sweep={preset}"], hydra_cfg=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     expanded = _expand(cfg)
     assert len(expanded) == jobs
     seen = []
     for job in expanded:
-        curriculum = Curriculum.from_config(_compose(["experiment=smoke", *job]).curriculum)
+        curriculum = Curriculum.from_config(compose_train(["experiment=smoke", *job]).curriculum)
         seen.append((curriculum.name, [(s.source_weights, s.task_mix) for s in curriculum.stages]))
     assert len({repr(s) for s in seen}) == jobs  # every job trains something different
     if preset == "curriculum":
@@ -66,12 +59,12 @@ def test_sweep_presets_expand_to_valid_jobs(preset, jobs):
 def test_curriculum_wide_mix_replaces_every_stage():
     mix = "curriculum.task_mix={t2i:0.5,ti2i:0.25,i2i:0.25}"
     for name in ("three_stage", "single_stage", "report_recipe"):
-        curriculum = Curriculum.from_config(_compose([f"curriculum={name}", mix]).curriculum)
+        curriculum = Curriculum.from_config(compose_train([f"curriculum={name}", mix]).curriculum)
         assert all(s.task_mix == {"t2i": 0.5, "ti2i": 0.25, "i2i": 0.25} for s in curriculum.stages), name
-    default = Curriculum.from_config(_compose([]).curriculum)
+    default = Curriculum.from_config(compose_train([]).curriculum)
     assert [s.task_mix["t2i"] for s in default.stages] == [0.8, 0.8, 0.7]  # null: each stage's own
     with pytest.raises(ValueError, match="no_text.*negative"):
-        Curriculum.from_config(_compose(["curriculum.source_weights={design:-1.0}"]).curriculum)
+        Curriculum.from_config(compose_train(["curriculum.source_weights={design:-1.0}"]).curriculum)
     with pytest.raises(ValueError, match="unknown key"):
         Curriculum.from_config({"name": "x", "stages": {}, "resolution": 256})
 
@@ -87,12 +80,12 @@ def test_slurm_launcher_composes_to_an_sbatch_script(tmp_path, monkeypatch):
 
     for key in ("PARTITION", "ACCOUNT", "QOS", "NODES", "GPUS_PER_NODE", "CPUS_PER_TASK", "MEM_GB", "TIMEOUT_MIN"):
         monkeypatch.delenv(f"QWENIMG_SLURM_{key}", raising=False)  # the defaults, whatever this shell sets
-    default = _compose(["hydra/launcher=slurm"], hydra_cfg=True).hydra.launcher
+    default = compose_train(["hydra/launcher=slurm"], hydra_cfg=True).hydra.launcher
     assert default.partition is None and default.timeout_min == 240 and default.tasks_per_node == 8
 
     for key, value in {"PARTITION": "gpu", "NODES": "2", "GPUS_PER_NODE": "4", "TIMEOUT_MIN": "90"}.items():
         monkeypatch.setenv(f"QWENIMG_SLURM_{key}", value)
-    cfg = _compose(["experiment=smoke", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    cfg = compose_train(["experiment=smoke", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                     "hydra.launcher.setup=[module load cuda]", "+hydra.launcher.additional_parameters.mail-type=END"],
                    hydra_cfg=True)
     launcher = instantiate(cfg.hydra.launcher)
@@ -118,7 +111,7 @@ def test_slurm_launcher_composes_to_an_sbatch_script(tmp_path, monkeypatch):
 
 
 def test_submitit_local_launcher_composes():
-    cfg = _compose(["hydra/launcher=submitit_local"], hydra_cfg=True)
+    cfg = compose_train(["hydra/launcher=submitit_local"], hydra_cfg=True)
     assert cfg.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
 
 
@@ -131,7 +124,10 @@ def _job(sweep: Path, num: int, overrides: list[str], *, max_steps: int = 10, su
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": max_steps}}))
+    # What train() saves: the composed config, resolved (here the debug preset's).
+    config = OmegaConf.to_container(compose_train(["debug=default", f"trainer.max_steps={max_steps}",
+                                                   f"paths.output_dir={folder}"]), resolve=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     if summary is not None:
         (folder / "summary.json").write_text(json.dumps(summary))
     if metrics is not None:
@@ -290,14 +286,8 @@ def test_multirun_of_the_smoke_experiment_and_its_report(tmp_path, shard_sources
     job recorded and the sweep carried on; the report's numbers are the runs' own."""
     sweep = tmp_path / "sweep"
     mixes = ["{design:0.4,synthetic:0.6}", "{design:-1.0}", "{design:0.6,synthetic:0.4}"]
-    args = [
-        "-m", "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.models_dir={tmp_path / 'models'}",
-        "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=3", "data.shuffle_buffer=8",
-        "data.num_workers=0", "model.max_sequence_length=32", "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in shard_sources.items()],
-        f"hydra.sweep.dir={sweep}", "curriculum.source_weights=" + ",".join(mixes),
-    ]
+    args = ["-m", *debug_overrides(shard_sources, "trainer.max_steps=6", f"hydra.sweep.dir={sweep}",
+                                   "curriculum.source_weights=" + ",".join(mixes), models=tmp_path / "models")]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWENIMG_RUN_DIR", None)
     proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,
@@ -352,14 +342,8 @@ def test_multirun_with_two_ddp_ranks_per_job(tmp_path, shard_sources):
     rank runs its own job (not the sweep) in the job's folder, and the second job starts clean
     (no process group, no LOCAL_RANK/WORLD_SIZE left by the first)."""
     sweep = tmp_path / "sweep"
-    args = [
-        "-m", "experiment=smoke", "logger=csv", "callbacks.ocr_eval=null", f"paths.models_dir={tmp_path / 'models'}",
-        "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3", "data.shuffle_buffer=8",
-        "data.num_workers=0", "model.max_sequence_length=32", "curriculum.stages.simple_text.text_classes=[simple,complex]",
-        *[f"curriculum.stages.{s}.resolution=32" for s in STAGES],
-        *[f"data.sources.{k}={v}" for k, v in shard_sources.items()],
-        f"hydra.sweep.dir={sweep}", "strategy=ddp", "trainer.devices=2", "seed=0,1",
-    ]
+    args = ["-m", *debug_overrides(shard_sources, "trainer.max_steps=3", f"hydra.sweep.dir={sweep}", "strategy=ddp",
+                                   "trainer.devices=2", "seed=0,1", models=tmp_path / "models")]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWENIMG_RUN_DIR", None)
     proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,

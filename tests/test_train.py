@@ -6,41 +6,47 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from conftest import STAGES, compose_debug
 from qwenimg_train.export.to_diffusers import ExportJob, export
-from qwenimg_train.training.train import config_dir, train
+from qwenimg_train.training.train import train
 
-STAGES = ("no_text", "simple_text", "complex_layout")
-
-
-OCR_EVAL = ["callbacks.ocr_eval.every_n_steps=null", "callbacks.ocr_eval.limit=1",
-            "callbacks.ocr_eval.suites=[zh_char_l1,en_word,edit_zh]", "callbacks.ocr_eval.resolution=32",
-            "callbacks.ocr_eval.steps=2", "callbacks.ocr_eval.guidance=1.0"]
+# The OCR callback at each stage end on a few tiny prompts (configs/debug/default.yaml turns it off).
+OCR_EVAL = ("callbacks.ocr_eval={every_n_steps: null, stage_end: true, suites: [zh_char_l1, en_word, edit_zh], "
+            "limit: 1, resolution: 32, steps: 2, guidance: 1.0, seed: 0}")
 
 
-def _config(out: Path, models: Path, sources: dict, *overrides: str, logger: str = "csv", ocr: bool = False):
-    # The fixture's 16 edit pairs hold no single-line reconstruction: stage 2 also admits complex.
-    stage_overrides = [f"curriculum.stages.{s}.resolution=32" for s in STAGES]
-    stage_overrides.append("curriculum.stages.simple_text.text_classes=[simple,complex]")
-    source_overrides = [f"data.sources.{k}={v}" for k, v in sources.items()]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=smoke", f"paths.output_dir={out}", f"paths.models_dir={models}", "trainer.max_steps=9",
-            "data.num_workers=0", "data.shuffle_buffer=8", "callbacks.checkpoint.every_n_train_steps=3",
-            "model.max_sequence_length=32", f"logger={logger}", *(OCR_EVAL if ocr else ["callbacks.ocr_eval=null"]), *stage_overrides, *source_overrides, *overrides,
-        ])
+def _config(out: Path, models: Path, sources: dict, *overrides: str):
+    return compose_debug(sources, *overrides, out=out, models=models)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shard_sources):
+def wandb_seen() -> dict:
+    """What the module's run handed wandb: its run objects and the metric keys it logged."""
+    return {"runs": [], "keys": set()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shard_sources, wandb_seen):
+    from lightning.pytorch.loggers import WandbLogger
+
+    real_log_metrics = WandbLogger.log_metrics
+
+    def log_metrics(self, metrics, step=None):
+        wandb_seen["keys"].update(metrics)
+        if all(r is not self.experiment for r in wandb_seen["runs"]):
+            wandb_seen["runs"].append(self.experiment)
+        return real_log_metrics(self, metrics, step)
+
     root = tmp_path_factory.mktemp("run")
-    cfg = _config(root / "train", root / "models", shard_sources, logger="default", ocr=True)  # wandb offline + csv
-    return root, cfg, train(cfg)
+    cfg = _config(root / "train", root / "models", shard_sources, "logger=default", OCR_EVAL)  # wandb offline + csv
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WandbLogger, "log_metrics", log_metrics)
+        return root, cfg, train(cfg)
 
 
-def test_smoke_run_covers_every_stage_and_task(run):
-    root, _, summary = run
+def test_smoke_run_covers_every_stage_and_task(run, wandb_seen):
+    root, cfg, summary = run
     assert summary["global_step"] == 9
     assert list(summary["stages"]) == list(STAGES)
     for stage in summary["stages"].values():
@@ -54,11 +60,14 @@ def test_smoke_run_covers_every_stage_and_task(run):
                 "perf/samples_per_s", "perf/tokens_per_s", "curriculum/stage"):
         assert key in metrics
     assert any(k.startswith("train/loss/sigma_") for k in metrics)
-    # wandb, offline by default: a run folder to `wandb sync` later, with the resolved config
+    # wandb, offline by default: a run folder to `wandb sync` later, whose run holds the
+    # resolved config and was logged the per-task losses
     runs = list((root / "train" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's protobuf log
-    assert b"pretrained_path" in record and b"train/loss/ti2i" in record
+    (wandb_run,) = wandb_seen["runs"]
+    assert wandb_run.offline and Path(wandb_run.dir).resolve().parent == runs[0].resolve()
+    assert wandb_run.config["model"]["pretrained_path"] == str(root / "models" / "tiny") == cfg.model.pretrained_path
+    assert "train/loss/ti2i" in wandb_seen["keys"]
     assert (root / "train" / "logs" / "hparams.yaml").exists()
 
 
@@ -162,7 +171,7 @@ def test_config_mistakes_are_clear(tmp_path, shard_sources):
 
 
 def test_optim_schedule():
-    from qwenimg_train.training.module import Optim
+    from qwenimg_train.training.optim import Optim
 
     optim = Optim(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
     factors = [optim.factor(s, 14) for s in range(14)]

@@ -67,6 +67,18 @@ class Source(str, enum.Enum):
     EDIT = "edit"
 
 
+class Task(str, enum.Enum):
+    """What a training sample teaches; configs (task_mix), logs and checkpoints hold the values."""
+
+    T2I = "t2i"  # text to image: caption -> target
+    TI2I = "ti2i"  # editing: instruction + source -> target (an edit pair)
+    I2I = "i2i"  # reconstruction: instruction + source -> the same image (a reconstruct pair)
+
+    # The value wherever a task becomes text (seeds, metric names), as `enum.StrEnum` on 3.11+.
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 class Direction(str, enum.Enum):
     HORIZONTAL = "horizontal"
     VERTICAL = "vertical"  # columns top to bottom, placed right to left

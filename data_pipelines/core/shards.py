@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 
 import webdataset as wds
 
+from data_pipelines.core import files
+
 MANIFEST_NAME = "manifest.json"
 # Fixed tar header fields: the same samples always give the same bytes.
 TAR_MTIME = 0
@@ -123,13 +125,13 @@ class ShardSet:
             for path in self.out_dir.glob(f"{self.prefix}-{index:06d}.*.tmp-*"):
                 path.unlink(missing_ok=True)
         host = socket.gethostname()
-        for path in self.out_dir.glob(f"{MANIFEST_NAME}.tmp-*"):
-            owner, _, pid = path.name.rpartition(".tmp-")[2].rpartition("-")
-            if owner == host and pid.isdigit() and not _alive(int(pid)):
+        for path in self.out_dir.glob(f"{MANIFEST_NAME}{files.TMP_MARK}*"):
+            owner = files.tmp_owner(path)
+            if owner is not None and owner[0] == host and not _alive(owner[1]):
                 path.unlink(missing_ok=True)
 
     def write_stats(self, index: int, stats: Mapping[str, Any]) -> None:
-        _atomic_write_text(self.stats_path(index), json.dumps(dict(stats, fingerprint=self.fingerprint), sort_keys=True, ensure_ascii=False, indent=1))
+        files.atomic_write_text(self.stats_path(index), json.dumps(dict(stats, fingerprint=self.fingerprint), sort_keys=True, ensure_ascii=False, indent=1))
 
     def all_complete(self) -> bool:
         return all(self.is_complete(i) for i in range(self.num_shards))
@@ -156,16 +158,17 @@ class ShardSet:
             **extra,
         }
         path = self.out_dir / MANIFEST_NAME
-        _atomic_write_text(path, json.dumps(manifest, sort_keys=True, ensure_ascii=False, indent=1))
+        files.atomic_write_text(path, json.dumps(manifest, sort_keys=True, ensure_ascii=False, indent=1))
         return path
 
 
 class AtomicShardWriter:
-    """A WebDataset tar written under a temporary name, renamed into place on `commit`."""
+    """A WebDataset tar written under a temporary name (`files.tmp_path`), renamed into
+    place on `commit`: streamed sample by sample, never held whole in memory."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.tmp = _tmp_path(self.path)
+        self.tmp = files.tmp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp, "wb")
         # encoder=False: every field is already bytes, encoded by the caller.
@@ -199,17 +202,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _tmp_path(path: Path) -> Path:
-    # Host and pid: nodes sharing a file system never write the same temporary file.
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, path)
 
 
 def iter_tar_samples(path: str | Path) -> Iterable[dict[str, bytes]]:

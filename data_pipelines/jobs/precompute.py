@@ -1,12 +1,12 @@
 """`qwenimg-data --config-name precompute`: encoder outputs written into shards, once.
 
-The producer side of precomputed training (qwenimg_train.data.precomputed has the format
+The producer side of precomputed training (data_pipelines.core.precomputed has the format
 and the tag). For every sample of an input shard folder (synthetic, design, natural
 or edit pairs, as the other jobs write them) it runs the frozen encoders of a model
 folder exactly as training would online:
 
     decode      the target (and source) image at the bucket the loader would pick, with
-                the loader's own decoder (`qwenimg_train.data.loader.decode_image`), for each
+                the loader's own decoder (`data_pipelines.core.images.decode_image`), for each
                 bucket set of the job
     VAE         normalised latents of the target, and of the source of an edit pair
     Qwen2.5-VL  the caption with the T2I template, or the instruction with the source
@@ -35,6 +35,9 @@ from typing import Any, Iterator
 
 import torch
 
+from data_pipelines.core.geometry import bucket_name, check_size, parse_bucket
+from data_pipelines.core.images import decode_image, nearest_bucket, to_unit_range
+from data_pipelines.core.precomputed import ENCODER_DTYPES, MEMBER, PrecomputeTag, tensor_key, to_bytes
 from data_pipelines.core.sharded import Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.core.schema import (
     CAPTION_EXTENSION,
@@ -43,6 +46,7 @@ from data_pipelines.core.schema import (
     META_EXTENSION,
     SOURCE_IMAGE_PREFIX,
     SampleMeta,
+    Task,
 )
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, parse_meta, read_tar_samples
 from data_pipelines.jobs.verify import input_shards
@@ -58,6 +62,8 @@ class PrecomputeJob:
     """Folder for the shards with precomputed inputs (same names) and their manifest."""
     pretrained_path: str
     """The diffusers model folder whose encoders train with: the same as model.pretrained_path."""
+    family: str = "qwen_image"
+    """The run's model.family (qwenimg_train.models.FAMILIES): loads the encoders, names the prompt templates."""
     encoder_dtype: str = "float32"
     """dtype the encoders run and the tensors are stored in: the run's model.encoder_dtype."""
     max_sequence_length: int = 1024
@@ -88,16 +94,17 @@ class PrecomputeJob:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from qwenimg_train.data.curriculum import LATENT_PATCH
-        from qwenimg_train.models.qwen_image.encoding import MAX_SEQUENCE_LENGTH
-        from qwenimg_train.models.qwen_image.model import DTYPES
+        from qwenimg_train.models import FAMILIES, get_family
 
         if Path(self.in_dir).resolve() == Path(self.out_dir).resolve():
             raise ValueError("out_dir must differ from in_dir (precompute never rewrites its input)")
-        if self.encoder_dtype not in DTYPES:
-            raise ValueError(f"encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(DTYPES)}")
-        if not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {MAX_SEQUENCE_LENGTH}]")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family = {self.family!r}; use one of {sorted(FAMILIES)} (the run's model.family)")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(ENCODER_DTYPES)}")
+        cap = get_family(self.family).max_sequence_length
+        if not 1 <= self.max_sequence_length <= cap:
+            raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {cap}]")
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch_size and workers must be >= 1")
         if self.max_image_pixels < 1:
@@ -105,18 +112,14 @@ class PrecomputeJob:
         if not self.resolutions and not self.bucket_sets:
             raise ValueError("resolutions and bucket_sets are both empty: give at least one (e.g. resolutions=[512])")
         for w, h in (s for b in self.sizes() for s in b):
-            if w <= 0 or h <= 0 or w % LATENT_PATCH or h % LATENT_PATCH:
-                raise ValueError(f"resolution {w}x{h} is not a positive multiple of {LATENT_PATCH} "
-                                 "(8x VAE downsampling times the 2x2 latent patch)")
+            check_size(w, h)
 
     def sizes(self) -> list[list[tuple[int, int]]]:
         """Every bucket set as (width, height) pairs."""
-        from qwenimg_train.data.curriculum import _parse_bucket
-
-        return [[(r, r)] for r in self.resolutions] + [[_parse_bucket(b) for b in s] for s in self.bucket_sets]
+        return [[(r, r)] for r in self.resolutions] + [[parse_bucket(b) for b in s] for s in self.bucket_sets]
 
     def bucket_names(self) -> list[list[str]]:
-        return [[f"{w}x{h}" for w, h in s] for s in self.sizes()]
+        return [[bucket_name(size) for size in s] for s in self.sizes()]
 
 
 def _device(name: str) -> torch.device:
@@ -146,13 +149,13 @@ class PrecomputeProducer:
     """Encodes input shard `index` (one per process: the encoders load once)."""
 
     def __init__(self, job: PrecomputeJob):
-        from qwenimg_train.models.qwen_image.model import load_encoders
+        from qwenimg_train.models import get_family
 
         self.job = job
         self.paths = input_shards(job.in_dir)[1]
         self.device = _device(job.device)
-        self.encoders = load_encoders(job.pretrained_path, dtype=job.encoder_dtype,
-                                      max_sequence_length=job.max_sequence_length).to(self.device)
+        self.encoders = get_family(job.family).load_encoders(job.pretrained_path, dtype=job.encoder_dtype,
+                                                             max_sequence_length=job.max_sequence_length).to(self.device)
         self.bucket_sets = job.sizes()
 
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
@@ -170,8 +173,6 @@ class PrecomputeProducer:
             yield from self._flush(chunk, tally)
 
     def _read(self, raw: dict[str, Any], where: str, tally: Tally) -> _Item | None:
-        from qwenimg_train.data.loader import decode_image, nearest_bucket
-
         pixels = self.job.max_image_pixels
         try:
             check_key(raw["__key__"])  # it names the output's tar members
@@ -207,37 +208,33 @@ class PrecomputeProducer:
 
     @torch.no_grad()
     def _flush(self, chunk: list[_Item], tally: Tally) -> Iterator[Produced]:
-        from qwenimg_train.data.loader import to_unit_range
-        from qwenimg_train.data.precomputed import MEMBER, size_name, to_bytes
-
         enc, device, null = self.encoders, self.device, self.job.null_prompts
         t2i = [it for it in chunk if not it.edit]
         if t2i:
             for it, row in zip(t2i, _rows(*enc.prompts.encode_t2i([it.prompt for it in t2i]))):
-                it.tensors["text"] = row
+                it.tensors[tensor_key("text")] = row
             if null:
                 empty = _rows(*enc.prompts.encode_t2i([""]))[0]
                 for it in t2i:
-                    it.tensors["null"] = empty
+                    it.tensors[tensor_key("null")] = empty
         for size in sorted({s for it in chunk for s in it.images}):
             group = [it for it in chunk if size in it.images]
-            name = size_name(size)
             targets = torch.stack([it.images[size][0] for it in group]).to(device)
             for it, lat in zip(group, enc.codec.encode(to_unit_range(targets))):
-                it.tensors[f"target@{name}"] = lat
+                it.tensors[tensor_key("target", size)] = lat
             edits = [it for it in group if it.edit]
             if not edits:
                 continue
             sources = [it.images[size][1] for it in edits]
             for it, lat in zip(edits, enc.codec.encode(to_unit_range(torch.stack(sources).to(device)))):
-                it.tensors[f"source@{name}"] = lat
+                it.tensors[tensor_key("source", size)] = lat
             for it, row in zip(edits, _rows(*enc.prompts.encode_edit([it.prompt for it in edits], sources))):
-                it.tensors[f"text@{name}"] = row
+                it.tensors[tensor_key("text", size)] = row
             if null:
                 for it, row in zip(edits, _rows(*enc.prompts.encode_edit([""] * len(edits), sources))):
-                    it.tensors[f"null@{name}"] = row
+                    it.tensors[tensor_key("null", size)] = row
         for it in chunk:
-            tally.add("precompute", "edit" if it.edit else "t2i")
+            tally.add("precompute", "edit" if it.edit else Task.T2I.value)
             fields = {k: v for k, v in it.raw.items() if k != "__key__"}
             if not self.job.keep_images:
                 fields = {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS}
@@ -245,22 +242,21 @@ class PrecomputeProducer:
             yield Produced(it.raw["__key__"], fields, it.meta)
 
 
-def job_tag(job: PrecomputeJob):
-    from qwenimg_train.data.precomputed import PrecomputeTag
+def job_tag(job: PrecomputeJob) -> PrecomputeTag:
+    from qwenimg_train.models import get_family
 
-    return PrecomputeTag.for_model(job.pretrained_path, dtype=job.encoder_dtype,
+    return PrecomputeTag.for_model(job.pretrained_path, family=get_family(job.family), dtype=job.encoder_dtype,
                                    max_sequence_length=job.max_sequence_length, bucket_sets=job.bucket_names(),
                                    null_prompts=job.null_prompts)
 
 
 def run(job: PrecomputeJob) -> dict[str, Any]:
-    from qwenimg_train.models.qwen_image.model import check_checkpoint_folder
+    from qwenimg_train.models import get_family
 
+    family = get_family(job.family)
     if job.build_tiny:
-        from qwenimg_train.models.qwen_image.tiny import ensure_tiny_checkpoint
-
-        ensure_tiny_checkpoint(job.pretrained_path, pipeline_class="QwenImageEditPipeline")
-    check_checkpoint_folder(job.pretrained_path)
+        family.build_tiny(job.pretrained_path, variant="QwenImageEditPipeline")
+    family.check_folder(job.pretrained_path)
     prefix, paths = input_shards(job.in_dir)
     tag = job_tag(job)
     extra: dict[str, Any] = {"precompute": tag.to_dict(), "precomputed_from": str(Path(job.in_dir).resolve())}

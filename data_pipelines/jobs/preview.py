@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from data_pipelines.core.schema import IMAGE_EXTENSIONS, SampleMeta
+from data_pipelines.core.contact_sheet import Cell, label_font, paint_sheet
+from data_pipelines.core.schema import IMAGE_EXTENSIONS, SOURCE_IMAGE_PREFIX, SampleMeta
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, decode_rgb, parse_meta
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,6 @@ def shard_urls(path: str | Path) -> list[str]:
     return urls
 
 
-def _label_font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def run(job: PreviewJob) -> Path:
     return make_sheet(job)[0]
 
@@ -79,7 +73,7 @@ def make_sheet(job: PreviewJob) -> tuple[Path, dict[str, int]]:
                 raise BadSample("missing_member", "image or json member missing")
             meta = parse_meta(sample["json"])
             image = decode_rgb(sample[ext], MAX_IMAGE_PIXELS)
-            source = sample.get(f"src.{ext}")
+            source = sample.get(f"{SOURCE_IMAGE_PREFIX}.{ext}")
             source = decode_rgb(source, MAX_IMAGE_PIXELS) if source is not None else None
         except BadSample as bad:
             skipped[bad.reason] += 1
@@ -98,16 +92,10 @@ def make_sheet(job: PreviewJob) -> tuple[Path, dict[str, int]]:
             break
     if not thumbs:
         raise ValueError(f"no readable samples in {job.shards!r} (skipped: {dict(skipped) or 'none'})")
-    cols = min(job.columns, len(thumbs))
-    rows = (len(thumbs) + cols - 1) // cols
-    label_h = 18
-    sheet = Image.new("RGB", (cols * job.thumb_size, rows * (job.thumb_size + label_h)), (255, 255, 255))
-    for i, (thumb, label, colour) in enumerate(thumbs):
-        x, y = (i % cols) * job.thumb_size, (i // cols) * (job.thumb_size + label_h)
-        sheet.paste(thumb, (x, y))
-        draw = ImageDraw.Draw(sheet)
-        draw.rectangle([x, y + job.thumb_size, x + job.thumb_size - 1, y + job.thumb_size + label_h - 1], fill=colour)
-        draw.text((x + 4, y + job.thumb_size + 2), label, fill=(255, 255, 255), font=_label_font(12))
+    font = label_font(12)
+    cells = [Cell(thumb, [label], font, strip=colour) for thumb, label, colour in thumbs]
+    sheet = paint_sheet(cells, columns=min(job.columns, len(cells)), cell_size=(job.thumb_size, job.thumb_size),
+                        label_height=18, text_offset=(4, 2), text_fill=(255, 255, 255))
     out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
@@ -140,16 +128,6 @@ def _pair(source: Image.Image, target: Image.Image, meta: SampleMeta, size: int)
         if edit.get("region"):
             pts = [(i * half + x * scale, y * scale) for x, y in edit["region"]]
             ImageDraw.Draw(canvas).polygon(pts, outline=(255, 0, 0))
-    ImageDraw.Draw(canvas).text((4, half + 4), edit.get("instruction", "")[:60], fill=(0, 0, 0), font=_cjk_font(12))
+    ImageDraw.Draw(canvas).text((4, half + 4), edit.get("instruction", "")[:60], fill=(0, 0, 0), font=label_font(12))
     return canvas, f"{edit.get('type', 'edit')} · {meta.text_class}", CLASS_COLOURS.get(meta.text_class, (0, 0, 0))
 
-
-def _cjk_font(size: int):
-    """A font that can show the instruction (Chinese included), else Pillow's default."""
-    from data_pipelines.text.fonts import FontRegistry
-
-    try:
-        registry = FontRegistry.discover(include=["Sans CJK SC"])
-        return registry.font(registry.faces[0], size)
-    except ValueError:
-        return _label_font(size)

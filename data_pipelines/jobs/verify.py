@@ -1,6 +1,6 @@
 """`qwenimg-data --config-name verify`: OCR verification as a separate stage.
 
-OCR costs ~300x a render (DESIGN.md), so a job may render with `ocr=disabled` and
+OCR costs ~300x a render (docs/data.md), so a job may render with `ocr=disabled` and
 verify later, on other machines: this stage reads a shard folder, reads every
 sample back with the recogniser, writes the samples that pass to a new folder
 under the same shard names (image and caption bytes untouched, metadata with the

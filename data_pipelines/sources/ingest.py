@@ -75,7 +75,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageFile, ImageOps
 
-from data_pipelines.core.sharded import Produced, ShardedJob, Tally, run_sharded
+from data_pipelines.core.sharded import JobSettings, Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.core.ocr import OcrEngine
 from data_pipelines.core.schema import (
     CAPTION_EXTENSION,
@@ -846,3 +846,37 @@ def run_ingest(
         manifest_extra={"source": source, "ingest": asdict(config), "config": resolved_config, "num_items": len(items)},
     )
     return run_sharded(job, IngestProducer(config, source, items=items))
+
+
+@dataclass
+class SourceJob(JobSettings):
+    """A source job's settings (design, natural): those of every sharded job
+    (data_pipelines.core.sharded.JobSettings) plus the ingest input. With `input` set
+    the job ingests existing images; without it, a procedural generator produces them."""
+
+    num_shards: int = 4
+    """Procedural mode only: ingest derives the shard count from the input."""
+    input: IngestConfig | None = None
+    """Ingest existing images (folder, jsonl, webdataset, anyword) instead of generating."""
+
+    RUN_ONLY = (*JobSettings.RUN_ONLY, "input")
+
+    def content_settings(self) -> dict[str, Any]:
+        d = super().content_settings()
+        d.get("ocr", {}).pop("threads", None)
+        return d
+
+    def _run(self, source: str, make_producer, producer, resolved_config) -> dict[str, Any]:
+        if self.input is not None:
+            return run_ingest(
+                self.input, source=source, out_dir=self.out_dir, workers=self.workers, node_rank=self.node_rank,
+                num_nodes=self.num_nodes, overwrite=self.overwrite, progress=self.progress, resolved_config=resolved_config,
+            )
+        return run_sharded(
+            self.sharded(
+                prefix=source,
+                make_producer=make_producer,
+                manifest_extra={"source": source, "config": resolved_config if resolved_config is not None else asdict(self)},
+            ),
+            producer(),
+        )

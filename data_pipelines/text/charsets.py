@@ -100,24 +100,3 @@ def _gb_level1_set() -> frozenset[str]:
 def _gb_level2_set() -> frozenset[str]:
     return frozenset(gb2312_level2())
 
-
-# Named sets for configs: `text.random_chars.<language>` picks from these.
-NAMED_SETS = {
-    "gb2312_level1": gb2312_level1,
-    "gb2312_level2": gb2312_level2,
-    "big5_level1": big5_level1,
-    "hiragana": hiragana,
-    "katakana": katakana,
-    "jis_level1_kanji": jis_level1_kanji,
-    "jis_level2_kanji": jis_level2_kanji,
-    "ksx1001_hangul": ksx1001_hangul,
-    "latin": lambda: LATIN_LETTERS,
-    "digits": lambda: DIGITS,
-}
-
-
-def named_set(name: str) -> str:
-    try:
-        return NAMED_SETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown character set {name!r}; known: {sorted(NAMED_SETS)}") from None

@@ -15,23 +15,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from data_pipelines.core.schema import TextClass
+from data_pipelines.core.geometry import check_size, parse_bucket
+from data_pipelines.core.schema import Source, Task, TextClass
 
-SOURCES = ("design", "synthetic", "natural")
-TASKS = ("t2i", "ti2i", "i2i")
+SOURCES = (Source.DESIGN.value, Source.SYNTHETIC.value, Source.NATURAL.value)
+TASKS = tuple(t.value for t in Task)
+# Tasks drawn from the edit-pair shards (the `edit` source).
+PAIR_TASKS = (Task.TI2I.value, Task.I2I.value)
+EDIT_SOURCE = Source.EDIT.value
 # Stage fields a curriculum may also set once for all its stages (null: each stage's own).
 SHARED_FIELDS = ("source_weights", "task_mix")
-# Image side lengths must be multiples of the latent patch: the VAE downsamples 8x
-# and the transformer packs 2x2 latent patches into one token (REFERENCE.md).
-LATENT_PATCH = 16
-
-
-def _parse_bucket(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bucket {text!r} is not WIDTHxHEIGHT (e.g. 640x384)") from None
-    return w, h
 
 
 @dataclass
@@ -48,7 +41,8 @@ class Stage:
     """Square training resolution in pixels, when `buckets` is not set."""
     buckets: list[str] | None = None
     """Aspect-ratio buckets "WxH" (each batch holds one bucket); overrides `resolution`."""
-    task_mix: dict[str, float] = field(default_factory=lambda: {"t2i": 0.8, "ti2i": 0.1, "i2i": 0.1})
+    task_mix: dict[str, float] = field(default_factory=lambda: {Task.T2I.value: 0.8, Task.TI2I.value: 0.1,
+                                                                Task.I2I.value: 0.1})
     """Task weights: t2i (text to image), ti2i (editing pairs), i2i (reconstruction)."""
     lr_scale: float = 1.0
     """Multiplies the optimizer's learning rate while the stage is active."""
@@ -82,11 +76,7 @@ class Stage:
         if sum(self.task_mix.values()) <= 0:
             raise ValueError(f"{where}: task_mix must have a positive sum, got {self.task_mix}")
         for w, h in self.sizes():
-            if w % LATENT_PATCH or h % LATENT_PATCH or w <= 0 or h <= 0:
-                raise ValueError(
-                    f"{where}: resolution {w}x{h} is not a positive multiple of {LATENT_PATCH} "
-                    f"(8x VAE downsampling times the 2x2 latent patch); try {_round16(w)}x{_round16(h)}"
-                )
+            check_size(w, h, f"{where}: ", suggest=True)
         if self.lr_scale <= 0:
             raise ValueError(f"{where}: lr_scale = {self.lr_scale} must be > 0")
         if not 0 <= self.caption_dropout < 1:
@@ -95,14 +85,26 @@ class Stage:
     def sizes(self) -> list[tuple[int, int]]:
         """The stage's image sizes (width, height): its buckets, or one square."""
         if self.buckets:
-            return [_parse_bucket(b) for b in self.buckets]
+            return [parse_bucket(b) for b in self.buckets]
         if self.resolution is None:
             raise ValueError(f"stage {self.name!r}: set resolution or buckets")
         return [(self.resolution, self.resolution)]
 
+    @property
+    def pair_weight(self) -> float:
+        """The task-mix weight of the tasks drawn from edit pairs (TI2I and I2I)."""
+        return sum(self.task_mix.get(t, 0.0) for t in PAIR_TASKS)
 
-def _round16(v: int) -> int:
-    return max(LATENT_PATCH, int(round(v / LATENT_PATCH)) * LATENT_PATCH)
+    @property
+    def needs_edit_pairs(self) -> bool:
+        """Whether the stage draws TI2I or I2I samples, so reads the edit-pair shards."""
+        return self.pair_weight > 0
+
+    def reads(self, source: str) -> bool:
+        """Whether the stage draws from `source` (a T2I source by weight, or the edit pairs)."""
+        if source == EDIT_SOURCE:
+            return self.needs_edit_pairs
+        return self.source_weights.get(source, 0) > 0
 
 
 @dataclass
@@ -145,6 +147,15 @@ class Curriculum:
         items = [dict(item, **shared) for item in items]
         stages = [from_mapping(Stage, item, f"curriculum.stages[{i}]") for i, item in enumerate(items)]
         return cls(name=str(cfg.get("name", "curriculum")), stages=stages)
+
+    @property
+    def required_sources(self) -> set[str]:
+        """The sources some stage reads: those with a positive weight in any stage, and
+        `edit` when any stage needs edit pairs."""
+        needed = {n for s in self.stages for n, w in s.source_weights.items() if w > 0}
+        if any(s.needs_edit_pairs for s in self.stages):
+            needed.add(EDIT_SOURCE)
+        return needed
 
     # --- steps -------------------------------------------------------------------------
 
@@ -194,9 +205,9 @@ class Curriculum:
                         f"stage {stage.name!r}: source {source!r} has no sample of text class "
                         f"{' or '.join(stage.text_classes)} (its manifest counts {dict(counts)})"
                     )
-            pair_weight = sum(stage.task_mix.get(t, 0.0) for t in ("ti2i", "i2i"))
-            if pair_weight > 0:
-                edit = manifests.get("edit")
+            if stage.needs_edit_pairs:
+                pair_weight = stage.pair_weight
+                edit = manifests.get(EDIT_SOURCE)
                 if edit is None or not edit.get("num_samples"):
                     raise ValueError(
                         f"stage {stage.name!r}: task_mix gives TI2I/I2I weight {pair_weight} but there are no "

@@ -1,4 +1,4 @@
-"""Lightning glue for the curriculum: the stage-aware data module and the stage callback.
+"""Lightning glue for the curriculum: the stage-aware data module.
 
 Each curriculum stage is one Lightning epoch. The data module's `train_dataloader`
 (reloaded every epoch) builds the stream of the stage that contains the current
@@ -9,25 +9,21 @@ from its global step: the stage follows from the step, and the stage's stream sk
 the batches the run already trained on (`StageStream.skip_batches`), so it continues
 with exactly the batches an uninterrupted run would have seen.
 
-The callback logs `curriculum/stage` (index), `curriculum/step_in_stage` and
-`data/skipped/<reason>` every step, reports stage changes, and keeps the stage in
-the checkpoint to detect a curriculum that changed between a run and its resume.
-A stage's `caption_dropout` is applied by its stream; its `lr_scale` by the
-module's scheduler through `CurriculumDataModule.lr_scale_at` (a LambdaLR factor).
+The stage callback (qwenimg_train.training.callbacks.curriculum) logs the stage and
+keeps it in checkpoints. A stage's `caption_dropout` is applied by its stream; its
+`lr_scale` by the module's scheduler through `CurriculumDataModule.lr_scale_at` (a
+LambdaLR factor).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Mapping
+from typing import Mapping
 
 import lightning.pytorch as pl
 import torch
 
 from qwenimg_train.data.curriculum import Curriculum
 from qwenimg_train.data.loader import MAX_IMAGE_PIXELS, SourceShards, StageStream
-
-log = logging.getLogger(__name__)
 
 
 class CurriculumDataModule(pl.LightningDataModule):
@@ -63,9 +59,7 @@ class CurriculumDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         # Only the sources some stage draws from must exist: a configured folder that
         # no stage uses (natural, at weight 0 by default) may be absent.
-        needed = {n for s in self.curriculum.stages for n, w in s.source_weights.items() if w > 0}
-        if any(s.task_mix.get(t, 0) > 0 for s in self.curriculum.stages for t in ("ti2i", "i2i")):
-            needed.add("edit")
+        needed = self.curriculum.required_sources
         self.sources = {}
         for name, path in self.source_dirs.items():
             if name not in needed:
@@ -81,7 +75,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         encode (`expected`, a PrecomputeTag), at every bucket set a stage trains at, with
         the empty-prompt encodings a stage with caption dropout needs. Called before
         training starts; an error names the folder, both tags and the fix."""
-        from qwenimg_train.data.precomputed import PrecomputeTag
+        from data_pipelines.core.precomputed import PrecomputeTag
 
         if not self.sources:  # train() has read the manifests already
             self.setup()
@@ -90,20 +84,13 @@ class CurriculumDataModule(pl.LightningDataModule):
             tag = PrecomputeTag.from_manifest(source.manifest, where)
             tag.check_against(expected, where)
             for stage in self.curriculum.stages:
-                reads = stage.source_weights.get(name, 0) > 0 or (
-                    name == "edit" and stage.task_mix.get("ti2i", 0) + stage.task_mix.get("i2i", 0) > 0)
-                if not reads:
+                if not stage.reads(name):
                     continue
                 tag.check_buckets(stage.name, stage.sizes(), where)
                 if stage.caption_dropout > 0 and not tag.null_prompts:
                     raise ValueError(f"stage {stage.name!r} has caption_dropout {stage.caption_dropout}, but {where} "
                                      "was precomputed with null_prompts=false: precompute with null_prompts=true "
                                      "or set the stage's caption_dropout to 0")
-
-    def current_stage(self):
-        """The stage active at the trainer's global step."""
-        step = self.trainer.global_step if self.trainer is not None else 0
-        return self.curriculum.stages[self.stage_at(step)[0]]
 
     def lr_scale_at(self, step: int) -> float:
         """The learning-rate multiplier of the stage active at `step`.
@@ -144,52 +131,8 @@ class CurriculumDataModule(pl.LightningDataModule):
             num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
             max_image_pixels=self.max_image_pixels,
         )
-        from qwenimg_train.training.checkpointing import ignore_sigterm
+        from qwenimg_train.training.callbacks.graceful_stop import ignore_sigterm
 
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                            worker_init_fn=ignore_sigterm if self.num_workers else None)
 
-
-class CurriculumCallback(pl.Callback):
-    """Logs the active stage every step and keeps it in checkpoints."""
-
-    def __init__(self, datamodule: CurriculumDataModule):
-        self.datamodule = datamodule
-        self.stage_index: int | None = None
-        self.restored: dict[str, Any] | None = None
-        self.skipped: dict[int, dict[str, int]] = {}  # latest cumulative counts per loader worker
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        index, start, _ = self.datamodule.stage_at(trainer.global_step)
-        if index != self.stage_index:
-            stage = self.datamodule.curriculum.stages[index]
-            log.info("curriculum: stage %d (%s) from step %d", index, stage.name, trainer.global_step)
-            self.stage_index = index
-        pl_module.log("curriculum/stage", float(index), on_step=True, on_epoch=False, batch_size=len(batch))
-        pl_module.log("curriculum/step_in_stage", float(trainer.global_step - start), on_step=True, on_epoch=False,
-                      batch_size=len(batch))
-        # data/skipped/<reason>: bad samples skipped so far in this stage, summed over workers.
-        self.skipped[batch.worker] = batch.skipped
-        totals: dict[str, int] = {}
-        for counts in self.skipped.values():
-            for reason, n in counts.items():
-                totals[reason] = totals.get(reason, 0) + n
-        for reason, n in totals.items():
-            pl_module.log(f"data/skipped/{reason}", float(n), on_step=True, on_epoch=False, batch_size=len(batch))
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.skipped = {}  # a new stage, a new stream: its workers count from zero
-
-    def state_dict(self) -> dict[str, Any]:
-        names = [s.name for s in self.datamodule.curriculum.stages]
-        return {"stage_index": self.stage_index, "stages": names, "curriculum": self.datamodule.curriculum.name}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.restored = dict(state_dict)
-        names = [s.name for s in self.datamodule.curriculum.stages]
-        if state_dict.get("stages") != names:
-            log.warning(
-                "resuming with another curriculum (%s, stages %s) than the checkpoint's (%s, stages %s): "
-                "the stage follows from the global step under the new one",
-                self.datamodule.curriculum.name, names, state_dict.get("curriculum"), state_dict.get("stages"),
-            )

@@ -51,25 +51,17 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from data_pipelines.core.schema import IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX
+from data_pipelines.core.images import decode_image, nearest_bucket
+from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
+from data_pipelines.core.precomputed import from_bytes, tensor_key
+from data_pipelines.core.schema import CAPTION_EXTENSION, IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX, Task
 from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
-from data_pipelines.core.untrusted import (
-    MAX_IMAGE_PIXELS,
-    BadSample,
-    check_key,
-    check_meta_fields,
-    image_reason,
-    load_json_object,
-    open_image,
-)
-from qwenimg_train.data.curriculum import SOURCES, Stage
-from qwenimg_train.data.precomputed import MEMBER as PRECOMPUTED_MEMBER
+from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, check_meta_fields, load_json_object
+from qwenimg_train.data.curriculum import EDIT_SOURCE, SOURCES, Stage
 
 log = logging.getLogger(__name__)
 
-EDIT_SOURCE = "edit"
 # A source whose samples the stage's filter refuses this many times in a row holds
 # (almost) none the stage allows: stop with an error instead of spinning forever.
 _MAX_CONSECUTIVE_REJECTS = 20_000
@@ -106,7 +98,7 @@ class SourceShards:
 
 @dataclass
 class EncodedBatch:
-    """A batch's encoder outputs, read from precomputed shards (qwenimg_train.data.precomputed)
+    """A batch's encoder outputs, read from precomputed shards (data_pipelines.core.precomputed)
     instead of running the VAE and Qwen2.5-VL: what `QwenImageModel.encode` would return
     before packing."""
 
@@ -122,8 +114,8 @@ class Batch:
 
     task: list[str]  # t2i | ti2i | i2i, per sample
     # uint8 RGB: a quarter of float32's bytes through pinned memory and the bus;
-    # the model side normalises on the device (`to_unit_range`). The tensors are
-    # BCHW views of channels-last memory (images are stacked as decoded, HWC).
+    # the model side normalises on the device (data_pipelines.core.images.to_unit_range).
+    # The tensors are BCHW views of channels-last memory (images are stacked as decoded, HWC).
     # None when the batch comes precomputed (`encoded`): no image is decoded then.
     target_bchw: torch.Tensor | None  # uint8 [B, 3, H, W]
     source_bchw: torch.Tensor | None  # uint8 [B, 3, H, W], zeros where has_source is False; None when no sample has one
@@ -210,51 +202,6 @@ def read_meta(sample: Mapping[str, Any], skips: _SkipCounter) -> dict | None:
     return meta
 
 
-def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    ratio = np.log(width / height)
-    return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
-
-
-def to_unit_range(images_bchw: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [-1, 1] (the VAE's input range), on whatever device they are."""
-    return images_bchw.float().div_(127.5).sub_(1.0)
-
-
-def decode_image(data: bytes, size: tuple[int, int], reduced: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Image bytes -> uint8 array [H, W, 3], covering `size` and centre-cropped.
-
-    Raises `BadSample` with its reason (empty, oversized, truncated, undecodable): the
-    header is checked against `max_pixels` before a pixel is decoded (decompression
-    bombs), and truncated files stay errors (data_pipelines.core.untrusted)."""
-    try:
-        return _decode(open_image(data, max_pixels), size, reduced)
-    except (BadSample, MemoryError):
-        raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
-        raise BadSample(image_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
-
-
-def _decode(opened: Image.Image, size: tuple[int, int], reduced: bool) -> np.ndarray:
-    tw, th = size
-    with opened as im:
-        if reduced and im.format == "JPEG":
-            # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 size when that still
-            # covers the target (3.2x a full decode + resize at 256², REFERENCE.md).
-            scale = max(tw / im.width, th / im.height)
-            im.draft("RGB", (int(im.width * scale + 0.5), int(im.height * scale + 0.5)))
-        # convert() copies even an RGB image; load() decodes in place.
-        if im.mode == "RGB":
-            im.load()
-        else:
-            im = im.convert("RGB")
-        if im.size != (tw, th):
-            scale = max(tw / im.width, th / im.height)
-            cw, ch = tw / scale, th / scale
-            x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
-            im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
-        return np.asarray(im, dtype=np.uint8)
-
-
 class StageStream(torch.utils.data.IterableDataset):
     """A stream of `Batch`es for one stage and one rank (its workers split it below):
     endless, or `num_batches` long (a curriculum stage's remaining batches).
@@ -289,7 +236,7 @@ class StageStream(torch.utils.data.IterableDataset):
         for name, weight in stage.source_weights.items():
             if weight > 0 and name not in sources:
                 raise ValueError(f"stage {stage.name!r} draws from {name!r} but no {name} shards were given")
-        if sum(stage.task_mix.get(t, 0) for t in ("ti2i", "i2i")) > 0 and EDIT_SOURCE not in sources:
+        if stage.needs_edit_pairs and EDIT_SOURCE not in sources:
             raise ValueError(f"stage {stage.name!r} has TI2I/I2I weight but no edit-pair shards were given")
         self.stage = stage
         self.stage_index = stage_index
@@ -398,11 +345,11 @@ class StageStream(torch.utils.data.IterableDataset):
         streams: dict[str, Iterator[dict]] = {}
         for k, name in enumerate(n for n in SOURCES if stage.source_weights.get(n, 0) > 0):
             streams[name] = self._samples(name, derive_seed(seed, "source", k), skips)
-        if stage.task_mix.get("ti2i", 0) > 0:
-            streams["ti2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "ti2i"), skips,
+        if stage.task_mix.get(Task.TI2I, 0) > 0:
+            streams[Task.TI2I.value] = self._samples(EDIT_SOURCE, derive_seed(seed, Task.TI2I.value), skips,
                                             select=lambda m: m.get("extra", {}).get("edit", {}).get("type") != "reconstruct")
-        if stage.task_mix.get("i2i", 0) > 0:
-            streams["i2i"] = self._samples(EDIT_SOURCE, derive_seed(seed, "i2i"), skips,
+        if stage.task_mix.get(Task.I2I, 0) > 0:
+            streams[Task.I2I.value] = self._samples(EDIT_SOURCE, derive_seed(seed, Task.I2I.value), skips,
                                            select=lambda m: m.get("extra", {}).get("edit", {}).get("type") == "reconstruct")
         tasks = Interleave(stage.task_mix, rng)
         t2i_sources = Interleave(stage.source_weights, rng)
@@ -420,7 +367,7 @@ class StageStream(torch.utils.data.IterableDataset):
         remaining = None if self.num_batches is None else mine(self.skip_batches + self.num_batches) - skip
         while remaining is None or remaining > 0:
             task = next(tasks)
-            name = next(t2i_sources) if task == "t2i" else task
+            name = next(t2i_sources) if task == Task.T2I else task
             sample = next(streams[name])
             item = self._item(sample, task, name, sizes, rng, skips, decode=skip == 0)
             if item is None:
@@ -446,16 +393,17 @@ class StageStream(torch.utils.data.IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         load = ((lambda data, size: decode_image(data, size, self.reduced_decode, self.max_image_pixels)) if decode
                 else (lambda data, size: None))
+        pair = task != Task.T2I  # an edit pair: instruction and source image
         encoded = None
         try:
             # width and height are positive ints: `admit` checked them.
             size = nearest_bucket(meta["width"], meta["height"], sizes)
-            members = [INSTRUCTION_EXTENSION if task != "t2i" else "txt"]
+            members = [INSTRUCTION_EXTENSION if pair else CAPTION_EXTENSION]
             if self.precomputed:
                 members.append(PRECOMPUTED_MEMBER)
             else:
                 members += [ext] if ext is not None else ["jpg|png"]
-                if task != "t2i":
+                if pair:
                     members.append(f"{SOURCE_IMAGE_PREFIX}.{ext}")
             missing = [m for m in members if m not in sample]
             if missing:
@@ -466,10 +414,10 @@ class StageStream(torch.utils.data.IterableDataset):
                 raise BadSample("bad_caption", str(exc)) from None
             target = source = None
             if self.precomputed:
-                encoded = read_precomputed(sample[PRECOMPUTED_MEMBER]) if decode else {}
+                encoded = from_bytes(sample[PRECOMPUTED_MEMBER]) if decode else {}
             else:
                 target = load(sample[ext], size)
-                if task != "t2i":
+                if pair:
                     source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
         except BadSample as bad:  # undecodable image, missing member, ...: counted, not fatal
             skips.skip(bad.reason, f"{where}: {bad.detail}")
@@ -481,23 +429,22 @@ class StageStream(torch.utils.data.IterableDataset):
         if dropped:
             prompt = ""
         if encoded:  # the tensors of this sample's bucket, as the online encoder would give them
-            suffix = f"@{size[0]}x{size[1]}"
-            text = ("null" if dropped else "text") + ("" if task == "t2i" else suffix)
+            text = tensor_key("null" if dropped else "text", size if pair else None)
             try:
-                encoded = {"target": encoded["target" + suffix], "text": encoded[text],
-                           "source": encoded["source" + suffix] if task != "t2i" else None}
+                encoded = {"target": encoded[tensor_key("target", size)], "text": encoded[text],
+                           "source": encoded[tensor_key("source", size)] if pair else None}
             except KeyError as exc:
                 # The tag check at start-up makes this a shard that differs from its manifest.
                 raise ValueError(f"{where}: precomputed tensors lack {exc.args[0]!r} (has {sorted(encoded)}); "
                                  "the shard does not match its manifest's precompute tag: precompute it again") from None
         return {
             "task": task, "target": target, "source_img": source, "prompt": prompt, "key": sample["__key__"],
-            "source": name if task == "t2i" else EDIT_SOURCE, "text_class": meta.get("text_class", ""), "size": size,
+            "source": EDIT_SOURCE if pair else name, "text_class": meta.get("text_class", ""), "size": size,
             "encoded": encoded,
         }
 
     def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
-        has_source = torch.tensor([it["task"] != "t2i" for it in items])
+        has_source = torch.tensor([it["task"] != Task.T2I for it in items])
         target = source = encoded = None
         if self.precomputed:
             encoded = collate_encoded([it["encoded"] for it in items])
@@ -514,12 +461,6 @@ class StageStream(torch.utils.data.IterableDataset):
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
             worker=self._worker()[0], encoded=encoded,
         )
-
-
-def read_precomputed(data: bytes) -> dict[str, torch.Tensor]:
-    from qwenimg_train.data.precomputed import from_bytes
-
-    return from_bytes(data)
 
 
 def collate_encoded(items: list[dict[str, torch.Tensor | None]]) -> EncodedBatch:

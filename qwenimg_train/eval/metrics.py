@@ -250,11 +250,6 @@ def flat_metrics(aggregates: dict[str, Any], prefix: str = "eval") -> dict[str, 
 # --- report ----------------------------------------------------------------------------
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of a proportion p measured on n independent prompts: sqrt(p(1-p)/n)."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
-
-
 def _cell(summary: dict[str, Any], metric: str) -> str:
     if metric not in summary:
         return "–"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 import warnings
 import zlib
@@ -29,16 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-import hydra
-from omegaconf import DictConfig
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
-from data_pipelines.core.config import from_mapping, to_plain, user_errors_exit
+from data_pipelines.core.contact_sheet import Cell, label_font, paint_sheet
+from data_pipelines.core.geometry import PIXELS_PER_TOKEN, is_valid_side
 from data_pipelines.core.ocr import OcrEngine
 from qwenimg_train.eval.metrics import aggregate, flat_metrics, score_image, write_report
 from qwenimg_train.eval.suites import EDIT_SUITES, SMALL_LIMIT, SUITES, Record, load_suites, reference_image, suite_names
-from qwenimg_train.training.train import config_dir
 
 log = logging.getLogger("qwenimg-eval")
 
@@ -102,25 +99,9 @@ class PipelineGenerator:
                         **sampling: Any) -> "PipelineGenerator":
         """Both pipelines over one set of components loaded from a diffusers folder; the
         edit pipeline only when the folder has `processor/` (Qwen-Image-Edit layouts)."""
-        import torch
-        from diffusers import QwenImageEditPipeline, QwenImagePipeline
+        from qwenimg_train.eval.pipeline import load_pipelines
 
-        from qwenimg_train.models.qwen_image.encoding import load_processor
-        from qwenimg_train.models.qwen_image.model import DTYPES, check_checkpoint_folder
-
-        folder = check_checkpoint_folder(folder)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype = {dtype!r}; use auto or one of {sorted(DTYPES)}")
-        t2i = QwenImagePipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype]).to(device)
-        edit = None
-        if (folder / "processor").is_dir():
-            # One copy of the weights: the edit pipeline shares the T2I pipeline's modules.
-            edit = QwenImageEditPipeline(scheduler=t2i.scheduler, vae=t2i.vae, text_encoder=t2i.text_encoder,
-                                         tokenizer=t2i.tokenizer, processor=load_processor(folder),
-                                         transformer=t2i.transformer)
+        t2i, edit = load_pipelines(folder, device=device, dtype=dtype)
         return cls(t2i=t2i, edit=edit, **sampling)
 
     def __call__(self, prompts: list[str], sources: list[Image.Image] | None, seeds: list[int]) -> list[Image.Image]:
@@ -149,8 +130,9 @@ class PipelineGenerator:
 def check_sampling(*, steps: int, resolution: int) -> None:
     if steps < 1:
         raise ValueError(f"steps = {steps} must be >= 1")
-    if resolution < 16 or resolution % 16:
-        raise ValueError(f"resolution = {resolution} must be a positive multiple of 16 (VAE 8x, 2x2 patches)")
+    if not is_valid_side(resolution):
+        raise ValueError(f"resolution = {resolution} must be a positive multiple of {PIXELS_PER_TOKEN} "
+                         "(VAE 8x, 2x2 patches)")
 
 
 # --- the evaluation loop ----------------------------------------------------------------
@@ -315,30 +297,18 @@ def write_grid(items: Sequence[tuple[Record, Image.Image, Image.Image | None, di
                columns: int = 8) -> Path:
     """A contact sheet: each tile the generated image (edits: source | result), labelled
     with the expected text and its character accuracy."""
-    from qwenimg_train.eval.suites import _renderer
-
-    fonts = _renderer().fonts
-    label_h = 22
     pair = any(src is not None for _, _, src, _ in items)
-    tile_w = GRID_TILE * (2 if pair else 1)
-    columns = min(columns, len(items))
-    rows = -(-len(items) // columns)
-    sheet = Image.new("RGB", (columns * tile_w, rows * (GRID_TILE + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (record, image, source, scores) in enumerate(items):
-        x, y = (i % columns) * tile_w, (i // columns) * (GRID_TILE + label_h)
-        if source is not None:
-            sheet.paste(source.resize((GRID_TILE, GRID_TILE)), (x, y))
-            sheet.paste(image.resize((GRID_TILE, GRID_TILE)), (x + GRID_TILE, y))
-        else:
-            sheet.paste(image.resize((GRID_TILE, GRID_TILE)), (x, y))
+    font = label_font(14)
+    cells = []
+    for record, image, source, scores in items:
+        tiles = [im.resize((GRID_TILE, GRID_TILE)) for im in (source, image) if im is not None]
+        tile = Image.new("RGB", (GRID_TILE * len(tiles), GRID_TILE))
+        for k, im in enumerate(tiles):
+            tile.paste(im, (k * GRID_TILE, 0))
         text = record.text.replace("\n", " / ")
-        label = f"{text[:24]}{'…' if len(text) > 24 else ''}  {scores['char_accuracy']:.2f}"
-        try:
-            face = fonts.choose(label, record.language, random.Random(0), bold=False)
-            draw.text((x + 4, y + GRID_TILE + 3), label, font=fonts.font(face, 14), fill=(0, 0, 0))
-        except ValueError:  # no face covers the label: leave the tile unlabelled
-            pass
+        cells.append(Cell(tile, [f"{text[:24]}{'…' if len(text) > 24 else ''}  {scores['char_accuracy']:.2f}"], font))
+    sheet = paint_sheet(cells, columns=min(columns, len(items)), cell_size=(GRID_TILE * (2 if pair else 1), GRID_TILE),
+                        label_height=22, text_offset=(4, 3))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
@@ -404,24 +374,7 @@ def run(job: EvalJob) -> dict[str, Any]:
                     progress=job.progress, config={"job": asdict(job)})
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def _main(cfg: DictConfig) -> None:
-    from omegaconf.errors import MissingMandatoryValue
-
-    with user_errors_exit(log):
-        try:
-            plain = {k: v for k, v in to_plain(cfg).items() if k != "hydra"}
-        except MissingMandatoryValue as exc:
-            raise ValueError(f"{exc.full_key} is required: qwenimg-eval {exc.full_key}=<diffusers folder>") from None
-        doc = run(from_mapping(EvalJob, plain, "eval"))
-    overall = doc["aggregates"]["overall"]
-    print(f"{doc['config']['prompts']} prompts: " + ", ".join(
-        f"{m} {overall[m]:.3f}" for m in ("char_accuracy", "word_accuracy", "ned_score", "edit_success") if m in overall))
-
-
-def main() -> None:
-    _main()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import evaluate as main
+
     main()

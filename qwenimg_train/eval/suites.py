@@ -76,7 +76,7 @@ SUITES: dict[str, SuiteInfo] = {
 EDIT_SUITES = tuple(name for name, info in SUITES.items() if info.kind == "edit")
 CHARS_PER_LEVEL = 50
 # Characters of the seeded candidate order that the judge (rapidocr's PP-OCR model in
-# the wheel) misreads on a clean reference render (`calibrate_characters`): left out,
+# the wheel) misreads on a clean reference render (`qwenimg_train.eval.calibrate`): left out,
 # so that a character suite measures the model, not the judge. Measured rate: see
 # docs/evaluation.md.
 JUDGE_UNREADABLE = "槠讧锔懑麈缳蹩嬲镢馊潲"
@@ -255,34 +255,6 @@ def candidate_characters(level: int, seed: int = SEED) -> list[str]:
     return random.Random(f"{seed}/gb2312_level{level}").sample(chars, len(chars))
 
 
-def calibrate_characters(level: int, count: int = CHARS_PER_LEVEL, seed: int = SEED,
-                         sizes: Sequence[int] = (256, 512)) -> tuple[list[str], int]:
-    """The candidates (in suite order) that the judge misreads on a clean reference render
-    at any of `sizes`, checked until `count` readable ones are found; and how many were checked.
-
-    Their union over both levels is `JUDGE_UNREADABLE` (run `python -m qwenimg_train.eval.suites
-    --calibrate` after changing the seed, the fonts or the OCR model).
-    """
-    from data_pipelines.core.ocr import OcrEngine
-    from qwenimg_train.eval.metrics import score_image
-
-    ocr = OcrEngine()
-    unreadable, readable, checked = [], 0, 0
-    for ch in candidate_characters(level, seed):
-        if readable == count:
-            break
-        checked += 1
-        # The id the suite will give it: the reference render's face depends on it.
-        suite = f"zh_char_l{level}"
-        record = Record(id=f"{suite}_{readable:03d}", suite=suite, language="zh-Hans", prompt="", text=ch,
-                        lines=[ch], level=level)
-        if all(score_image(ocr, reference_image(record, (s, s)), record)["exact"] == 1.0 for s in sizes):
-            readable += 1
-        else:
-            unreadable.append(ch)
-    return unreadable, checked
-
-
 def build_suites(seed: int = SEED) -> dict[str, list[Record]]:
     """Every suite's records, in file order (deterministic in `seed`)."""
     suites: dict[str, list[Record]] = {name: [] for name in SUITES}
@@ -457,19 +429,9 @@ def reference_image(record: Record, size: tuple[int, int] = (512, 512), *, which
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the evaluation suites (JSON Lines) from build_suites().")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="print the characters the judge misreads (the value of JUDGE_UNREADABLE) and exit")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / SUITES_PACKAGE_DIR),
                         help="folder (default: the package's eval_suites/)")
     args = parser.parse_args(argv)
-    if args.calibrate:
-        found = ""
-        for level in (1, 2):
-            unreadable, checked = calibrate_characters(level)
-            print(f"level {level}: {len(unreadable)} of {checked} candidates misread: {''.join(unreadable)}")
-            found += "".join(unreadable)
-        print(f'JUDGE_UNREADABLE = "{found}"')
-        return
     for path in write_suites(args.out):
         print(path)
 

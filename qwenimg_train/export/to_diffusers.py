@@ -30,14 +30,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from data_pipelines.core.config import from_mapping, user_errors_exit
+from typing import Any
+
+from qwenimg_train.config.schema import saved_model_config
+from qwenimg_train.models import get_family
 from qwenimg_train.models.lora import LoraSettings, apply_lora, is_lora_key, merge_lora, save_adapter
-from qwenimg_train.models.qwen_image.model import DTYPES, check_checkpoint_folder, load_transformer
-from qwenimg_train.training.train import config_dir
+from qwenimg_train.models.weights import DTYPES
+from qwenimg_train.parallel.sharding import consolidate_zero_checkpoint, load_transformer
 
 log = logging.getLogger("qwenimg-export")
 
@@ -108,10 +109,10 @@ def export_mode(lora: str, settings: LoraSettings | None) -> str:
     return "adapter" if lora == "auto" else lora
 
 
-def merged_transformer(base: Path, state: dict[str, torch.Tensor], settings: LoraSettings,
-                       zero_cond_t: bool | None):
+def merged_transformer(family, base: Path, state: dict[str, torch.Tensor], settings: LoraSettings,
+                       overrides: dict[str, Any]):
     """The base folder's transformer with the adapter `state` folded into its weights."""
-    transformer = load_transformer(base, zero_cond_t=zero_cond_t)
+    transformer = load_transformer(family.transformer_class(), base / "transformer", overrides)
     apply_lora(transformer, settings)
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     missing = [k for k in missing if is_lora_key(k)]
@@ -138,14 +139,10 @@ def load_training_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     if not (path / "latest").is_file():
         raise ValueError(f"checkpoint = {str(path)!r} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
-
     from qwenimg_train.training.callbacks.ema import consolidate_shards
 
-    tag = (path / "latest").read_text().strip()
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
-    checkpoint = torch.load(get_model_state_file(str(path / tag), 3), map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state_dict.items()}
+    state_dict, checkpoint = consolidate_zero_checkpoint(path)
+    checkpoint["state_dict"] = state_dict
     ema = checkpoint.get("callbacks", {}).get("ema")
     if ema and ema.get("sharded"):
         checkpoint["callbacks"]["ema"] = {"shadow": consolidate_shards(path), "updates": ema.get("updates")}
@@ -153,17 +150,19 @@ def load_training_checkpoint(path: Path) -> dict:
 
 
 def export(job: ExportJob) -> Path:
-    from diffusers import QwenImageTransformer2DModel
-
     ckpt_path = Path(job.checkpoint)
     if not ckpt_path.exists():
         raise ValueError(f"checkpoint = {job.checkpoint!r} does not exist")
     checkpoint = load_training_checkpoint(ckpt_path)
-    config = checkpoint.get("qwenimg_config") or {}
-    lora_cfg = config.get("model", {}).get("lora")
-    settings = from_mapping(LoraSettings, lora_cfg, "model.lora") if lora_cfg is not None else None
+    if not checkpoint.get("qwenimg_config"):
+        raise ValueError(f"checkpoint = {job.checkpoint!r} carries no run config (qwenimg_config): it was not "
+                         "written by qwenimg-train")
+    model_cfg = saved_model_config(checkpoint["qwenimg_config"])
+    family = get_family(model_cfg.family)
+    settings = model_cfg.lora
     mode = export_mode(job.lora, settings)
-    base = job.base_path or config.get("model", {}).get("pretrained_path")
+    base = job.base_path or model_cfg.pretrained_path
+    overrides = family.transformer_overrides(model_cfg.options())
     record = {"checkpoint": str(ckpt_path), "weights": job.weights, "global_step": checkpoint.get("global_step"),
               "base_path": str(base) if base is not None else None, "dtype": job.dtype, "lora": mode}
     dtype = DTYPES[job.dtype]
@@ -173,10 +172,9 @@ def export(job: ExportJob) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if mode == "adapter":
         # The adapter alone: the base folder is not needed (nor read) to write it.
-        zero_cond_t = config.get("model", {}).get("zero_cond_t")
-        if zero_cond_t is not None:
-            log.warning("the run set model.zero_cond_t=%s, which a LoRA file cannot carry: load the base transformer "
-                        "with zero_cond_t=%s, or export lora=merged", zero_cond_t, zero_cond_t)
+        if overrides:
+            log.warning("the run set %s, which a LoRA file cannot carry: load the base transformer with the same, "
+                        "or export lora=merged", ", ".join(f"model.{k}={v}" for k, v in overrides.items()))
         state = {k: v.to(dtype) for k, v in lora_state(checkpoint, job.weights).items()}
         tmp.mkdir(parents=True)
         save_adapter(tmp, state, settings)
@@ -184,17 +182,14 @@ def export(job: ExportJob) -> Path:
     else:
         if base is None:
             raise ValueError("the checkpoint does not name its base model: pass base_path=<diffusers folder>")
-        base = check_checkpoint_folder(base)
-        zero_cond_t = config.get("model", {}).get("zero_cond_t")
+        base = family.check_folder(base)
         if mode == "merged":
-            transformer = merged_transformer(base, lora_state(checkpoint, job.weights), settings, zero_cond_t)
+            transformer = merged_transformer(family, base, lora_state(checkpoint, job.weights), settings, overrides)
             record["lora_settings"] = dataclasses.asdict(settings)
         else:
             state = transformer_state(checkpoint, job.weights)
-            transformer_config = QwenImageTransformer2DModel.load_config(base / "transformer")
-            if zero_cond_t is not None:
-                transformer_config["zero_cond_t"] = zero_cond_t
-            transformer = QwenImageTransformer2DModel.from_config(transformer_config)
+            cls = family.transformer_class()
+            transformer = cls.from_config(dict(cls.load_config(base / "transformer"), **overrides))
             missing, unexpected = transformer.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ValueError(f"checkpoint does not match the base transformer: missing {missing[:4]}, "
@@ -214,17 +209,7 @@ def export(job: ExportJob) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
-def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        plain = {k: v for k, v in dict(cfg).items() if k != "hydra"}
-        out = export(from_mapping(ExportJob, plain, "export"))
-    print(out)
-
-
-def main() -> None:
-    _main()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import export as main
+
     main()

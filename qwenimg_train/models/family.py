@@ -29,6 +29,8 @@ class ModelFamily(Protocol):
     """The `qwenimg-plan` preset of the released model (qwenimg_train.tools.plan.PRESETS)."""
     tiny_variants: tuple[str, ...]
     """What `build_tiny(path, variant=...)` can build (its model_index pipeline class)."""
+    max_sequence_length: int
+    """The longest prompt (tokens after the template prefix) its pipelines encode."""
 
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""
@@ -38,6 +40,12 @@ class ModelFamily(Protocol):
 
     def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int) -> Any:
         """The frozen encoders (VAE, vision-language encoder, tokenizer, processor)."""
+
+    def transformer_class(self) -> type:
+        """The diffusers transformer class of its checkpoints."""
+
+    def transformer_overrides(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Config entries of the transformer that the model options (`ModelConfig.options()`) override."""
 
     def build_model(self, path: str | Path, encoders: Any, *, options: Mapping[str, Any],
                     load_transformer: Callable[[type, Path, dict[str, Any]], "torch.nn.Module"]) -> "torch.nn.Module":

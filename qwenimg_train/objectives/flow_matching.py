@@ -134,13 +134,6 @@ def per_sample_loss(
     return loss if weights_b is None else loss * weights_b
 
 
-def caption_dropout_mask(batch_size: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """True where the prompt is replaced by the empty prompt (classifier-free guidance)."""
-    if not 0 <= p < 1:
-        raise ValueError(f"caption dropout {p} must lie in [0, 1)")
-    return torch.rand(batch_size, generator=generator) < p
-
-
 def flow_matching_loss(
     denoise,
     x0_bnc: torch.Tensor,

@@ -8,20 +8,20 @@
   gloo: the tests and the memory benchmark run the real partitioning. It is chosen
   only when the accelerator is the CPU.
 
-This is the one place that knows about DeepSpeed; model and objective code never
-import it. `load_weights` loads a state dict into a module whose parameters ZeRO-3
-partitioned at construction (gathering one parameter at a time).
+This package is the one place that knows about DeepSpeed; model and objective code
+never import it. What depends on ZeRO-3's partitioned parameters (building and loading
+a model under it, a parameter's real shape, a rank's shard) is in `sharding.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from typing import Any, Mapping
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+from qwenimg_train.parallel import deepspeed_compat
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
         reset_seed()
         self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        deepspeed_compat.init_distributed(self)
 
     @property
     def root_device(self) -> torch.device:
@@ -52,44 +52,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         return torch.device("cpu", 0)
 
     def _get_process_group_backend(self) -> str:
-        return self._process_group_backend or "gloo"
+        return deepspeed_compat.process_group_backend(self) or "gloo"
 
     def _setup_model_and_optimizer(self, *args, **kwargs):
-        with _fp32_master_shares_partition():
+        with deepspeed_compat.fp32_master_shares_partition():
             return super()._setup_model_and_optimizer(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _fp32_master_shares_partition():
-    """Let ZeRO-3's fp32 master weights be the fp32 parameter partition itself.
-
-    DeepSpeed 0.19 means to skip the master copy when the partition already has the
-    master dtype and device, but compares a torch.device with the device *string*
-    (always unequal), so fp32 training keeps a second fp32 copy of every partition:
-    16 instead of 12 bytes per parameter and rank (benchmarks/bench_zero.py; fixed
-    upstream by deepspeedai/DeepSpeed#7651). While the optimizer is built, the
-    comparison sees a torch.device.
-    """
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    original = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
-
-    def create(optimizer):
-        device = optimizer.device
-        optimizer.device = torch.device(device)
-        try:
-            return original(optimizer)
-        finally:
-            optimizer.device = device
-
-    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create
-    try:
-        yield
-    finally:
-        DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = original
-
-
-def ddp(*, accelerator: str = "auto", find_unused_parameters: bool = True, **kwargs: Any) -> Strategy:
+def ddp(*, find_unused_parameters: bool = True, **kwargs: Any) -> Strategy:
     """DDP. `find_unused_parameters` defaults on: the last MMDiT block's text-stream MLP
     feeds nothing (diffusers discards the text stream after the last block), so those
     parameters get no gradient, and DDP without it stops with an error."""
@@ -128,57 +98,3 @@ def optimizer_step_skipped(trainer) -> bool:
     seen = getattr(engine, "_qwenimg_skipped_seen", 0)
     engine._qwenimg_skipped_seen = count
     return count > seen
-
-
-def _partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-def sharded_init_active() -> bool:
-    """Whether modules built now are partitioned at construction (deepspeed.zero.Init)."""
-    if "deepspeed" not in sys.modules:
-        return False
-    import deepspeed.runtime.zero.partition_parameters as partition
-
-    return bool(partition.zero_init_context)
-
-
-def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, rank: int = 0) -> None:
-    """`module.load_state_dict(state_dict, strict=True)`, also when ZeRO-3 partitioned
-    the module's parameters: each is gathered in turn, filled on rank 0 and
-    re-partitioned (deepspeed.zero.GatheredParameters with modifier_rank=0), so no rank
-    ever holds more than one full parameter beyond its shard."""
-    params = dict(module.named_parameters())
-    expected = set(module.state_dict().keys())
-    buffers = {k: b for k, b in module.named_buffers() if k in expected}
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if not any(_partitioned(p) for p in params.values()):
-        module.load_state_dict(state_dict, strict=True)
-        return
-    import deepspeed
-
-    for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                param.data.copy_(state_dict[name].to(param.dtype))
-    with torch.no_grad():
-        for name, buf in buffers.items():
-            buf.copy_(state_dict[name])
-
-
-def zero_parameters(params: list[torch.Tensor], *, rank: int = 0) -> None:
-    """Set parameters to zero, also when ZeRO-3 partitioned them (gathered in turn)."""
-    if not any(_partitioned(p) for p in params):
-        with torch.no_grad():
-            for p in params:
-                p.zero_()
-        return
-    import deepspeed
-
-    for p in params:
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if rank == 0:
-                p.data.zero_()

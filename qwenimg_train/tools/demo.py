@@ -7,8 +7,8 @@ samples and two edits through the export with `qwenimg_train.tools.sample` (diff
 `QwenImagePipeline` and `QwenImageEditPipeline`: the proof that the export is a
 working diffusers folder) into `samples/` (images, `grid.png`, `samples.json`), and
 writes `summary.json` at the root: steps and loss per stage and task, throughput, the
-OCR scores of `eval/ocr.json` (qwenimg-eval runs before), timings and paths (DESIGN.md,
-interface contract). `qwenimg-report` runs after it and draws `report/`. The tiny model is trained for minutes on
+OCR scores of `eval/ocr.json` (qwenimg-eval runs before), timings and paths (the
+`outputs/demo/` contract in README.md). `qwenimg-report` runs after it and draws `report/`. The tiny model is trained for minutes on
 random initialisation: its images are noise with colour, not text; the grid shows the
 path works, not quality.
 """

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_pipelines.core.geometry import PIXELS_PER_TOKEN, floor_side, image_tokens, is_valid_side
+
 log = logging.getLogger("qwenimg-plan")
 
 GiB = 2**30
@@ -40,7 +42,6 @@ ENCODER_MODES = ("precomputed", "resident")
 GPU_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0}
 MAX_PROMPT_TOKENS = 1024  # the released pipelines' cap after the template drop
 T2I_DROP, EDIT_DROP = 34, 64  # template tokens the encoder sees and the pipelines drop
-LATENT_PATCH_PIXELS = 16  # VAE 8x, then 2x2 packing: an HxW image gives (H/16)(W/16) tokens
 EDIT_VL_AREA = 384 * 384  # the edit pipelines resize the source to ~384² for Qwen2.5-VL
 SECONDS_PER_DAY = 86_400
 
@@ -321,14 +322,14 @@ class PlanConfig:
                 sides = []
         else:
             sides = []
-        if len(sides) != 2 or min(sides) < 16:
+        if len(sides) != 2 or min(sides) < PIXELS_PER_TOKEN:
             raise ValueError(f"resolution = {value!r}: give a side in pixels (resolution=1024) or HxW "
-                             "(resolution=1328x800), at least 16")
+                             f"(resolution=1328x800), at least {PIXELS_PER_TOKEN}")
         for side in sides:
-            if side % LATENT_PATCH_PIXELS:
-                lo = side // LATENT_PATCH_PIXELS * LATENT_PATCH_PIXELS
-                raise ValueError(f"resolution = {value!r}: {side} is not a multiple of 16 (VAE 8x, then 2x2 "
-                                 f"patches); use {max(lo, 16)} or {lo + 16}")
+            if not is_valid_side(side):
+                lo = floor_side(side)
+                raise ValueError(f"resolution = {value!r}: {side} is not a multiple of {PIXELS_PER_TOKEN} (VAE 8x, "
+                                 f"then 2x2 patches); use {max(lo, PIXELS_PER_TOKEN)} or {lo + PIXELS_PER_TOKEN}")
         return sides[0], sides[1]
 
     @property
@@ -341,11 +342,6 @@ class PlanConfig:
 
 
 # ------------------------------------------------------------------ the model
-
-
-def image_tokens(height: int, width: int) -> int:
-    """Packed latent tokens of an HxW image: (H/16)(W/16) (REFERENCE.md)."""
-    return (height // LATENT_PATCH_PIXELS) * (width // LATENT_PATCH_PIXELS)
 
 
 def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_len: int, dtype_bytes: int,
@@ -697,42 +693,7 @@ def run(mapping: dict[str, Any]) -> str:
     return format_fit_table(config, rows, table.max_nodes)
 
 
-def _hydra_main():
-    """The Hydra app over configs/plan.yaml. The YAML is registered in Hydra's ConfigStore
-    rather than found on configs/ as a search path: there `model` is the training config
-    group (configs/model/), and `model=qwen_image` would be taken as a group override."""
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import DictConfig, OmegaConf
-
-    from data_pipelines.core.config import to_plain, user_errors_exit
-    from qwenimg_train.training.train import config_dir
-
-    store = ConfigStore.instance()
-    store.store(name="plan", node=OmegaConf.load(Path(config_dir()) / "plan.yaml"))
-    # Log lines (user errors above all) to stderr, so stdout is the plan alone; and no
-    # plan.log file in the working directory, which Hydra's default job logging writes.
-    store.store(group="hydra/job_logging", name="stderr", node={
-        "version": 1,
-        "formatters": {"simple": {"format": "[%(name)s][%(levelname)s] - %(message)s"}},
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple",
-                                 "stream": "ext://sys.stderr"}},
-        "root": {"level": "INFO", "handlers": ["console"]},
-        "disable_existing_loggers": False,
-    })
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="plan")
-    def _main(cfg: DictConfig) -> None:
-        with user_errors_exit(log):
-            plain = {k: v for k, v in to_plain(cfg).items() if k != "hydra"}
-            print(run(plain))
-
-    return _main
-
-
-def main() -> None:
-    _hydra_main()()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import plan as main
+
     main()

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from data_pipelines.core.geometry import PIXELS_PER_TOKEN
+
 
 def peak_allocated(fn: Callable[[], object]) -> tuple[int, int]:
     """(peak, net) bytes allocated on the CPU while `fn()` runs, relative to its start."""
@@ -69,7 +71,7 @@ def measure_step(transformer, *, batch: int, height: int, width: int, text_len: 
 
     config = transformer.config
     dtype = next(transformer.parameters()).dtype
-    rows, cols = height // 16, width // 16
+    rows, cols = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN  # the packed token grid
     shapes = [[(1, rows, cols)] + ([(1, rows, cols)] if edit else []) for _ in range(batch)]
     image_len = rows * cols * (2 if edit else 1)
     generator = torch.Generator().manual_seed(seed)

@@ -36,16 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig
-
-from data_pipelines.core.config import from_mapping, user_errors_exit
-from qwenimg_train.tools.sample import job_mapping
-from qwenimg_train.training.train import config_dir
+from data_pipelines.core.schema import Task
+from qwenimg_train.config.schema import TrainConfig, load_run_config
 
 log = logging.getLogger("qwenimg-report")
 
-TASKS = ("t2i", "ti2i", "i2i")
+TASKS = tuple(t.value for t in Task)
 STAGE_PREFIX = "train/loss/stage/"
 SIGMA_PREFIX = "train/loss/sigma_"
 EVAL_PREFIX = "eval/"
@@ -86,7 +82,7 @@ class RunLogs:
     series: dict[str, Series]
     segments: list[Segment]
     summary: dict[str, Any] | None
-    config: dict[str, Any] | None
+    config: TrainConfig | None
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,14 +123,10 @@ def read_metrics(path: Path) -> dict[str, Series]:
     return {key: sorted(values.items()) for key, values in columns.items()}
 
 
-def stage_names(series: dict[str, Series], config: dict[str, Any] | None) -> dict[int, str]:
+def stage_names(series: dict[str, Series], config: TrainConfig | None) -> dict[int, str]:
     """Stage index -> name: from the steps where both the index and a per-stage loss were logged,
-    else from the order of the config's curriculum.stages."""
-    names: dict[int, str] = {}
-    stages_cfg = ((config or {}).get("curriculum") or {}).get("stages") or {}
-    items = stages_cfg.items() if isinstance(stages_cfg, dict) else enumerate(stages_cfg)
-    for i, (key, stage) in enumerate(items):
-        names[i] = str((stage or {}).get("name", key)) if isinstance(stage, dict) else str(key)
+    else from the order of the config's curriculum stages."""
+    names: dict[int, str] = {i: stage.name for i, stage in enumerate(config.curriculum.stages)} if config else {}
     index_at = dict(series.get("curriculum/stage", []))
     for key, points in series.items():
         if key.startswith(STAGE_PREFIX):
@@ -173,9 +165,7 @@ def read_run(run_dir: Path) -> RunLogs:
         notes.append("no summary.json (the run did not finish): the stage table is computed from metrics.csv")
     config = None
     if (run_dir / "config.yaml").is_file():
-        import yaml
-
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = load_run_config(run_dir)
     else:
         notes.append("no config.yaml: no config highlights")
     segments = stage_segments(series, stage_names(series, config))
@@ -430,45 +420,28 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def config_highlights(config: dict[str, Any]) -> list[list[Any]]:
+def config_highlights(config: TrainConfig) -> list[list[Any]]:
     """(setting, value) rows of what distinguishes one run from another."""
-    def get(*path, default=None):
-        node = config
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                return default
-            node = node[key]
-        return node
-
-    rows = [["model", get("model", "pretrained_path")]]
-    lora = get("model", "lora")
-    rows.append(["fine-tuning", f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}" if isinstance(lora, dict)
-                 else "full"])
-    stages = get("curriculum", "stages") or {}
-    if isinstance(stages, dict):
-        parts = []
-        shared_mix = get("curriculum", "task_mix")  # set: it replaced every stage's own (curriculum.py)
-        for key, stage in stages.items():
-            mix = ", ".join(f"{t} {w:g}" for t, w in (shared_mix or stage.get("task_mix") or {}).items() if w)
-            name, fraction, resolution = stage.get("name", key), stage.get("fraction", 0), stage.get("resolution")
-            parts.append(f"{name} ({fraction:.0%}, {resolution}px, {mix})")
-        rows.append(["curriculum", "; ".join(parts)])
-    rows.append(["optimizer", (f"AdamW lr {_fmt(get('optim', 'lr'))}, warm-up {get('optim', 'warmup_steps')}, "
-                               f"{get('optim', 'schedule')} to ×{get('optim', 'min_lr_ratio')}, "
-                               f"clip {get('optim', 'grad_clip')}")])
-    rows.append(["objective", (f"{get('objective', 'density')}, shift {get('objective', 'shift')}, "
-                               f"weighting {get('objective', 'weighting')}")])
-    rows.append(["batch", (f"{get('data', 'batch_size')} per device × accumulate "
-                           f"{get('trainer', 'accumulate_grad_batches', default=1)} × devices "
-                           f"{get('trainer', 'devices', default=1)} × nodes "
-                           f"{get('trainer', 'num_nodes', default=1)}")])
-    strategy = get("strategy")
-    strategy = strategy.get("_target_", "?").rsplit(".", 1)[-1] if isinstance(strategy, dict) else "auto"
-    rows.append(["trainer", (f"max_steps {get('trainer', 'max_steps')}, precision {get('trainer', 'precision')}, "
-                             f"accelerator {get('trainer', 'accelerator')}, strategy {strategy}")])
-    ema_cfg = get("callbacks", "ema")
-    rows.append(["EMA", f"decay {ema_cfg.get('decay')}" if isinstance(ema_cfg, dict) else "off"])
-    rows.append(["seed", get("seed")])
+    model, optim, objective, trainer = config.model, config.optim, config.objective, config.trainer
+    lora = model.lora
+    rows = [["model", model.pretrained_path],
+            ["fine-tuning", f"LoRA rank {lora.rank}, alpha {lora.alpha}" if lora is not None else "full"]]
+    parts = []
+    for stage in config.curriculum.stages:
+        mix = ", ".join(f"{t} {w:g}" for t, w in stage.task_mix.items() if w)
+        parts.append(f"{stage.name} ({stage.fraction:.0%}, {stage.resolution}px, {mix})")
+    rows.append(["curriculum", "; ".join(parts)])
+    rows.append(["optimizer", (f"AdamW lr {_fmt(optim.lr)}, warm-up {optim.warmup_steps}, "
+                               f"{optim.schedule} to ×{optim.min_lr_ratio}, clip {optim.grad_clip}")])
+    rows.append(["objective", f"{objective.density}, shift {objective.shift}, weighting {objective.weighting}"])
+    rows.append(["batch", (f"{config.data.batch_size} per device × accumulate {trainer.accumulate_grad_batches} × "
+                           f"devices {trainer.devices} × nodes {trainer.num_nodes}")])
+    strategy = config.strategy.get("_target_", "?").rsplit(".", 1)[-1] if config.strategy else "auto"
+    rows.append(["trainer", (f"max_steps {trainer.max_steps}, precision {trainer.precision}, "
+                             f"accelerator {trainer.accelerator}, strategy {strategy}")])
+    ema = config.callbacks.ema
+    rows.append(["EMA", f"decay {ema.decay}" if ema is not None else "off"])
+    rows.append(["seed", config.seed])
     return rows
 
 
@@ -674,16 +647,7 @@ def report(job: ReportJob) -> dict[str, Any]:
             "summary_md": str(out / "summary.md")}
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
-def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        result = report(from_mapping(ReportJob, job_mapping(cfg), "report"))
-    print(result["summary_md"])
-
-
-def main() -> None:
-    _main()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import report as main
+
     main()

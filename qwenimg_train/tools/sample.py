@@ -21,29 +21,25 @@ installed; the first 100 cells) and `samples.json` (prompt, seed, task, file per
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipelines.core.config import from_mapping, user_errors_exit
-from qwenimg_train.training.train import config_dir
+from data_pipelines.core.contact_sheet import Cell, label_font, paint_sheet, wrap
+from data_pipelines.core.geometry import PIXELS_PER_TOKEN, floor_side, is_valid_side
+
 
 log = logging.getLogger("qwenimg-sample")
 
-# The pipelines floor height and width to multiples of 2 × the VAE's 8× downsampling
-# (2×2 latent patches); sizes are checked here instead of being changed silently.
-SIZE_MULTIPLE = 16
+# The pipelines floor height and width to multiples of PIXELS_PER_TOKEN (16); sizes
+# are checked here instead of being changed silently.
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 JSONL_KEYS = {"prompt", "source_image", "seed"}
 GRID_MAX_CELLS = 100  # grid.png shows the first 100 cells (a 1000-prompt file would make a gigapixel sheet)
@@ -99,9 +95,9 @@ class SampleJob:
             raise ValueError(f"guidance = {self.guidance} must be >= 1 (1 turns classifier-free guidance off)")
         for name in ("resolution", "width", "height"):
             value = getattr(self, name)
-            if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
-                raise ValueError(f"{name} = {value} must be a positive multiple of {SIZE_MULTIPLE} "
-                                 f"(e.g. {max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)})")
+            if value is not None and not is_valid_side(value):
+                raise ValueError(f"{name} = {value} must be a positive multiple of {PIXELS_PER_TOKEN} "
+                                 f"(e.g. {max(PIXELS_PER_TOKEN, floor_side(value))})")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype = {self.dtype!r}; use one of {DTYPE_NAMES}")
         if self.columns is not None and self.columns < 1:
@@ -202,40 +198,6 @@ def _check_folder(checkpoint_dir: str, *, edits: bool, steps: int) -> Path:
     return path
 
 
-def _device_dtype(device: str, dtype: str):
-    import torch
-
-    from qwenimg_train.models.qwen_image.model import DTYPES
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, DTYPES[dtype]
-
-
-def load_pipelines(folder: Path, *, t2i: bool, edit: bool, device: str, dtype):
-    """(QwenImagePipeline or None, QwenImageEditPipeline or None) over one set of weights."""
-    from diffusers import QwenImageEditPipeline, QwenImagePipeline
-
-    from qwenimg_train.models.qwen_image.encoding import load_processor
-
-    edit_pipe = t2i_pipe = None
-    if edit:
-        # The processor is passed in: transformers 5 cannot build Qwen2VLProcessor
-        # without torchvision (encoding.load_processor falls back to an image-only one).
-        edit_pipe = QwenImageEditPipeline.from_pretrained(folder, processor=load_processor(folder), dtype=dtype)
-        edit_pipe.to(device)
-        edit_pipe.set_progress_bar_config(disable=True)
-    if t2i:
-        if edit_pipe is not None:
-            t2i_pipe = QwenImagePipeline(**{k: v for k, v in edit_pipe.components.items() if k != "processor"})
-        else:
-            t2i_pipe = QwenImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
-        t2i_pipe.set_progress_bar_config(disable=True)
-    return t2i_pipe, edit_pipe
-
-
 def output_size(job: SampleJob, source: Image.Image | None) -> tuple[int, int]:
     """(width, height) of one image: width/height if set, else from `resolution` (edits keep the source's aspect)."""
     if source is None:
@@ -251,58 +213,6 @@ def output_size(job: SampleJob, source: Image.Image | None) -> tuple[int, int]:
 # --- the grid -----------------------------------------------------------------------------
 
 
-@functools.cache
-def caption_font_file() -> tuple[str, int] | None:
-    """(file, face index) of a regular Noto Sans CJK face (else any CJK face) from fontconfig, or None."""
-    if shutil.which("fc-list") is None:
-        return None
-    out = subprocess.run(["fc-list", ":lang=zh", "-f", "%{file}\t%{index}\t%{style}\t%{family}\n"],
-                         capture_output=True, text=True, check=False).stdout
-    faces = [line.split("\t") for line in out.splitlines() if line.count("\t") == 3]
-    if not faces:
-        return None
-
-    def rank(face):
-        file, _, style, family = face
-        return ("Noto Sans CJK SC" not in family, "Sans CJK" not in family, "Regular" not in style, file)
-
-    file, index, _, _ = min(faces, key=rank)
-    return file, int(index)
-
-
-def caption_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    found = caption_font_file()
-    if found is not None:
-        try:
-            return ImageFont.truetype(found[0], size, index=found[1])
-        except OSError:
-            pass
-    return ImageFont.load_default(size)  # Latin only: CJK captions show as boxes
-
-
-def wrap(text: str, font, width: int, max_lines: int) -> list[str]:
-    """Greedy wrapping by characters (CJK has no spaces), breaking at a space where one is in the line."""
-    lines, line = [], ""
-    for ch in " ".join(text.split()):
-        if font.getlength(line + ch) <= width or not line:
-            line += ch
-            continue
-        cut = line.rfind(" ")
-        if ch != " " and cut > 0:
-            lines.append(line[:cut])
-            line = line[cut + 1:] + ch
-        else:
-            lines.append(line)
-            line = "" if ch == " " else ch
-    lines.append(line)
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and font.getlength(last + "…") > width:
-            last = last[:-1]
-        lines = lines[:max_lines - 1] + [last + "…"]
-    return lines
-
-
 def grid(cells: list[tuple[Image.Image, str | None]], *, columns: int | None = None, captions: bool = True,
          max_cell: int = 512, min_cell: int = 128) -> Image.Image:
     """Images in a grid of equal cells (each fitted and padded, its long side in [min_cell, max_cell]),
@@ -310,26 +220,19 @@ def grid(cells: list[tuple[Image.Image, str | None]], *, columns: int | None = N
     if not cells:
         raise ValueError("no images for a grid")
     columns = min(columns or math.ceil(math.sqrt(len(cells))), len(cells))
-    rows = math.ceil(len(cells) / columns)
     w = max(im.width for im, _ in cells)
     h = max(im.height for im, _ in cells)
     scale = min(max_cell / max(w, h), max(1.0, min_cell / max(w, h)))
     cell_w, cell_h = max(1, round(w * scale)), max(1, round(h * scale))
     font_size = max(10, cell_w // 18)
-    font = caption_font(font_size) if captions else None
+    font = label_font(font_size) if captions else None
     line_h = round(font_size * 1.3)
-    strip = 3 * line_h + 6 if captions else 0
-    pad = 4
-    sheet = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + strip + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, caption) in enumerate(cells):
-        x = pad + (i % columns) * (cell_w + pad)
-        y = pad + (i // columns) * (cell_h + strip + pad)
-        sheet.paste(ImageOps.pad(im.convert("RGB"), (cell_w, cell_h), color=(235, 235, 235)), (x, y))
-        if captions and caption:
-            for n, line in enumerate(wrap(caption, font, cell_w - 4, 3)):
-                draw.text((x + 2, y + cell_h + 3 + n * line_h), line, fill=(20, 20, 20), font=font)
-    return sheet
+    painted = [Cell(ImageOps.pad(im.convert("RGB"), (cell_w, cell_h), color=(235, 235, 235)),
+                    wrap(caption, font, cell_w - 4, 3) if captions and caption else (), font)
+               for im, caption in cells]
+    return paint_sheet(painted, columns=columns, cell_size=(cell_w, cell_h),
+                       label_height=3 * line_h + 6 if captions else 0, pad=4, text_offset=(2, 3),
+                       line_height=line_h, text_fill=(20, 20, 20))
 
 
 # --- sampling -----------------------------------------------------------------------------
@@ -352,9 +255,10 @@ def sample(job: SampleJob) -> dict[str, Any]:
     items = load_items(job)
     edits = any(item.source is not None for item in items)
     folder = _check_folder(job.checkpoint_dir, edits=edits, steps=job.steps)
-    device, dtype = _device_dtype(job.device, job.dtype)
-    t2i_pipe, edit_pipe = load_pipelines(folder, t2i=any(item.source is None for item in items), edit=edits,
-                                         device=device, dtype=dtype)
+    from qwenimg_train.eval.pipeline import load_pipelines, resolve_device
+
+    device, dtype = resolve_device(job.device, job.dtype)
+    t2i_pipe, edit_pipe = load_pipelines(folder, device=device, dtype=str(dtype).removeprefix("torch."), edit=edits)
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     guided = job.guidance > 1
@@ -411,16 +315,7 @@ def job_mapping(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="sample")
-def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        result = sample(from_mapping(SampleJob, job_mapping(cfg), "sample"))
-    print(Path(result["out_dir"]) / "samples.json")
-
-
-def main() -> None:
-    _main()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import sample as main
+
     main()

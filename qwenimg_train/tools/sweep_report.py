@@ -32,22 +32,15 @@ Definitions (docs/sweeps.md):
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig
-
-from data_pipelines.core.config import from_mapping, user_errors_exit
+from qwenimg_train.config.schema import load_run_config
 from qwenimg_train.tools.report import TASKS, _read_json, _table, ema, metrics_csv, read_metrics
-from qwenimg_train.tools.sample import job_mapping
-from qwenimg_train.training.train import config_dir
 
 log = logging.getLogger("qwenimg-sweep-report")
 
@@ -195,9 +188,12 @@ def _window_mean(points: list[tuple[int, float]], first_step: int) -> float | No
 def read_job(num: int, folder: Path, overrides: list[str], final_window: float) -> JobRun:
     job = JobRun(num=num, folder=str(folder), overrides=overrides)
     summary = _read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
-    config_path = folder / "config.yaml" if (folder / "config.yaml").is_file() else folder / ".hydra" / "config.yaml"
-    config = (_yaml(config_path) or {}) if config_path.is_file() else {}
-    job.max_steps = _int_or_none((config.get("trainer") or {}).get("max_steps"))
+    if (folder / "config.yaml").is_file():  # written by train() once the config validated
+        job.max_steps = load_run_config(folder).trainer.max_steps
+    elif (folder / ".hydra" / "config.yaml").is_file():
+        # A job that failed before its config validated: Hydra's copy, read as far as it goes.
+        config = _yaml(folder / ".hydra" / "config.yaml") or {}
+        job.max_steps = _int_or_none((config.get("trainer") or {}).get("max_steps"))
     series = None
     if (folder / "logs").is_dir():
         try:
@@ -484,21 +480,7 @@ def sweep_report(job: SweepReportJob) -> dict[str, Any]:
             "plots": [str(out / p) for p in plots], "rows": rows}
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="sweep_report")
-def _main(cfg: DictConfig) -> None:
-    with user_errors_exit(log):
-        result = sweep_report(from_mapping(SweepReportJob, job_mapping(cfg), "sweep_report"))
-    print(result["markdown"])
-
-
-def main() -> None:
-    # `qwenimg-sweep-report SWEEP_DIR` as a shorthand for `sweep_dir=SWEEP_DIR` (quoted: a path
-    # may hold characters Hydra's override grammar reads, such as commas).
-    if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
-        escaped = sys.argv[1].replace("\\", "\\\\").replace("'", "\\'")
-        sys.argv[1] = f"sweep_dir='{escaped}'"
-    _main()
-
-
 if __name__ == "__main__":
+    from qwenimg_train.cli import sweep_report as main
+
     main()

@@ -7,15 +7,12 @@
       -> model.denoise       the transformer over target (+ source) tokens
       -> per-sample loss     logged per task, σ bucket and stage; the mean is optimised
 
-The optimizer is AdamW (no weight decay on biases and norm weights) with linear warm-up
-then cosine decay or a constant rate, multiplied by the curriculum stage's `lr_scale`.
+The optimizer and its schedule are built in `optim.py`; throughput and the run summary
+are a callback (`callbacks/run_summary.py`).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -24,49 +21,8 @@ import torch
 from data_pipelines.core.shards import derive_seed
 from qwenimg_train.data.curriculum import TASKS
 from qwenimg_train.data.loader import Batch
-from qwenimg_train.models.qwen_image.model import QwenImageModel
 from qwenimg_train.objectives.flow_matching import FlowMatching, flow_matching_loss
-
-SCHEDULES = ("cosine", "constant")
-
-
-@dataclass
-class Optim:
-    """AdamW and its schedule (configs/optim/)."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    """Applied to matrices only; biases and norm weights are not decayed."""
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer steps."""
-    schedule: str = "cosine"
-    """After warm-up: cosine decay to `min_lr_ratio`·lr at the last step, or constant."""
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    """Gradient-norm clipping (passed to the Trainer as gradient_clip_val)."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr = {self.lr} must be > 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule = {self.schedule!r}; use one of {SCHEDULES}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps = {self.warmup_steps} must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio = {self.min_lr_ratio} must lie in [0, 1]")
-        self.betas = tuple(self.betas)
-
-    def factor(self, step: int, total_steps: int) -> float:
-        """The schedule's multiplier of `lr` at optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - self.warmup_steps - 1)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from qwenimg_train.training.optim import Optim, build_optimizer
 
 
 class QwenImageModule(pl.LightningModule):
@@ -78,11 +34,11 @@ class QwenImageModule(pl.LightningModule):
     drew, with no RNG state to save.
     """
 
-    def __init__(self, *, model: QwenImageModel | Callable[[int], QwenImageModel], objective: FlowMatching,
+    def __init__(self, *, model: torch.nn.Module | Callable[[int], torch.nn.Module], objective: FlowMatching,
                  optim: Optim, lr_scale: Callable[[int], float] | None = None, config: dict[str, Any] | None = None,
                  seed: int = 0):
         super().__init__()
-        if isinstance(model, QwenImageModel):
+        if isinstance(model, torch.nn.Module):
             self.model, self._factory = model, None
         else:
             self.model, self._factory = None, model
@@ -142,17 +98,8 @@ class QwenImageModule(pl.LightningModule):
         }
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                # A ZeRO-3 partitioned parameter is a flat shard; ds_shape is its real shape.
-                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": self.optim.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 1
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: self.optim.factor(step, total) * self.lr_scale(step))
+        optimizer, schedule = build_optimizer(self.parameters(), self.optim, total_steps=total, lr_scale=self.lr_scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -179,65 +126,3 @@ class QwenImageModule(pl.LightningModule):
     def _frozen_parameter_names(self) -> list[str]:
         return [k for k, v in self.state_dict(keep_vars=True).items()
                 if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
-
-
-class RunSummary(pl.Callback):
-    """Throughput (`perf/samples_per_s`, `perf/tokens_per_s`) and the run's summary.
-
-    Lightning's ThroughputMonitor needs FLOP counts and a device with a known peak to
-    be useful and logs under its own names; this is the few lines the run needs.
-    `summary()` gives steps, mean loss per stage and per stage × task, and throughput;
-    `train()` writes it to `<output_dir>/summary.json`.
-    """
-
-    def __init__(self):
-        self.stages: dict[str, dict[str, Any]] = {}
-        self._t0: float | None = None
-        self._fit_start: float | None = None
-        self.samples = 0
-        self.tokens = 0
-        self.timed = 0.0
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = pl_module.last_step_stats
-        if not stats or self._t0 is None:
-            return
-        elapsed = time.perf_counter() - self._t0
-        self.samples += stats["samples"]
-        self.tokens += stats["tokens"]
-        self.timed += elapsed
-        pl_module.log_dict({"perf/samples_per_s": stats["samples"] / elapsed, "perf/tokens_per_s": stats["tokens"] / elapsed},
-                           on_step=True, on_epoch=False, batch_size=1)
-        stage = self.stages.setdefault(stats["stage"], {"steps": 0, "loss_sum": 0.0, "tasks": {}})
-        stage["steps"] += 1
-        stage["loss_sum"] += stats["loss"]
-        for task, (total, count) in stats["by_task"].items():
-            t = stage["tasks"].setdefault(task, [0.0, 0])
-            t[0] += total
-            t[1] += count
-
-    def summary(self, trainer) -> dict[str, Any]:
-        stages = {
-            name: {
-                "steps": s["steps"],
-                "loss": s["loss_sum"] / max(1, s["steps"]),
-                "loss_by_task": {t: total / count for t, (total, count) in sorted(s["tasks"].items())},
-                "samples_by_task": {t: count for t, (_, count) in sorted(s["tasks"].items())},
-            }
-            for name, s in self.stages.items()
-        }
-        return {
-            "global_step": trainer.global_step,
-            "stages": stages,
-            "throughput": {
-                "samples_per_s": self.samples / self.timed if self.timed else None,
-                "tokens_per_s": self.tokens / self.timed if self.timed else None,
-            },
-            "fit_seconds": time.perf_counter() - self._fit_start if self._fit_start else None,
-        }

@@ -92,7 +92,7 @@ if os.environ.get("QWENIMG_FAULT_SIGNAL"):
 
         _torch_io._atomic_save = _dying_save
     elif point == "stage_switch":
-        from qwenimg_train.data.loader import datamodule as _cl
+        from qwenimg_train.data import datamodule as _cl
 
         _real_loader = _cl.CurriculumDataModule.train_dataloader
 

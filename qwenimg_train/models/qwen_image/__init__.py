@@ -20,6 +20,12 @@ class QwenImageFamily:
     planner_preset = "qwen_image"
     tiny_variants = ("QwenImagePipeline", "QwenImageEditPipeline")
 
+    @property
+    def max_sequence_length(self) -> int:
+        from qwenimg_train.models.qwen_image.encoding import MAX_SEQUENCE_LENGTH
+
+        return MAX_SEQUENCE_LENGTH
+
     def check_folder(self, path: str | Path) -> Path:
         from qwenimg_train.models.qwen_image.model import check_checkpoint_folder
 
@@ -35,19 +41,24 @@ class QwenImageFamily:
 
         return load_encoders(path, dtype=dtype, max_sequence_length=max_sequence_length)
 
-    def build_model(self, path: str | Path, encoders, *, options: Mapping[str, Any],
-                    load_transformer: Callable):
+    def transformer_class(self) -> type:
         from diffusers import QwenImageTransformer2DModel
 
+        return QwenImageTransformer2DModel
+
+    def build_model(self, path: str | Path, encoders, *, options: Mapping[str, Any],
+                    load_transformer: Callable):
         from qwenimg_train.models.qwen_image.model import QwenImageModel
 
         folder = self.check_folder(path) / "transformer"
-        zero_cond_t = options.get("zero_cond_t")
-        overrides = {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
-        transformer = load_transformer(QwenImageTransformer2DModel, folder, overrides)
+        transformer = load_transformer(self.transformer_class(), folder, self.transformer_overrides(options))
         return QwenImageModel(transformer, encoders, edit_fusion=options.get("edit_fusion", "none"),
                               gradient_checkpointing=options.get("gradient_checkpointing", False),
                               lora=options.get("lora"))
+
+    def transformer_overrides(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        zero_cond_t = options.get("zero_cond_t")
+        return {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
 
     def prompt_fingerprint(self) -> str:
         from qwenimg_train.models.qwen_image.encoding import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE

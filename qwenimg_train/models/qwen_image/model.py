@@ -23,24 +23,24 @@ sharding strategy.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from qwenimg_train.data.loader import Batch, to_unit_range
+from data_pipelines.core.images import to_unit_range
+from qwenimg_train.data.loader import Batch
 from qwenimg_train.models.qwen_image.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
 from qwenimg_train.models.lora import LoraSettings, apply_lora
+from qwenimg_train.models.weights import DTYPES
 from qwenimg_train.models.qwen_image.transformer import EditFusionGate, forward_mixed, install_mixed_batch_attention
 
 log = logging.getLogger(__name__)
 
 EDIT_FUSIONS = ("none", "gated")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -136,7 +136,7 @@ def load_encoders(path: str | Path, *, dtype: str = "float32", max_sequence_leng
     torch_dtype = _dtype(dtype)
     processor = load_processor(path) if (path / "processor").is_dir() else None
     return FrozenEncoders(
-        vae=AutoencoderKLQwenImage.from_pretrained(path / "vae", torch_dtype=torch_dtype),
+        vae=AutoencoderKLQwenImage.from_pretrained(path / "vae", dtype=torch_dtype),
         text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=torch_dtype),
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
         processor=processor,
@@ -150,7 +150,7 @@ def load_transformer(path: str | Path, *, zero_cond_t: bool | None = None):
 
     path = check_checkpoint_folder(path)
     kwargs = {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
-    return QwenImageTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=torch.float32, **kwargs)
+    return QwenImageTransformer2DModel.from_pretrained(path / "transformer", dtype=torch.float32, **kwargs)
 
 
 class QwenImageModel(nn.Module):
@@ -250,38 +250,3 @@ class QwenImageModel(nn.Module):
             image_mask_bl=image_mask, fusion=self.fusion, source_mask_bl=source_mask,
         )
         return out[:, :n]
-
-
-class _SafetensorsWeights(Mapping):
-    """name -> tensor of a diffusers weights folder, read on access (one file or the
-    shards of an index), so a sharded load holds one tensor at a time."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        index = folder / "diffusion_pytorch_model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            single = folder / "diffusion_pytorch_model.safetensors"
-            if not single.is_file():
-                raise ValueError(f"{str(folder)!r} holds no diffusion_pytorch_model.safetensors[.index.json]")
-            with safe_open(single, framework="pt") as f:
-                weight_map = {k: single.name for k in f.keys()}
-        self.folder = folder
-        self.weight_map = weight_map
-        self._open = safe_open
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with self._open(self.folder / self.weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self):
-        return iter(self.weight_map)
-
-    def __len__(self) -> int:
-        return len(self.weight_map)
-
-
-def read_transformer_weights(folder: str | Path) -> Mapping:
-    return _SafetensorsWeights(Path(folder))

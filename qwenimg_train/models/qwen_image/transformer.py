@@ -37,6 +37,8 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenImageTransformer2DModel,
 )
 
+from qwenimg_train import compat
+
 ImageShapes = Sequence[Sequence[tuple[int, int, int]]]  # per sample: [(frames, rows, cols) of target, sources...]
 
 
@@ -51,12 +53,12 @@ def sample_rotary(
     """
     if not isinstance(pos_embed, QwenEmbedRope):
         raise TypeError(f"mixed batches need QwenEmbedRope; this transformer has {type(pos_embed).__name__}")
-    pos_freqs, _ = pos_embed._get_device_freqs(device)
+    pos_freqs, _ = compat.rope_device_freqs(pos_embed, device)
     image_freqs, text_freqs = [], []
     for shapes in img_shapes:
         parts, max_index = [], 0
         for frame_index, (frames, rows, cols) in enumerate(shapes):
-            parts.append(pos_embed._compute_video_freqs(frames, rows, cols, frame_index, device))
+            parts.append(compat.rope_video_freqs(pos_embed, frames, rows, cols, frame_index, device))
             max_index = max(max_index, rows // 2, cols // 2) if pos_embed.scale_rope else max(max_index, rows, cols)
         freqs = torch.cat(parts)
         if freqs.shape[0] > image_len:
@@ -210,8 +212,8 @@ def forward_mixed(
     kwargs = {"image_mask": image_mask_bl.bool()}
     for block in transformer.transformer_blocks:
         if torch.is_grad_enabled() and transformer.gradient_checkpointing:
-            text, hidden = transformer._gradient_checkpointing_func(
-                block, hidden, text, text_mask, temb, rotary, kwargs, modulate_index)
+            text, hidden = compat.checkpointed_block(
+                transformer, block, hidden, text, text_mask, temb, rotary, kwargs, modulate_index)
         else:
             text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=text_mask,
                                  temb=temb, image_rotary_emb=rotary, joint_attention_kwargs=kwargs,

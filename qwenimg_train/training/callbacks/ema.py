@@ -21,6 +21,8 @@ from typing import Any, Iterable
 import lightning.pytorch as pl
 import torch
 
+from qwenimg_train.parallel.sharding import is_sharded, local_shard, parameter_shape
+
 
 class EMA:
     """The update rule over named tensors."""
@@ -60,12 +62,8 @@ class EMA:
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the trainable parameters; under ZeRO-3 each rank's local flat
-    shard (`ds_tensor`), so the EMA is partitioned exactly like the weights."""
-    return [(n, getattr(p, "ds_tensor", p)) for n, p in module.named_parameters() if p.requires_grad]
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_tensor") for p in module.parameters())
+    shard, so the EMA is partitioned exactly like the weights."""
+    return [(n, local_shard(p)) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def shard_file(checkpoint_dir: str | Path, rank: int) -> Path:
@@ -115,9 +113,9 @@ class EMACallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.params = _trainable(pl_module)  # walked once: named_parameters() per step costs ~0.5 ms
         self.ema = EMA(self.params, decay=self.decay, warmup=self.warmup)
-        self.sharded = _is_sharded(pl_module)
+        self.sharded = is_sharded(pl_module)
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
-        self.shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in pl_module.named_parameters()
+        self.shapes = {n: list(parameter_shape(p)) for n, p in pl_module.named_parameters()
                        if p.requires_grad}
         if self._pending is not None and not self._pending.get("sharded"):
             self.ema.load_state_dict(self._pending)

@@ -30,7 +30,7 @@ class OcrEvalCallback(pl.Callback):
     def __init__(self, *, output_dir: str, scheduler_dir: str, every_n_steps: int | None = 1000,
                  stage_end: bool = True, suites: str | Sequence[str] = "all", limit: int = 2,
                  resolution: int = 512, steps: int = 20, guidance: float = 4.0, seed: int = 0,
-                 stage_ending_at: Callable[[int], int | None] | None = None):
+                 stage_ending_at: Callable[[int], int | None] | None = None, family: str = "qwen_image"):
         from qwenimg_train.eval.runner import check_sampling
         from qwenimg_train.eval.suites import suite_names
 
@@ -40,6 +40,9 @@ class OcrEvalCallback(pl.Callback):
             raise ValueError(f"callbacks.ocr_eval.limit = {limit} must be >= 1")
         check_sampling(steps=steps, resolution=resolution)
         suite_names(suites)  # unknown names fail now, not at the first evaluation
+        from qwenimg_train.models import get_family
+
+        self.family = get_family(family)
         self.output_dir = Path(output_dir)
         self.scheduler_dir = scheduler_dir
         self.every_n_steps = every_n_steps
@@ -69,16 +72,15 @@ class OcrEvalCallback(pl.Callback):
         self.run(trainer, pl_module, step)
 
     def _generator(self, pl_module):
-        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImagePipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from qwenimg_train.eval.pipeline import pipelines_around
         from qwenimg_train.eval.runner import PipelineGenerator
 
         model, enc = pl_module.model, pl_module.model.encoders
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.scheduler_dir)
-        parts = dict(scheduler=scheduler, vae=enc.vae, text_encoder=enc.text_encoder, tokenizer=enc.tokenizer,
-                     transformer=model.transformer)
-        t2i = QwenImagePipeline(**parts)
-        edit = QwenImageEditPipeline(**parts, processor=enc.processor) if enc.processor is not None else None
+        t2i, edit = pipelines_around(self.family, scheduler=scheduler, vae=enc.vae, text_encoder=enc.text_encoder,
+                                     tokenizer=enc.tokenizer, transformer=model.transformer, processor=enc.processor)
         return PipelineGenerator(t2i=t2i, edit=edit, steps=self.steps, guidance=self.guidance,
                                  resolution=self.resolution)
 

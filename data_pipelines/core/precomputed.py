@@ -16,41 +16,55 @@ shard cannot run code), holding for every bucket set `b` of the job:
     null@<W>x<H>      the same for the empty prompt (caption dropout)               [T0, D]
 
 keyed by the bucket the loader would pick for the sample in that bucket set (the
-nearest aspect ratio, `qwenimg_train.data.loader.nearest_bucket`). T2I samples carry no
-source, and their text does not depend on the bucket, so it is stored once, under
+nearest aspect ratio, `data_pipelines.core.images.nearest_bucket`). T2I samples carry
+no source, and their text does not depend on the bucket, so it is stored once, under
 `text` / `null`. Edit samples' text does (the source image goes through the vision
-tower at the bucket size), hence the per-bucket keys. Text rows hold only real
-tokens; the loader pads and masks them, as the online encoder does.
+tower at the bucket size), hence the per-bucket keys (`tensor_key` names them all).
+Text rows hold only real tokens; the loader pads and masks them, as the online
+encoder does.
 
 The tag (`PrecomputeTag`) names what made the tensors: content fingerprints of the
-text encoder (with its tokenizer and processor) and of the VAE, a hash of the prompt
-templates and their drop counts, the sequence cap, the dtype and the bucket sets. It
-lives in the folder's manifest.json under "precompute"; training compares it with the
-tag its own model folder and settings give, and refuses a stale cache with an error
-naming both tags.
+text encoder (with its tokenizer and processor) and of the VAE, the model family's
+prompt fingerprint (templates and their drop counts), the sequence cap, the dtype and
+the bucket sets. It lives in the folder's manifest.json under "precompute"; training
+compares it with the tag its own model folder and settings give, and refuses a stale
+cache with an error naming both tags.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+from data_pipelines.core.geometry import bucket_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 MEMBER = "pre.safetensors"
 """The tar member suffix (WebDataset field name) of a sample's precomputed tensors."""
+ENCODER_DTYPES = ("float32", "bfloat16", "float16")
+"""dtypes the encoders may run in and the tensors be stored in (model.encoder_dtype)."""
 TAG_FORMAT = 1
 # Files whose whole content is hashed; larger ones are sampled (see _file_digest).
 _SMALL_FILE = 64 << 20
 _SAMPLES = 16
 _SAMPLE_BYTES = 1 << 16
+# What a stored tensor holds (the key's part before "@").
+KINDS = ("target", "source", "text", "null")
 
 
 def size_name(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
+    return bucket_name(size)
+
+
+def tensor_key(kind: str, size: tuple[int, int] | None = None) -> str:
+    """The key of a stored tensor: `kind` (target, source, text, null) at the bucket
+    `size`, or without a bucket (the text and null rows of a T2I sample)."""
+    assert kind in KINDS, kind
+    return kind if size is None else f"{kind}@{size_name(size)}"
 
 
 def _file_digest(path: Path, h) -> None:
@@ -86,14 +100,6 @@ def folder_fingerprint(*folders: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def template_fingerprint() -> str:
-    """The prompt templates and their dropped-prefix counts."""
-    from qwenimg_train.models.qwen_image.encoding import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE
-
-    blob = json.dumps([T2I_TEMPLATE, T2I_DROP, EDIT_TEMPLATE, EDIT_DROP]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 @dataclass
 class PrecomputeTag:
     """What made a folder's precomputed tensors (stored in its manifest)."""
@@ -103,7 +109,7 @@ class PrecomputeTag:
     vae: str
     """Fingerprint of vae/."""
     template: str
-    """Fingerprint of the prompt templates and their drop counts."""
+    """The model family's prompt fingerprint (templates and their drop counts)."""
     max_sequence_length: int
     dtype: str
     """dtype the encoders ran and the tensors are stored in (model.encoder_dtype)."""
@@ -114,13 +120,15 @@ class PrecomputeTag:
     format: int = TAG_FORMAT
 
     @classmethod
-    def for_model(cls, model_folder: str | Path, *, dtype: str, max_sequence_length: int,
+    def for_model(cls, model_folder: str | Path, *, family: Any, dtype: str, max_sequence_length: int,
                   bucket_sets: Sequence[Sequence[str]] = (), null_prompts: bool = True) -> "PrecomputeTag":
+        """The tag of `model_folder`'s encoders; `family` (qwenimg_train.models.get_family)
+        gives the prompt fingerprint."""
         folder = Path(model_folder)
         return cls(
             encoder=folder_fingerprint(folder / "text_encoder", folder / "tokenizer", folder / "processor"),
             vae=folder_fingerprint(folder / "vae"),
-            template=template_fingerprint(),
+            template=family.prompt_fingerprint(),
             max_sequence_length=max_sequence_length, dtype=dtype,
             bucket_sets=[list(b) for b in bucket_sets], null_prompts=null_prompts,
         )
@@ -162,13 +170,13 @@ class PrecomputeTag:
             )
 
 
-def to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+def to_bytes(tensors: Mapping[str, "torch.Tensor"]) -> bytes:
     from safetensors.torch import save
 
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
-def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+def from_bytes(data: bytes) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load
 
     return load(data)

@@ -1,0 +1,47 @@
+"""Weights of a diffusers model folder, read lazily, and the dtype names configs use (any family)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes weights may be stored or exported in, by config name."""
+
+
+class SafetensorsFolder(Mapping):
+    """name -> tensor of a diffusers weights folder, read on access (one file or the
+    shards of an index), so a sharded load holds one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            single = folder / "diffusion_pytorch_model.safetensors"
+            if not single.is_file():
+                raise ValueError(f"{str(folder)!r} holds no diffusion_pytorch_model.safetensors[.index.json]")
+            with safe_open(single, framework="pt") as f:
+                weight_map = {k: single.name for k in f.keys()}
+        self.folder = folder
+        self.weight_map = weight_map
+        self._open = safe_open
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with self._open(self.folder / self.weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+
+def read_safetensors_folder(folder: str | Path) -> Mapping[str, torch.Tensor]:
+    return SafetensorsFolder(Path(folder))
