@@ -9,6 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipelines.core.config import dataclass_defaults
 from qwenimg_train.config import config_dir
 from qwenimg_train.config.schema import (CallbacksConfig, CheckpointConfig, DataConfig, EMAConfig, NonFiniteConfig,
                                          OcrEvalConfig, TrainConfig, TrainerConfig, load_run_config)
@@ -23,16 +24,6 @@ def _compose(*overrides: str):
         return compose("train", overrides=[*SOURCES, "paths.output_dir=/tmp/run", *overrides])
 
 
-def _defaults(cls) -> dict:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 @pytest.mark.parametrize("group,cls", [
     ("optim/adamw", Optim), ("data/default", DataConfig), ("objective/flow_matching", FlowMatching),
     ("trainer/cpu", TrainerConfig),
@@ -41,7 +32,7 @@ def test_default_group_files_hold_the_dataclass_defaults(group, cls):
     """Every key a default group file sets equals the dataclass default (one source of defaults),
     except the values a group exists to choose (the trainer's step budget)."""
     values = yaml.safe_load(open(f"{config_dir()}/{group}.yaml"))
-    defaults = _defaults(cls)
+    defaults = dataclass_defaults(cls)
     chosen = {"trainer/cpu": {"max_steps"}}.get(group, set())
     differ = {k: (v, defaults[k]) for k, v in values.items()
               if k in defaults and k not in chosen and _norm(v) != _norm(defaults[k])}
@@ -56,7 +47,7 @@ def test_callbacks_group_holds_the_dataclass_defaults():
     values = yaml.safe_load(open(f"{config_dir()}/callbacks/default.yaml"))
     for key, cls in (("checkpoint", CheckpointConfig), ("ema", EMAConfig), ("nonfinite", NonFiniteConfig),
                      ("ocr_eval", OcrEvalConfig)):
-        defaults = _defaults(cls)
+        defaults = dataclass_defaults(cls)
         assert {k: v for k, v in values[key].items()} == {k: _norm(defaults[k]) for k in values[key]}, key
     assert set(values) == {f.name for f in dataclasses.fields(CallbacksConfig)}
 

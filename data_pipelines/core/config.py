@@ -47,6 +47,17 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of dataclass `cls`, by field (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields."""
     mapping = to_plain(mapping) or {}

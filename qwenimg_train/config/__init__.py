@@ -23,19 +23,12 @@ def register_stage_defaults() -> None:
     differs, and every field still exists in the composed config, so
     `curriculum.stages.no_text.resolution=256` overrides it (and a partial mapping such as
     `curriculum.stages.no_text.source_weights.design=0.8` merges into the defaults)."""
-    import dataclasses
-
     from hydra.core.config_store import ConfigStore
 
+    from data_pipelines.core.config import dataclass_defaults
     from qwenimg_train.data.curriculum import Stage
 
-    node = {}
-    for f in dataclasses.fields(Stage):
-        if f.default is not dataclasses.MISSING:
-            node[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            node[f.name] = f.default_factory()
-    ConfigStore.instance().store(group="curriculum/stage", name="stage_defaults", node=node)
+    ConfigStore.instance().store(group="curriculum/stage", name="stage_defaults", node=dataclass_defaults(Stage))
 
 
 def tools_config_dir() -> str:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from omegaconf import OmegaConf
 
 from data_pipelines.core.config import redact_secrets
+from data_pipelines.core.files import atomic_write_text
 from qwenimg_train import compat
 from qwenimg_train.config.schema import CallbacksConfig, ModelConfig, TrainConfig
 from qwenimg_train.data.datamodule import CurriculumDataModule
@@ -55,9 +56,7 @@ def prepare_run_dir(cfg: TrainConfig, saved: dict[str, Any]) -> Path:
     # this variable first, so every rank resolves the directory the first process chose.
     os.environ["QWENIMG_RUN_DIR"] = str(out)
     if _launcher_rank() == 0:  # one writer on a shared file system, and never a half-written file
-        tmp = out / f"config.yaml.tmp-{os.getpid()}"
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-        os.replace(tmp, out / "config.yaml")
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(saved)))
     return out
 
 

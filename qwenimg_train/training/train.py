@@ -13,7 +13,6 @@ with each checkpoint and as `<output_dir>/config.yaml`.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ from omegaconf import DictConfig
 from qwenimg_train.config import config_dir  # noqa: F401  (tests and tools compose from here)
 from qwenimg_train.config.schema import TrainConfig
 from qwenimg_train.training import builders
-
-log = logging.getLogger("qwenimg-train")
 
 
 def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
