@@ -30,7 +30,7 @@ from PIL import Image
 from data_pipelines.core.ocr import OcrEngine
 from data_pipelines.sources.glyphs import glyph_vocabulary, render_glyph
 from qwenimg_train.models.qwen_image.encoding import pack_latents, unpack_latents
-from qwenimg_train.models.qwen_image.glyph_vae import GlyphVaeSpec, _to_video, ensure_glyph_vae
+from qwenimg_train.models.qwen_image.glyph_vae import GlyphVaeSpec, ensure_glyph_vae, to_video
 from qwenimg_train.models.qwen_image.model import load_encoders
 from qwenimg_train.models.qwen_image.tiny import ensure_tiny_checkpoint
 from qwenimg_train.models.qwen_image.transformer import forward_mixed, install_mixed_batch_attention
@@ -61,7 +61,7 @@ def main() -> None:
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
     with torch.no_grad():
         text, text_mask = encoders.prompts.encode([f"the character “{c}”" for c in vocab])
-        bank = {c: (vae.encode(_to_video([render_glyph(c, spec.size, rng) for _ in range(8)])).latent_dist.mode()[:, :, 0]
+        bank = {c: (vae.encode(to_video([render_glyph(c, spec.size, rng) for _ in range(8)])).latent_dist.mode()[:, :, 0]
                     - mean) / std for c in vocab}
     head = args.width // 4
     transformer = QwenImageTransformer2DModel(

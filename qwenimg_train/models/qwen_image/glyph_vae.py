@@ -59,7 +59,7 @@ class GlyphVaeFit:
     final_loss: float
 
 
-def _to_video(images) -> torch.Tensor:
+def to_video(images) -> torch.Tensor:
     """PIL images -> [B, 3, 1, H, W] in [-1, 1] (the VAE is a video VAE: one frame)."""
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1
     return torch.from_numpy(array).permute(0, 3, 1, 2)[:, :, None]
@@ -80,7 +80,7 @@ def fit_glyph_vae(spec: GlyphVaeSpec = GlyphVaeSpec(), *, seed: int = 0, log_eve
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     vae.train()
     for step in range(spec.steps):
-        x = _to_video([render_glyph(rng.choice(chars), spec.size, rng) for _ in range(spec.batch_size)])
+        x = to_video([render_glyph(rng.choice(chars), spec.size, rng) for _ in range(spec.batch_size)])
         reconstruction = vae.decode(vae.encode(x).latent_dist.mode()).sample
         weight = 1 + (spec.ink_weight - 1) * (x < 0.5).float()  # ink pixels (dark) weigh ink_weight
         loss = (weight * (reconstruction - x).abs()).mean()
@@ -101,7 +101,7 @@ def _set_latent_stats(vae, chars: str, size: int, seed: int) -> None:
     """latents_mean / latents_std of the config: per channel over renders of every
     character, so normalised latents have unit scale as the released VAE's do."""
     rng = random.Random(seed + 1)
-    latents = torch.cat([vae.encode(_to_video([render_glyph(c, size, rng) for c in chars[i:i + 64]])).latent_dist.mode()
+    latents = torch.cat([vae.encode(to_video([render_glyph(c, size, rng) for c in chars[i:i + 64]])).latent_dist.mode()
                          for i in range(0, len(chars), 64)])
     vae.register_to_config(latents_mean=latents.mean((0, 2, 3, 4)).tolist(),
                            latents_std=latents.std((0, 2, 3, 4)).clamp_min(1e-3).tolist())
@@ -115,7 +115,7 @@ def round_trip(vae, chars: str, size: int) -> list[tuple[object, object]]:
     pairs = []
     for ch in chars:
         original = render_glyph(ch, size)
-        decoded = vae.decode(vae.encode(_to_video([original])).latent_dist.mode()).sample[0, :, 0]
+        decoded = vae.decode(vae.encode(to_video([original])).latent_dist.mode()).sample[0, :, 0]
         array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         pairs.append((original, Image.fromarray(array)))
     return pairs
