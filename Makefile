@@ -12,7 +12,7 @@ TORCH  := torch==2.13.0
 DEMO   := outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup fonts demo test test-fast bench clean-demo
+.PHONY: setup fonts demo demo-sources test test-fast bench clean-demo
 
 setup: $(STAMP) fonts
 
@@ -36,12 +36,37 @@ fonts:
 		fc-cache -f >/dev/null; \
 	fi
 
-# The embedded default, end to end, under outputs/demo/:
-# a small set of every source with its contact sheet, then the tiny model trained
-# through all three curriculum stages and tasks (a fresh run each time), exported to a
-# diffusers folder, scored by OCR (qwenimg-eval), sampled through diffusers' pipelines,
-# summary.json, and the run report (plots and summary.md).
+# The embedded default, end to end, under outputs/demo/: the learnable tiny world
+# (docs/model.md). The glyph data with its contact sheets, precomputed through the glyph
+# world's checkpoint (its VAE fitted on first use, about 3 min, then cached under
+# outputs/models/), the world trained through the three curriculum stages and the three
+# tasks (a fresh run each time, OCR-scored at step 0 and every stage end), exported to a
+# diffusers folder, scored by qwenimg-eval on the glyph suites, sampled through
+# diffusers' pipelines, summary.json, and the run report (OCR curve, plots, summary.md).
+GLYPH_MODEL := outputs/models/glyphs
+
 demo: setup
+	$(VENV)/bin/qwenimg-data --config-name glyphs out_dir=$(DEMO)/data/glyphs
+	for source in synthetic edit; do \
+		$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/glyphs/$$source \
+			out=$(DEMO)/preview/glyphs_$$source.png num_samples=24 || exit 1; \
+		$(VENV)/bin/qwenimg-data --config-name precompute in_dir=$(DEMO)/data/glyphs/$$source \
+			out_dir=$(DEMO)/data/glyphs-pre/$$source pretrained_path=$(GLYPH_MODEL) build_tiny=true \
+			tiny_world=glyphs max_sequence_length=64 'resolutions=[64]' batch_size=32 || exit 1; \
+	done
+	rm -rf $(DEMO)/train $(DEMO)/export $(DEMO)/eval $(DEMO)/samples $(DEMO)/report
+	$(VENV)/bin/qwenimg-train experiment=glyphs paths.output_dir=$(DEMO)/train
+	$(VENV)/bin/qwenimg-export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out_dir=$(DEMO)/export
+	$(VENV)/bin/qwenimg-eval checkpoint_dir=$(DEMO)/export out_dir=$(DEMO)/eval suites=glyph limit=16 \
+		resolution=64 steps=20 guidance=1.0 edit_source_area=4096
+	$(PY) -m qwenimg_train.tools.demo --root $(DEMO)
+	$(VENV)/bin/qwenimg-report run_dir=$(DEMO)/train out_dir=$(DEMO)/report \
+		eval_json=$(DEMO)/eval/ocr.json samples_dir=$(DEMO)/samples
+	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json, report: $(DEMO)/report/summary.md)"
+
+# A small set of every production source (synthetic renders, design, natural, edit
+# pairs) with its contact sheet, under outputs/demo/data and outputs/demo/preview.
+demo-sources: setup
 	$(VENV)/bin/qwenimg-data --config-name synthetic out_dir=$(DEMO)/data/synthetic \
 		num_shards=4 samples_per_shard=32 workers=2 ocr=crops
 	$(VENV)/bin/qwenimg-data --config-name design out_dir=$(DEMO)/data/design \
@@ -54,15 +79,6 @@ demo: setup
 		$(VENV)/bin/qwenimg-data --config-name preview shards=$(DEMO)/data/$$source \
 			out=$(DEMO)/preview/$$source.png num_samples=24 || exit 1; \
 	done
-	rm -rf $(DEMO)/train $(DEMO)/export $(DEMO)/eval $(DEMO)/samples $(DEMO)/report
-	$(VENV)/bin/qwenimg-train experiment=smoke paths.output_dir=$(DEMO)/train
-	$(VENV)/bin/qwenimg-export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out_dir=$(DEMO)/export
-	$(VENV)/bin/qwenimg-eval checkpoint_dir=$(DEMO)/export out_dir=$(DEMO)/eval limit=2 \
-		resolution=256 steps=8 guidance=2.0
-	$(PY) -m qwenimg_train.tools.demo --root $(DEMO)
-	$(VENV)/bin/qwenimg-report run_dir=$(DEMO)/train out_dir=$(DEMO)/report \
-		eval_json=$(DEMO)/eval/ocr.json samples_dir=$(DEMO)/samples
-	@echo "demo outputs under $(DEMO)/ (summary: $(DEMO)/summary.json, report: $(DEMO)/report/summary.md)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -73,6 +73,12 @@ def _edit_pairs(cfg: dict[str, Any]) -> dict[str, Any]:
     return run(from_mapping(EditPairsJob, cfg), resolved_config=cfg)
 
 
+def _glyphs(cfg: dict[str, Any]) -> dict[str, Any]:
+    from data_pipelines.jobs.glyphs import GlyphsJob, run
+
+    return run(from_mapping(GlyphsJob, cfg), resolved_config=cfg)
+
+
 def _precompute(cfg: dict[str, Any]) -> dict[str, Any]:
     from data_pipelines.jobs.precompute import PrecomputeJob, run
 
@@ -84,6 +90,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "design": _design,
     "natural": _natural,
     "edit-pairs": _edit_pairs,
+    "glyphs": _glyphs,
     "verify": _verify,
     "preview": _preview,
     "precompute": _precompute,

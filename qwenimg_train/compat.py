@@ -10,7 +10,10 @@ diffusers (0.42)
     with per-sample rotary frequencies and an image mask; it reads the rotary tables
     through `rope_device_freqs` / `rope_video_freqs` and checkpoints blocks through
     `checkpointed_block` below. qwenimg_train/models/qwen_image/encoding.py follows the
-    pipelines' `_get_qwen_prompt_embeds`. Any minor release may change these.
+    pipelines' `_get_qwen_prompt_embeds`. `edit_source_area` swaps the module-level
+    `calculate_dimensions` of pipeline_qwenimage_edit, which `QwenImageEditPipeline.__call__`
+    calls to size its source image (always 1024², whatever the output size). Any minor
+    release may change these.
 Lightning (2.6)
     `wandb_run_started` and `quiet_wandb_logger` (WandbLogger's `_experiment` and
     `_wandb_init`), `save_last_checkpoint` (ModelCheckpoint's `_save_last_checkpoint` and
@@ -27,9 +30,9 @@ transformers (5.x)
     No private names; `from_pretrained(dtype=...)` needs >= 4.56 (the earlier
     `torch_dtype` is deprecated in 5.x).
 
-`PRIVATE_NAMES` lists the private attributes by class (DeepSpeed's in
-`deepspeed_compat.PRIVATE_NAMES`), and `missing_private_names()` checks that the
-installed classes still have them (tests/test_compat.py).
+`PRIVATE_NAMES` lists the private attributes by class, or by module for module-level
+names (DeepSpeed's in `deepspeed_compat.PRIVATE_NAMES`), and `missing_private_names()`
+checks that the installed classes and modules still have them (tests/test_compat.py).
 
 Versions are checked on first use, not at import: `require(package)` raises
 `IncompatibleVersionError` outside the `required` range (the code is known not to fit)
@@ -39,7 +42,9 @@ and warns once (`UntestedVersionWarning`) inside it but outside the `tested` ran
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -82,8 +87,11 @@ PINS: dict[str, Pin] = {
     )
 }
 
-# Private attributes this code reads, calls or overrides, by "module:Class".
+# Private attributes this code reads, calls or overrides, by "module:Class" (or "module"
+# for module-level names).
+QWEN_EDIT_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit"
 PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
+    QWEN_EDIT_MODULE: ("calculate_dimensions",),
     "diffusers.models.transformers.transformer_qwenimage:QwenEmbedRope": (
         "_get_device_freqs", "_compute_video_freqs"),
     "diffusers.models.transformers.transformer_qwenimage:QwenImageTransformer2DModel": (
@@ -135,11 +143,12 @@ def check_versions(packages: tuple[str, ...] | None = None) -> None:
 
 
 def missing_private_names(table: dict[str, tuple[str, ...]] = PRIVATE_NAMES) -> list[str]:
-    """The private names of `table` that the installed classes lack ("module:Class.name")."""
+    """The private names of `table` that the installed classes (or modules) lack ("module:Class.name")."""
     missing = []
     for where, names in table.items():
-        module_name, class_name = where.split(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
+        module_name, _, class_name = where.partition(":")
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name) if class_name else module
         missing += [f"{where}.{name}" for name in names if name not in _INSTANCE_ATTRIBUTES and not hasattr(cls, name)]
     return missing
 
@@ -191,3 +200,35 @@ def checkpointed_block(transformer, block, *args):
     (`enable_gradient_checkpointing`)."""
     require("diffusers")
     return transformer._gradient_checkpointing_func(block, *args)
+
+
+@contextlib.contextmanager
+def edit_source_area(area: int | None):
+    """Within the block, `QwenImageEditPipeline` sizes its source image (the VAE's and the
+    vision encoder's input) to about `area` pixels, aspect kept, instead of its fixed
+    1024 * 1024: the module-level `calculate_dimensions` of pipeline_qwenimage_edit, which
+    `__call__` calls as `calculate_dimensions(1024 * 1024, ratio)`, is swapped for one
+    that ignores the area asked for and uses `area` (sides still rounded to multiples
+    of 32). `None` changes nothing. Not thread-safe: the swap is module-wide."""
+    if area is None:
+        yield
+        return
+    if area < 32 * 32:
+        raise ValueError(f"edit_source_area = {area} must be at least 32 * 32 = 1024 pixels (or null)")
+    require("diffusers")
+    module = importlib.import_module(QWEN_EDIT_MODULE)
+    call = inspect.unwrap(module.QwenImageEditPipeline.__call__)
+    if "calculate_dimensions" not in call.__code__.co_names:
+        raise IncompatibleVersionError(
+            "QwenImageEditPipeline.__call__ no longer calls calculate_dimensions: edit_source_area cannot "
+            f"resize the source (diffusers {installed_version('diffusers')}; written for {PINS['diffusers'].tested})")
+    original = module.calculate_dimensions
+
+    def calculate_dimensions(target_area, ratio):
+        return original(area, ratio)
+
+    module.calculate_dimensions = calculate_dimensions
+    try:
+        yield
+    finally:
+        module.calculate_dimensions = original

@@ -120,6 +120,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def glyph_vae(tmp_path_factory) -> Path:
+    """The fitted glyph VAE (qwenimg_train.models.qwen_image.glyph_vae), fitted once per session
+    (about 3 min on 2 cores): tests/test_glyph_vae.py checks it, tests/test_learns_to_write.py
+    builds the glyph world on it."""
+    from qwenimg_train.models.qwen_image.glyph_vae import GlyphVaeSpec, ensure_glyph_vae
+
+    return ensure_glyph_vae(tmp_path_factory.mktemp("glyph-vae") / "glyph-vae", GlyphVaeSpec(), seed=0)
+
+
+@pytest.fixture(scope="session")
 def shard_sources(tmp_path_factory) -> dict[str, str]:
     """Small synthetic, design and edit-pair shard folders (every text class, every task)."""
     from data_pipelines.jobs.edit_pairs import EditPairsJob

@@ -79,3 +79,39 @@ def test_quiet_wandb_logger_drops_only_the_anonymous_none():
     assert not compat.wandb_run_started(logger)
     csv = CSVLogger("unused")
     assert compat.quiet_wandb_logger(csv) is csv
+
+
+def test_edit_source_area_swaps_calculate_dimensions_only_inside(fresh):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
+
+    original = edit_module.calculate_dimensions
+    assert original(1024 * 1024, 1.0)[:2] == (1024, 1024)
+    with compat.edit_source_area(None):
+        assert edit_module.calculate_dimensions is original
+    with compat.edit_source_area(64 * 64):
+        assert edit_module.calculate_dimensions(1024 * 1024, 1.0)[:2] == (64, 64)
+        assert edit_module.calculate_dimensions(1024 * 1024, 2.0)[:2] == (96, 32)  # aspect kept, sides of 32
+    assert edit_module.calculate_dimensions is original
+    with pytest.raises(RuntimeError, match="boom"), compat.edit_source_area(64 * 64):
+        raise RuntimeError("boom")
+    assert edit_module.calculate_dimensions is original
+    with pytest.raises(ValueError, match="edit_source_area"):
+        with compat.edit_source_area(16):
+            pass
+
+
+def test_edit_source_area_checks_the_version_and_the_pipeline(fresh, monkeypatch):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
+
+    def call_without_it(self, image=None):
+        return image
+
+    monkeypatch.setattr(edit_module.QwenImageEditPipeline, "__call__", call_without_it)
+    with pytest.raises(compat.IncompatibleVersionError, match="no longer calls calculate_dimensions"):
+        with compat.edit_source_area(4096):
+            pass
+    monkeypatch.setattr(compat, "_checked", set())
+    monkeypatch.setattr(compat, "installed_version", lambda name: "0.44.0")
+    with pytest.raises(compat.IncompatibleVersionError, match="diffusers 0.44.0"):
+        with compat.edit_source_area(4096):
+            pass

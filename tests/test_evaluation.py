@@ -42,7 +42,7 @@ def ocr():
 def test_committed_suites_are_the_generator_output():
     """The JSONL files are `build_suites()` (rerun `python -m qwenimg_train.eval.suites` after changing it)."""
     built = S.build_suites()
-    loaded = load_suites("all")
+    loaded = load_suites(list(S.SUITES))  # every suite, both worlds
     assert [r.id for r in loaded] == [r.id for records in built.values() for r in records]
     assert loaded == [r for records in built.values() for r in records]
 
@@ -50,7 +50,7 @@ def test_committed_suites_are_the_generator_output():
 def test_suites_are_well_formed():
     records = load_suites("all")
     assert len({r.id for r in records}) == len(records)
-    by_suite = {name: [r for r in records if r.suite == name] for name in S.SUITES}
+    by_suite = {name: [r for r in records if r.suite == name] for name in S.suite_names("all")}
     for name, rows in by_suite.items():
         assert 20 <= len(rows) <= 100, (name, len(rows))
         info = S.SUITES[name]
@@ -93,6 +93,88 @@ def test_edit_sources_are_deterministic():
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert a.getpixel((0, 0)) == tuple(record.render["background"])
     assert not np.array_equal(np.asarray(a), np.asarray(reference_image(record, (128, 128))))
+
+
+def test_all_means_the_open_suites_and_glyph_the_glyph_world():
+    from data_pipelines.sources import glyphs
+
+    open_names = [n for n, info in S.SUITES.items() if info.world == "open"]
+    assert len(open_names) == 9 and S.suite_names("all") == open_names
+    assert S.suite_names("glyph") == ["glyph_char", "glyph_two_line", "glyph_held_out", "glyph_edit"]
+    assert {info.world for info in S.SUITES.values()} == set(S.WORLDS)
+    assert "glyph_edit" in S.EDIT_SUITES and S.suite_names("glyph_char") == ["glyph_char"]
+    assert {r.suite for r in load_suites("all")} == set(open_names)
+    by_suite = {name: load_suites(name) for name in S.suite_names("glyph")}
+    assert sorted(r.text for r in by_suite["glyph_char"]) == sorted(glyphs.HELD_IN)
+    assert sorted(r.text for r in by_suite["glyph_held_out"]) == sorted(glyphs.HELD_OUT)
+    for r in by_suite["glyph_char"] + by_suite["glyph_held_out"]:
+        assert r.prompt == glyphs.glyph_prompt([r.text]) == glyphs.ONE_LINE_PROMPT.format(text=r.text)
+        assert r.language == "zh-Hans" and r.level is None and not r.is_edit
+    two = by_suite["glyph_two_line"]
+    assert len(two) == 16 and len({tuple(r.lines) for r in two}) == 16
+    for r in two:
+        top, bottom = r.lines
+        assert top != bottom and {top, bottom} <= set(glyphs.HELD_IN) and r.text == f"{top}\n{bottom}"
+        assert r.prompt == glyphs.TWO_LINE_PROMPT.format(top=top, bottom=bottom)
+    edits = by_suite["glyph_edit"]
+    assert len(edits) == 16 and len({(r.source_text, r.target_text) for r in edits}) == 16
+    for r in edits:
+        assert r.source_text != r.target_text and {r.source_text, r.target_text} <= set(glyphs.HELD_IN)
+        assert r.prompt == r.instruction == glyphs.EDIT_INSTRUCTION.format(old=r.source_text, new=r.target_text)
+        assert r.lines == [r.target_text] and r.render is None
+    # Reference images are the glyph world's drawings, centred, at the canvas size asked for.
+    r = edits[0]
+    source = reference_image(r, (64, 64), which="source")
+    assert np.array_equal(np.asarray(source), np.asarray(glyphs.draw_glyph_lines([r.source_text], 64).image))
+    assert np.array_equal(np.asarray(reference_image(two[0], (64, 64))),
+                          np.asarray(glyphs.draw_glyph_lines(two[0].lines, 64).image))
+    with pytest.raises(ValueError, match="glyph"):
+        S.suite_names("glyphs")
+
+
+def test_glyph_group_is_accepted_by_the_eval_job_and_the_callback(tmp_path):
+    from qwenimg_train.eval.runner import EvalJob
+    from qwenimg_train.training.callbacks.ocr_eval import OcrEvalCallback
+
+    job = EvalJob(checkpoint_dir=str(tmp_path), suites="glyph", resolution=64, edit_source_area=64 * 64)
+    assert job.suites == "glyph" and job.edit_source_area == 4096
+    with pytest.raises(ValueError, match="edit_source_area"):
+        EvalJob(checkpoint_dir=str(tmp_path), edit_source_area=100)
+    callback = OcrEvalCallback(output_dir=str(tmp_path), scheduler_dir="unused", suites="glyph", resolution=64,
+                               edit_source_area=4096)
+    assert callback.suites == "glyph" and callback.edit_source_area == 4096
+
+
+def test_ocr_eval_callback_at_start_evaluates_before_the_first_step(tmp_path):
+    from types import SimpleNamespace
+
+    from qwenimg_train.training.callbacks.ocr_eval import OcrEvalCallback
+
+    calls = []
+    for at_start in (False, True):
+        callback = OcrEvalCallback(output_dir=str(tmp_path), scheduler_dir="unused", every_n_steps=None,
+                                   at_start=at_start, stage_ending_at=lambda step: 0 if step == 3 else None)
+        callback.run = lambda trainer, module, step, at_start=at_start: calls.append((at_start, step))
+        callback.on_train_start(SimpleNamespace(global_step=0), None)
+        callback.on_train_start(SimpleNamespace(global_step=5), None)  # a resumed run: no step-0 evaluation
+        for step in (1, 2, 3):
+            callback.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, step - 1)
+    assert calls == [(False, 3), (True, 0), (True, 3)]
+
+
+def test_small_images_are_upscaled_before_reading(ocr):
+    """rapidocr finds nothing in a 64x64 canvas; read_image upscales it to MIN_READ_SIDE first."""
+    from data_pipelines.sources.glyphs import draw_glyph_lines
+    from qwenimg_train.eval.metrics import MIN_READ_SIDE, read_image, upscale_for_reading
+
+    assert MIN_READ_SIDE == 256
+    assert upscale_for_reading(Image.new("RGB", (64, 32))).size == (512, 256)
+    big = Image.new("RGB", (300, 256))
+    assert upscale_for_reading(big) is big
+    assert read_image(ocr, draw_glyph_lines(["八"]).image) == ["八"]
+    record = Record(id="g", suite="glyph_two_line", language="zh-Hans", prompt="", text="安\nK", lines=["安", "K"])
+    scores = score_image(ocr, draw_glyph_lines(["安", "K"]).image, record)
+    assert scores["char_accuracy"] == 1.0 and scores["exact"] == 1.0
 
 
 # --- pure metric functions -------------------------------------------------------------
@@ -164,7 +246,7 @@ def test_ground_truth_renders_score_high(ocr):
     (first 4 prompts of each suite here; every prompt in the slow test below)."""
     records = load_suites("all", limit=4)
     means = _per_suite_char_accuracy(ocr, records, lambda r: reference_image(r, (GT_SIZE, GT_SIZE)))
-    assert set(means) == set(S.SUITES)
+    assert set(means) == set(S.suite_names("all"))
     assert all(m >= 0.95 for m in means.values()), means
 
 
@@ -172,6 +254,19 @@ def test_ground_truth_renders_score_high(ocr):
 def test_ground_truth_renders_score_high_on_every_prompt(ocr):
     means = _per_suite_char_accuracy(ocr, load_suites("all"), lambda r: reference_image(r, (GT_SIZE, GT_SIZE)))
     assert all(m >= 0.95 for m in means.values()), means
+
+
+def test_glyph_references_read_back_at_the_glyph_canvas(ocr):
+    """Every glyph-world record drawn as its training data draws it, at 64 px, reads back
+    exactly; an edit's source still shows the old character."""
+    from data_pipelines.sources.glyphs import CANVAS
+
+    records = load_suites("glyph")
+    means = _per_suite_char_accuracy(ocr, records, lambda r: reference_image(r, (CANVAS, CANVAS)))
+    assert means == {name: 1.0 for name in S.suite_names("glyph")}, means
+    for r in records:
+        if r.is_edit:
+            assert score_image(ocr, reference_image(r, (CANVAS, CANVAS), which="source"), r)["old_gone"] == 0.0, r.id
 
 
 def test_noise_scores_near_zero(ocr):
@@ -250,6 +345,40 @@ def test_evaluate_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path, ocr):
     assert doc["config"]["steps"] == 2 and doc["timing"]["generate_s"] > 0
 
 
+def test_edit_source_area_sizes_the_vae_input(tiny_checkpoint):
+    """The edit pipeline resizes a source to about 1024² for its VAE; edit_source_area=64*64
+    hands the VAE the source at 64x64 (what the glyph world trains on)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
+
+    from qwenimg_train.eval.runner import PipelineGenerator
+
+    generate = PipelineGenerator.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", steps=2,
+                                                 guidance=1.0, resolution=64, edit_source_area=64 * 64)
+    vae, encode, seen = generate.edit.vae, generate.edit.vae.encode, []
+
+    class Seen(Exception):
+        pass
+
+    def recording(x, *args, **kwargs):
+        seen.append(tuple(x.shape[-2:]))
+        if generate.edit_source_area is None:
+            raise Seen  # the 1024² default: the shape is all this test needs
+        return encode(x, *args, **kwargs)
+
+    original = edit_module.calculate_dimensions
+    source = Image.new("RGB", (64, 64), "white")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "encode", recording)
+        (image,) = generate(["replace “八” with “白”"], [source], [0])
+        assert image.size == (64, 64) and seen == [(64, 64)]
+        assert edit_module.calculate_dimensions is original  # restored after the call
+        generate.edit_source_area = None
+        with pytest.raises(Seen):
+            generate(["replace “八” with “白”"], [source], [0])
+        assert seen[1] == (1024, 1024)
+    assert edit_module.calculate_dimensions is original
+
+
 def test_generate_callable_and_seeds_fix_the_outputs(tmp_path, ocr):
     """A callable generator (what a training callback can pass): reference renders for
     T2I prompts, the source image for edits, so "old gone" fails exactly on edits."""
@@ -281,7 +410,7 @@ def test_qwenimg_eval_writes_a_complete_report(tiny_checkpoint, tmp_path):
     cfg = compose_tool("eval", overrides)
     job = from_mapping(EvalJob, {k: v for k, v in to_plain(cfg).items() if k != "hydra"}, "eval")
     doc = run(job)
-    _check_report(tmp_path, doc, list(S.SUITES), per_suite=2)
+    _check_report(tmp_path, doc, S.suite_names("all"), per_suite=2)
     assert doc["config"]["job"]["checkpoint_dir"] == str(tiny_checkpoint)
     # The tiny model draws noise: nothing reads back.
     assert doc["aggregates"]["overall"]["char_accuracy"] <= 0.05
@@ -294,10 +423,12 @@ def test_suites_a_model_cannot_run():
     from qwenimg_train.eval.runner import _supported_suites
 
     t2i_only = SimpleNamespace(supports_edit=False, supports_t2i=True)
-    assert _supported_suites("all", t2i_only) == [n for n in S.SUITES if n not in S.EDIT_SUITES]
+    open_suites = S.suite_names("all")
+    assert _supported_suites("all", t2i_only) == [n for n in open_suites if n not in S.EDIT_SUITES]
     with pytest.raises(ValueError, match="edit_zh"):
         _supported_suites(["zh_phrase", "edit_zh"], t2i_only)
-    assert _supported_suites("all", lambda *a: None) == list(S.SUITES)  # a plain callable is assumed to do both
+    assert _supported_suites("all", lambda *a: None) == open_suites  # a plain callable is assumed to do both
+    assert _supported_suites("glyph", t2i_only) == ["glyph_char", "glyph_two_line", "glyph_held_out"]
 
 
 def test_eval_config_composes_into_a_job(tiny_checkpoint, tmp_path):

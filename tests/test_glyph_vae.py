@@ -14,11 +14,11 @@ from qwenimg_train.models.qwen_image.glyph_vae import GlyphVaeSpec, ensure_glyph
 
 
 @pytest.mark.slow
-def test_fitted_vae_round_trip_is_legible(tmp_path):
+def test_fitted_vae_round_trip_is_legible(glyph_vae):
     from diffusers import AutoencoderKLQwenImage
 
     spec = GlyphVaeSpec()
-    folder = ensure_glyph_vae(tmp_path / "glyph-vae", spec, seed=0)
+    folder = glyph_vae
     assert ensure_glyph_vae(folder, spec) == folder  # cached: a second call fits nothing
     fit = json.loads((folder / "fit.json").read_text())
     vae = AutoencoderKLQwenImage.from_pretrained(folder)

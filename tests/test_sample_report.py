@@ -229,3 +229,62 @@ def test_metric_reading_helpers(tmp_path):
     assert both == {"char_accuracy": {"en": [(1, 0.1)]}, "ned_score": {"overall": [(1, 0.2)], "zh": [(1, 0.3)]}}
     assert ema([2.0, 4.0], 0.5) == pytest.approx([2.0, (0.25 * 2 + 0.5 * 4) / 0.75])
     assert ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+
+
+def test_report_plots_ocr_per_suite_against_steps_with_stage_boundaries(tmp_path, monkeypatch):
+    """A fake metrics.csv: three stages of 3 steps, an OCR evaluation at the start (step 0) and
+    at each stage end (3, 6, 9), as callbacks.ocr_eval logs them (eval/ocr/<metric>/<group>)."""
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    stages = ["glyphs", "lines", "edits"]
+    ocr = {0: (0.0, 0.0, 0.1), 3: (0.25, 0.5, 0.0), 6: (0.5, 0.75, 0.25), 9: (0.75, 1.0, 0.5)}
+    fields = ["step", "epoch", "train/loss", "curriculum/stage", *(f"train/loss/stage/{s}" for s in stages),
+              "eval/ocr/char_accuracy", "eval/ocr/char_accuracy/glyph_char", "eval/ocr/char_accuracy/glyph_two_line",
+              "eval/ocr/char_accuracy/zh-Hans", "eval/ocr/char_accuracy/gb2312_level1", "eval/ocr/exact",
+              "eval/ocr/exact/glyph_char"]
+    rows = []
+    for step in range(9):
+        stage = step // 3
+        rows.append({"step": step, "epoch": stage, "train/loss": 1 - step / 10, "curriculum/stage": stage,
+                     f"train/loss/stage/{stages[stage]}": 1 - step / 10})
+    for step, (overall, char, two) in ocr.items():
+        rows.append({"step": step, "eval/ocr/char_accuracy": overall, "eval/ocr/char_accuracy/glyph_char": char,
+                     "eval/ocr/char_accuracy/glyph_two_line": two, "eval/ocr/char_accuracy/zh-Hans": overall,
+                     "eval/ocr/char_accuracy/gb2312_level1": char, "eval/ocr/exact": overall,
+                     "eval/ocr/exact/glyph_char": char})
+    with open(run / "logs" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    figures = {}
+    real_savefig = Figure.savefig
+
+    def savefig(self, path, *args, **kwargs):
+        figures[Path(path).name] = self
+        return real_savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    result = report(ReportJob(run_dir=str(run), out_dir=str(tmp_path / "report")))
+    assert "ocr.png" in result["plots"]
+    _valid_png(tmp_path / "report" / "ocr.png")
+    char_ax, exact_ax = [ax for ax in figures["ocr.png"].axes if ax.get_visible() and ax.get_title(loc="left")]
+    assert char_ax.get_title(loc="left") == "char_accuracy" and exact_ax.get_title(loc="left") == "exact"
+    curves = {line.get_label(): line for line in char_ax.get_lines() if not line.get_label().startswith("_")}
+    assert list(curves) == ["glyph_char", "glyph_two_line", "overall"]  # one line per suite; no levels, languages
+    for label, line in curves.items():
+        assert line.get_marker() == "o" and list(line.get_xdata()) == [0, 3, 6, 9], label
+    assert list(curves["glyph_char"].get_ydata()) == [0.0, 0.5, 0.75, 1.0]
+    boundaries = sorted(line.get_xdata()[0] for line in char_ax.get_lines()
+                        if line.get_linestyle() == "--" and line.get_label().startswith("_"))
+    assert boundaries == [3, 6]  # a dashed line where each later stage starts
+    assert char_ax.get_xlim()[0] <= 0 and char_ax.get_xlim()[1] >= 9
+
+    md = (tmp_path / "report" / "summary.md").read_text(encoding="utf-8")
+    assert "char_accuracy against training steps" in md and "plotted in [ocr.png](ocr.png)" in md
+    assert "| step | stage | overall | glyph_char | glyph_two_line |" in md
+    assert "| 0 | before training | 0 | 0 | 0.1 |" in md
+    assert "| 3 | glyphs | 0.25 | 0.5 | 0 |" in md and "| 9 | edits | 0.75 | 1 | 0.5 |" in md
+    assert "![OCR metrics over steps](ocr.png)" in md

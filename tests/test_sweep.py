@@ -229,6 +229,31 @@ def test_report_lists_every_job_with_its_status_and_ocr(fake_sweep):
         _valid_png(Path(png))
 
 
+def test_report_gives_ocr_per_arm_with_standard_errors(tmp_path):
+    """Jobs equal but for the seed are one arm: mean ± SE over seeds (sample SD / sqrt(n))."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    accuracy = {("three_stage", 0): 0.5, ("three_stage", 1): 0.75, ("single_stage", 0): 0.25, ("single_stage", 1): 0.25}
+    for num, ((curriculum, seed), value) in enumerate(accuracy.items()):
+        metrics = {"eval/ocr/char_accuracy": value, "eval/ocr/char_accuracy/glyph_char": value,
+                   "eval/ocr/edit_success/glyph_edit": value / 2}
+        summary = {"global_step": 10, "stages": {"all": {"steps": 10, "loss": 1.0, "loss_by_task": {"t2i": 1.0}}},
+                   "ocr_eval": [{"step": 10, "metrics": metrics}]}
+        _job(sweep, num, ["logger=csv", f"curriculum={curriculum}", f"seed={seed}"], summary=summary)
+    result = sweep_report(SweepReportJob(sweep_dir=str(sweep)))
+    arms = {a["arm"]: a for a in result["arms"]}
+    assert list(arms) == ["curriculum=three_stage", "curriculum=single_stage"]
+    mean, se = arms["curriculum=three_stage"]["ocr"]["char_accuracy"]
+    assert mean == pytest.approx(0.625) and se == pytest.approx(0.125)  # SD 0.1768 / sqrt(2)
+    assert arms["curriculum=single_stage"]["ocr"]["char_accuracy"] == (0.25, 0.0)
+    assert arms["curriculum=three_stage"]["seeds"] == ["0", "1"]
+    md = Path(result["markdown"]).read_text()
+    assert "### OCR per arm" in md
+    assert "| `curriculum=three_stage` | 2 | 0.625 ± 0.125 | 0.625 ± 0.125 | 0.312 ± 0.062 |" in md
+    rows = _read_csv(Path(result["arms_csv"]))
+    assert rows[1]["arm"] == "curriculum=single_stage" and float(rows[1]["ocr/char_accuracy_se"]) == 0.0
+
+
 def test_report_falls_back_to_summary_without_metrics_csv(tmp_path):
     sweep = tmp_path / "sweep"
     summary = {"global_step": 4, "stages": {"all": {"steps": 4, "loss": 0.5, "loss_by_task": {"t2i": 0.5}}},

@@ -85,7 +85,9 @@ class PrecomputeJob:
     device: str = "auto"
     """auto: cuda:LOCAL_RANK when a GPU is present, else cpu."""
     build_tiny: bool = False
-    """Build the tiny random-weight folder at pretrained_path when missing (tests, demo)."""
+    """Build the tiny folder at pretrained_path when missing (tests, demo)."""
+    tiny_world: str = "random"
+    """Which tiny folder build_tiny builds: random weights, or "glyphs" (= the run's model.tiny_world)."""
     workers: int = 1
     """Processes on this node (each loads the encoders: on GPUs use torchrun ranks instead)."""
     node_rank: int | None = None
@@ -255,7 +257,7 @@ def run(job: PrecomputeJob) -> dict[str, Any]:
 
     family = get_family(job.family)
     if job.build_tiny:
-        family.build_tiny(job.pretrained_path, variant="QwenImageEditPipeline")
+        family.build_tiny(job.pretrained_path, variant="QwenImageEditPipeline", world=job.tiny_world)
     family.check_folder(job.pretrained_path)
     prefix, paths = input_shards(job.in_dir)
     tag = job_tag(job)

@@ -55,6 +55,9 @@ class ModelConfig:
     """The model family (qwenimg_train.models.FAMILIES): how the folder is loaded, encoded and exported."""
     build_tiny: bool = False
     """Build the tiny random-weight folder at pretrained_path when it is missing (model=tiny)."""
+    tiny_world: str = "random"
+    """What the tiny builder writes: random weights (fast unit tests), or "glyphs", the learnable tiny
+    world (a VAE fitted on glyph renders; model=glyphs); only read when build_tiny is true."""
     pipeline_class: str = "QwenImageEditPipeline"
     """What the tiny builder writes (its model_index class: QwenImagePipeline or QwenImageEditPipeline);
     only read when build_tiny is true."""
@@ -88,6 +91,8 @@ class ModelConfig:
         variants = family.tiny_variants
         if self.pipeline_class not in variants:
             raise ValueError(f"model.pipeline_class = {self.pipeline_class!r}; use one of {', '.join(variants)}")
+        if self.tiny_world not in family.tiny_worlds:
+            raise ValueError(f"model.tiny_world = {self.tiny_world!r}; use one of {', '.join(family.tiny_worlds)}")
         if self.lora is not None and not isinstance(self.lora, LoraSettings):
             raise ValueError(f"model.lora = {self.lora!r}; use null (full fine-tuning) or a mapping "
                              "{rank, alpha, dropout, target_modules}")
@@ -220,8 +225,11 @@ class OcrEvalConfig:
     """Evaluate every this many optimizer steps (null: stage ends only)."""
     stage_end: bool = True
     """Evaluate when a curriculum stage ends."""
+    at_start: bool = False
+    """Also evaluate before the first training step (logged at step 0; not on a resumed run)."""
     suites: str | list[str] = "all"
-    """Prompt suites (qwenimg_train.eval.suites), or all."""
+    """Prompt suites (qwenimg_train.eval.suites): a group (all: the open suites; glyph: the glyph
+    world's), or a list of names."""
     limit: int = 2
     """Prompts per suite."""
     resolution: int = 512
@@ -230,12 +238,18 @@ class OcrEvalConfig:
     guidance: float = 4.0
     """True CFG scale (1: no guidance)."""
     seed: int = 0
+    edit_source_area: int | None = None
+    """Pixels the edit pipeline resizes a source image to (its VAE and vision-encoder input); null:
+    the pipeline's own 1024 * 1024. The glyph world: resolution², e.g. 4096."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None and self.every_n_steps < 1:
             raise ValueError(f"callbacks.ocr_eval.every_n_steps = {self.every_n_steps} must be >= 1 (or null)")
         if self.limit < 1:
             raise ValueError(f"callbacks.ocr_eval.limit = {self.limit} must be >= 1")
+        if self.edit_source_area is not None and self.edit_source_area < 32 * 32:
+            raise ValueError(f"callbacks.ocr_eval.edit_source_area = {self.edit_source_area} must be >= 1024 "
+                             "(32 * 32 pixels), or null")
 
 
 @dataclass

@@ -24,7 +24,7 @@ TASKS = tuple(t.value for t in Task)
 PAIR_TASKS = (Task.TI2I.value, Task.I2I.value)
 EDIT_SOURCE = Source.EDIT.value
 # Stage fields a curriculum may also set once for all its stages (null: each stage's own).
-SHARED_FIELDS = ("source_weights", "task_mix")
+SHARED_FIELDS = ("source_weights", "task_mix", "resolution")
 
 
 @dataclass
@@ -128,7 +128,8 @@ class Curriculum:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Curriculum":
         """From the composed `curriculum` config: {name, stages: {key: stage fields}, and optionally
-        source_weights / task_mix, which when not null replace every stage's}."""
+        source_weights / task_mix / resolution, which when not null replace every stage's (a
+        shared resolution also drops the stages' buckets)}."""
         from data_pipelines.core.config import from_mapping, to_plain
 
         cfg = to_plain(cfg)
@@ -142,8 +143,11 @@ class Curriculum:
         else:
             items = list(stages_cfg)
         # A curriculum-wide value replaces every stage's own: one key to sweep a data or task
-        # mix whatever the curriculum and its stage names (configs/sweep/, docs/sweeps.md).
+        # mix whatever the curriculum and its stage names (configs/sweep/, docs/sweeps.md), or to
+        # run any curriculum in another world (the glyph world's 64² images: experiment=glyphs).
         shared = {k: cfg[k] for k in SHARED_FIELDS if cfg.get(k) is not None}
+        if "resolution" in shared:
+            shared["buckets"] = None  # one square size for every stage, whatever its own buckets
         items = [dict(item, **shared) for item in items]
         stages = [from_mapping(Stage, item, f"curriculum.stages[{i}]") for i, item in enumerate(items)]
         return cls(name=str(cfg.get("name", "curriculum")), stages=stages)

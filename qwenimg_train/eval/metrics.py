@@ -1,7 +1,8 @@
 """Scoring generated images for text rendering: OCR read-back against the quoted text.
 
 A generated image has no layout metadata, so it is read with rapidocr in `full` mode
-(detection + recognition over the whole image, `data_pipelines.core.ocr.OcrEngine`), the
+(detection + recognition over the whole image, `data_pipelines.core.ocr.OcrEngine`; an
+image smaller than `MIN_READ_SIDE` upscaled first), the
 detections put in reading order (`reading_order`), and the result compared to the
 record's expected text (`qwenimg_train.eval.suites.Record`). All comparisons are on
 `data_pipelines.core.ocr.normalize`d strings (NFKC, case folded, whitespace and
@@ -47,6 +48,12 @@ Detection = tuple[list[list[float]], str, float]  # (4 corner points, text, conf
 METRICS = ("char_accuracy", "ned_score", "word_accuracy", "exact")
 EDIT_METRICS = ("old_gone", "new_present", "edit_success")
 _SPACED_LANGUAGES = ("en",)  # languages whose words are separated by spaces
+# rapidocr's detector finds nothing in a small image (a 64x64 glyph-world canvas reads
+# as empty), so `read_image` first upscales an image whose shorter side is below this
+# (bicubic, aspect kept) to this shorter side. Measured: each of the 24 glyph-world
+# characters (data_pipelines.sources.glyphs), drawn at 64 px alone and in two lines,
+# reads correctly at 256 px.
+MIN_READ_SIDE = 256
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -107,9 +114,22 @@ def detect(ocr: OcrEngine, image: Image.Image) -> list[Detection]:
     return [(box.tolist(), txt, float(score)) for box, txt, score in zip(out.boxes, out.txts, out.scores)]
 
 
+def upscale_for_reading(image: Image.Image, min_side: int = MIN_READ_SIDE) -> Image.Image:
+    """`image` resized (bicubic, aspect kept) so that its shorter side is `min_side`, when
+    it is shorter; otherwise `image` itself."""
+    w, h = image.size
+    short = min(w, h)
+    if short >= min_side or short == 0:
+        return image
+    scale = min_side / short
+    size = (min_side, max(min_side, round(h * scale))) if w == short else (max(min_side, round(w * scale)), min_side)
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def read_image(ocr: OcrEngine, image: Image.Image, direction: str = "horizontal") -> list[str]:
-    """The text rapidocr finds in `image` (full mode), as lines in reading order."""
-    return reading_order(detect(ocr, image), direction)
+    """The text rapidocr finds in `image` (full mode), as lines in reading order; an image
+    whose shorter side is below `MIN_READ_SIDE` is upscaled to it first."""
+    return reading_order(detect(ocr, upscale_for_reading(image)), direction)
 
 
 # --- metrics ---------------------------------------------------------------------------

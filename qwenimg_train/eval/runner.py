@@ -2,6 +2,7 @@
 
     qwenimg-eval checkpoint_dir=outputs/demo/export out_dir=outputs/demo/eval
     qwenimg-eval checkpoint_dir=/data/Qwen-Image-Edit 'suites=[zh_char_l1,zh_char_l2]' limit=20 steps=30
+    qwenimg-eval checkpoint_dir=outputs/glyphs/export suites=glyph resolution=64 edit_source_area=4096
 
 For every prompt of the chosen suites (`qwenimg_train.eval.suites`), generate an image with
 the checkpoint's diffusers pipeline (`QwenImagePipeline` for text-to-image suites;
@@ -35,7 +36,8 @@ from data_pipelines.core.contact_sheet import Cell, label_font, paint_sheet
 from data_pipelines.core.geometry import PIXELS_PER_TOKEN, is_valid_side
 from data_pipelines.core.ocr import OcrEngine
 from qwenimg_train.eval.metrics import aggregate, flat_metrics, score_image, write_report
-from qwenimg_train.eval.suites import EDIT_SUITES, SMALL_LIMIT, SUITES, Record, load_suites, reference_image, suite_names
+from qwenimg_train.eval.suites import (EDIT_SUITES, SMALL_LIMIT, SUITE_GROUPS, SUITES, Record, load_suites,
+                                       reference_image, suite_names)
 
 log = logging.getLogger("qwenimg-eval")
 
@@ -77,11 +79,15 @@ class PipelineGenerator:
     """true_cfg_scale with the negative prompt " "; <= 1 turns classifier-free guidance off."""
     resolution: int = 512
     """Output height and width (a multiple of 16)."""
+    edit_source_area: int | None = None
+    """Pixels the edit pipeline resizes a source image to (aspect kept; its VAE and vision-encoder
+    input); None: the pipeline's own 1024 * 1024. The glyph world needs resolution², e.g. 64 * 64."""
 
     def __post_init__(self) -> None:
         if self.t2i is None and self.edit is None:
             raise ValueError("PipelineGenerator needs a t2i pipeline, an edit pipeline, or both")
         check_sampling(steps=self.steps, resolution=self.resolution)
+        check_edit_source_area(self.edit_source_area)
         for pipe in (self.t2i, self.edit):
             if pipe is not None and hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)  # evaluate() shows one bar over prompts
@@ -107,6 +113,8 @@ class PipelineGenerator:
     def __call__(self, prompts: list[str], sources: list[Image.Image] | None, seeds: list[int]) -> list[Image.Image]:
         import torch
 
+        from qwenimg_train.compat import edit_source_area
+
         pipe = self.t2i if sources is None else self.edit
         if pipe is None:
             raise ValueError(f"this PipelineGenerator has no {'t2i' if sources is None else 'edit'} pipeline")
@@ -123,8 +131,14 @@ class PipelineGenerator:
         )
         if sources is not None:
             kwargs["image"] = list(sources)
-        with torch.no_grad():
+        with torch.no_grad(), edit_source_area(self.edit_source_area if sources is not None else None):
             return list(pipe(**kwargs).images)
+
+
+def check_edit_source_area(area: int | None) -> None:
+    if area is not None and area < 32 * 32:
+        raise ValueError(f"edit_source_area = {area} must be at least 32 * 32 = 1024 pixels, or null (the edit "
+                         "pipeline's own 1024 * 1024)")
 
 
 def check_sampling(*, steps: int, resolution: int) -> None:
@@ -149,6 +163,7 @@ def evaluate(
     batch_size: int = 1,
     steps: int | None = None,
     guidance: float | None = None,
+    edit_source_area: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     out_dir: str | os.PathLike | None = None,
@@ -160,9 +175,11 @@ def evaluate(
     """Generate, read back and score every prompt; return (and, with `out_dir`, write) the report.
 
     model:      a diffusers folder (loaded with `PipelineGenerator.from_pretrained`, with
-                `steps`, `guidance`, `device`, `dtype`), or any `Generate` callable, e.g. a
-                `PipelineGenerator` around in-memory pipelines (then `steps`/`guidance` are its own).
-    suites:     "all" or suite names; `limit` records per suite (`SMALL_LIMIT`: the small subset),
+                `steps`, `guidance`, `edit_source_area`, `device`, `dtype`), or any `Generate`
+                callable, e.g. a `PipelineGenerator` around in-memory pipelines (then
+                `steps`/`guidance`/`edit_source_area` are its own).
+    suites:     a group ("all": the open suites, "glyph": the glyph world's) or suite names;
+                `limit` records per suite (`SMALL_LIMIT`: the small subset),
                 or explicit `records` (then `suites`/`limit` are not used).
     resolution: edit sources are rendered at resolution²; a folder's images are generated at it.
     seed:       per-prompt seeds are `prompt_seed(seed, record.id)`.
@@ -182,12 +199,13 @@ def evaluate(
         checkpoint = str(model)
         generate: Generate = PipelineGenerator.from_pretrained(
             model, device=device, dtype=dtype, resolution=resolution,
-            steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_GUIDANCE if guidance is None else guidance)
+            steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+            edit_source_area=edit_source_area)
     elif callable(model):
         generate = model
-        if steps is not None or guidance is not None:
-            warnings.warn("evaluate(): steps and guidance apply to a checkpoint folder only; a generator "
-                          "samples with its own settings", stacklevel=2)
+        if steps is not None or guidance is not None or edit_source_area is not None:
+            warnings.warn("evaluate(): steps, guidance and edit_source_area apply to a checkpoint folder only; a "
+                          "generator samples with its own settings", stacklevel=2)
         own = getattr(model, "resolution", None)
         if own is not None and own != resolution:
             warnings.warn(f"evaluate(resolution={resolution}) renders edit sources at {resolution}², but the "
@@ -242,6 +260,7 @@ def evaluate(
         "resolution": resolution,
         "steps": getattr(generate, "steps", None),  # a plain callable's own settings are unknown here
         "guidance": getattr(generate, "guidance", None),
+        "edit_source_area": getattr(generate, "edit_source_area", None),
         "seed": seed,
         "batch_size": batch_size,
         "ocr": {"engine": "rapidocr", "mode": "full", "classifier": False},
@@ -262,12 +281,12 @@ def evaluate(
 
 
 def _supported_suites(suites: str | Sequence[str], generate: Any) -> list[str]:
-    """The suite names to run: "all" leaves out what the generator cannot do (with a
-    warning); naming such a suite is an error."""
+    """The suite names to run: a group ("all", "glyph") leaves out what the generator
+    cannot do (with a warning); naming such a suite is an error."""
     names = suite_names(suites)
     lacking = [n for n in names if (n in EDIT_SUITES and not getattr(generate, "supports_edit", True))
                or (n not in EDIT_SUITES and not getattr(generate, "supports_t2i", True))]
-    if lacking and suites != "all":
+    if lacking and not (isinstance(suites, str) and suites in SUITE_GROUPS):
         raise ValueError(f"suites {lacking} need a pipeline this model lacks (edit suites need a processor/ folder, "
                          "i.e. a Qwen-Image-Edit checkpoint); leave them out")
     if lacking:
@@ -324,7 +343,8 @@ class EvalJob:
     checkpoint_dir: str
     """A diffusers folder: an export (`qwenimg-export`) or a released checkpoint. Edit suites need processor/."""
     suites: Any = "all"
-    """"all" or a list of suite names (qwenimg_train.eval.suites.SUITES)."""
+    """A group ("all": the nine open suites; "glyph": the glyph world's four), one suite name, or a
+    list of suite names (qwenimg_train.eval.suites.SUITES)."""
     limit: int | None = None
     """Prompts per suite (the first ones); null: whole suites. 4 is the callback's small subset."""
     out_dir: str = "outputs/eval"
@@ -335,6 +355,9 @@ class EvalJob:
     """true_cfg_scale with the negative prompt " "; <= 1 turns classifier-free guidance off."""
     resolution: int = 512
     """Height and width of generated images and of edit sources (a multiple of 16)."""
+    edit_source_area: int | None = None
+    """Pixels the edit pipeline resizes a source to (its VAE and vision-encoder input); null: the
+    pipeline's own 1024 * 1024. The glyph world: resolution², e.g. 4096 for 64 px."""
     seed: int = 0
     """Per-prompt seeds derive from it and the record id."""
     batch_size: int = 1
@@ -352,8 +375,10 @@ class EvalJob:
         if isinstance(self.suites, (list, tuple)):
             self.suites = [str(s) for s in self.suites]
         elif not isinstance(self.suites, str):
-            raise ValueError(f"suites = {self.suites!r}; use \"all\" or a list of {list(SUITES)}")
+            raise ValueError(f"suites = {self.suites!r}; use a group ({', '.join(SUITE_GROUPS)}) or a list of "
+                             f"{list(SUITES)}")
         suite_names(self.suites)
+        check_edit_source_area(self.edit_source_area)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit = {self.limit} must be >= 1, or null for whole suites")
         check_sampling(steps=self.steps, resolution=self.resolution)
@@ -369,7 +394,8 @@ class EvalJob:
 def run(job: EvalJob) -> dict[str, Any]:
     """What `qwenimg-eval` does with a validated job."""
     return evaluate(job.checkpoint_dir, job.suites, limit=job.limit, resolution=job.resolution, seed=job.seed,
-                    batch_size=job.batch_size, steps=job.steps, guidance=job.guidance, device=job.device,
+                    batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
+                    edit_source_area=job.edit_source_area, device=job.device,
                     dtype=job.dtype, out_dir=job.out_dir, ocr=OcrEngine(threads=job.ocr_threads),
                     progress=job.progress, config={"job": asdict(job)})
 

@@ -35,8 +35,12 @@ class ModelFamily(Protocol):
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""
 
-    def build_tiny(self, path: str | Path, *, variant: str) -> Path:
-        """A tiny random-weight folder at `path` (built once; an existing one is reused)."""
+    tiny_worlds: tuple[str, ...]
+    """What `build_tiny(path, world=...)` can build: "random" weights, or "glyphs" (a VAE fitted on
+    glyph renders and a transformer sized to learn to draw them on a CPU)."""
+
+    def build_tiny(self, path: str | Path, *, variant: str, world: str = "random") -> Path:
+        """A tiny folder at `path` (built once; an existing one is reused)."""
 
     def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int) -> Any:
         """The frozen encoders (VAE, vision-language encoder, tokenizer, processor)."""

@@ -10,8 +10,11 @@ Reads what `qwenimg-train` writes (`logs/metrics.csv` from the CSV logger,
     lr.png            the learning rate of each parameter group
     throughput.png    samples/s and tokens/s
     sigma.png         the loss per σ bucket
-    ocr.png           `eval/ocr/<suite>/<metric>` (or `eval/<metric>/<suite>`) logged by a validation callback
-                      over steps, one panel per metric (skipped with a note if none)
+    ocr.png           the OCR metrics a validation callback logged (`eval/ocr/<metric>/<suite>`, or
+                      `eval/ocr/<suite>/<metric>`) against training steps: one panel per metric (character
+                      accuracy first), one line with markers per suite plus the overall mean, a dashed
+                      line at every stage boundary (skipped with a note if none). summary.md tabulates
+                      the same points (character accuracy per suite at each evaluated step)
     samples.png       the latest sample grid (`<samples_dir>/grid.png`, from qwenimg-sample), when there is one
     eval_<suite>.png  the latest validation grids (`<run_dir>/eval/step<N>/<suite>.png`), when there are some
     summary.md        config highlights, steps, loss per stage × task, throughput, OCR tables, links to the above
@@ -334,7 +337,32 @@ def ocr_columns(series: dict[str, Series]) -> dict[str, dict[str, Series]]:
     return dict(sorted(out.items()))
 
 
+def _is_breakdown(group: str) -> bool:
+    """A GB 2312 level or a language group of `flat_metrics` (not a suite, not the overall mean)."""
+    from qwenimg_train.eval.suites import SUITES
+
+    return bool(re.fullmatch(r"gb2312_level\d+", group)) or group in {info.language for info in SUITES.values()}
+
+
+def ocr_suites(metrics: dict[str, dict[str, Series]]) -> list[str]:
+    """The suite groups of `ocr_columns`' output (levels, languages and "overall" left out), in
+    `qwenimg_train.eval.suites.SUITES` order, unknown names after them."""
+    from qwenimg_train.eval.suites import SUITES
+
+    order = list(SUITES)
+    found = {g for by_group in metrics.values() for g in by_group if g != "overall" and not _is_breakdown(g)}
+    return sorted(found, key=lambda g: (order.index(g) if g in order else len(order), g))
+
+
+def _metric_order(metrics: dict[str, dict[str, Series]]) -> list[str]:
+    """Character accuracy first (what the report is read for), the others alphabetically."""
+    return sorted(metrics, key=lambda m: (m != "char_accuracy", m))
+
+
 def plot_ocr(logs: RunLogs, path: Path, smoothing: float) -> bool:
+    """One panel per metric: one line with markers per suite (evaluations are few), the
+    overall mean in black, the stage boundaries dashed. Levels and languages are left
+    out (summary.md has their last values)."""
     metrics = ocr_columns(logs.series)
     if not metrics:
         return False
@@ -344,14 +372,16 @@ def plot_ocr(logs: RunLogs, path: Path, smoothing: float) -> bool:
     from matplotlib import colormaps
 
     colors = colormaps["tab20"].colors
-    groups = sorted({g for by_group in metrics.values() for g in by_group} - {"overall"})
-    for ax, (metric, by_group) in zip(axes, metrics.items()):
-        for group, points in sorted(by_group.items()):
-            if group == "overall":
-                steps, values = zip(*points)
-                ax.plot(steps, values, color="black", linewidth=2, marker="o", markersize=3, label=group)
-            else:
-                _curve(ax, points, group, colors[groups.index(group) % len(colors)], smoothing, marker_only=True)
+    suites = ocr_suites(metrics)
+    for ax, metric in zip(axes, _metric_order(metrics)):
+        by_group = metrics[metric]
+        for group in suites:
+            if group in by_group:
+                _curve(ax, by_group[group], group, colors[suites.index(group) % len(colors)], smoothing,
+                       marker_only=True)
+        if "overall" in by_group:
+            steps, values = zip(*by_group["overall"])
+            ax.plot(steps, values, color="black", linewidth=2, marker="o", markersize=4, label="overall")
         _finish(ax, metric, metric, logs.segments)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
@@ -508,6 +538,33 @@ def eval_json_lines(path: Path) -> list[str]:
                                             for name, v in rows.items()])
 
 
+def _stage_before(step: int, segments: list[Segment]) -> str:
+    """The stage of the last step trained before an evaluation logged at `step` (a stage-end
+    evaluation is logged at the next stage's first step)."""
+    if step <= 0:
+        return "before training"
+    for seg in reversed(segments):
+        if seg.start <= step - 1:
+            return seg.name
+    return "–"
+
+
+def ocr_over_steps_lines(ocr: dict[str, dict[str, Series]], segments: list[Segment], plotted: bool) -> list[str]:
+    """Character accuracy (else the first metric) per suite at each evaluated step, with the
+    stage trained up to it: the points of ocr.png as a table."""
+    metric = "char_accuracy" if "char_accuracy" in ocr else _metric_order(ocr)[0]
+    by_group = ocr[metric]
+    columns = (["overall"] if "overall" in by_group else []) + [g for g in ocr_suites(ocr) if g in by_group]
+    if not columns:
+        return []
+    values = {g: dict(by_group[g]) for g in columns}
+    steps = sorted({step for g in columns for step in values[g]})
+    lines = [f"{metric} against training steps (each row one evaluation; stage: the stage of the steps trained "
+             "before it)" + (", plotted in [ocr.png](ocr.png):" if plotted else ":"), ""]
+    rows = [[step, _stage_before(step, segments), *(values[g].get(step) for g in columns)] for step in steps]
+    return lines + _table(["step", "stage", *columns], rows) + [""]
+
+
 def write_summary_md(path: Path, job: ReportJob, run_dir: Path, logs: RunLogs, plots: list[str],
                      skipped: dict[str, str], grids: dict[str, Any]) -> None:
     s, summary = logs.series, logs.summary or {}
@@ -582,6 +639,7 @@ def write_summary_md(path: Path, job: ReportJob, run_dir: Path, logs: RunLogs, p
         rows = [[g] + [ocr[m][g][-1][1] if g in ocr[m] else None for m in ocr] for g in groups]
         lines += [f"The last values logged during training (step {last_step}):", ""]
         lines += _table(["", *ocr], rows) + [""]
+        lines += ocr_over_steps_lines(ocr, logs.segments, "ocr.png" in plots)
     else:
         lines += [MISSING["ocr.png"] + ".", ""]
     if job.eval_json:

@@ -73,6 +73,9 @@ class SampleJob:
     """Overrides the width from `resolution` (T2I and edits)."""
     height: int | None = None
     """Overrides the height from `resolution` (T2I and edits)."""
+    edit_source_area: int | None = None
+    """Edits: the pixel area the pipeline resizes the source to for its VAE and vision encoder (null: the
+    pipeline's own 1024²; the glyph world trains on 64² sources: 4096)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: str = "auto"
@@ -102,6 +105,9 @@ class SampleJob:
             raise ValueError(f"dtype = {self.dtype!r}; use one of {DTYPE_NAMES}")
         if self.columns is not None and self.columns < 1:
             raise ValueError(f"columns = {self.columns} must be >= 1")
+        from qwenimg_train.eval.runner import check_edit_source_area
+
+        check_edit_source_area(self.edit_source_area)
 
 
 @dataclass
@@ -255,6 +261,7 @@ def sample(job: SampleJob) -> dict[str, Any]:
     items = load_items(job)
     edits = any(item.source is not None for item in items)
     folder = _check_folder(job.checkpoint_dir, edits=edits, steps=job.steps)
+    from qwenimg_train.compat import edit_source_area
     from qwenimg_train.eval.pipeline import load_pipelines, resolve_device
 
     device, dtype = resolve_device(job.device, job.dtype)
@@ -273,7 +280,8 @@ def sample(job: SampleJob) -> dict[str, Any]:
         if source is None:
             array = t2i_pipe(**kwargs).images[0]
         else:
-            array = edit_pipe(image=source, **kwargs).images[0]
+            with edit_source_area(job.edit_source_area):
+                array = edit_pipe(image=source, **kwargs).images[0]
         finite = bool(np.isfinite(array).all())
         image = Image.fromarray((np.nan_to_num(array).clip(0, 1) * 255).round().astype(np.uint8))
         name = f"{i:03d}.png"

@@ -10,6 +10,7 @@ holding `.hydra/overrides.yaml` and the run itself (`summary.json`, `config.yaml
 
     sweep.md          the table (one row per job), OCR per suite, definitions, failures
     sweep.csv         the same and more, one row per job, full precision
+    arms.csv          OCR per arm (jobs equal but for the seed): mean and standard error
     sweep.png         final loss per task and the last OCR scores, one bar per job
     loss_curves.png   train/loss of every job over steps (smoothed as qwenimg-report does)
 
@@ -24,6 +25,9 @@ Definitions (docs/sweeps.md):
   stage (the `loss_from` column says which).
 - OCR: the last OCR evaluation (`summary.json`'s `ocr_eval`, else the last `eval/ocr/*`
   row of metrics.csv), overall and per suite.
+- arms: jobs that differ only in `seed` form one arm; its OCR is the mean over the
+  seeds ± the standard error (sample SD / sqrt(seeds); – with one seed), in sweep.md's
+  "OCR per arm" table and `arms.csv`.
 - status: completed (summary.json, all trainer.max_steps); incomplete (stopped early,
   still running, killed, timed out: no summary.json); failed (the job logged an
   error); not started (in the sweep's override list but without a folder).
@@ -151,6 +155,47 @@ def varying_keys(jobs: list[JobRun]) -> list[str]:
     parsed = [dict(_split(o) for o in job.overrides) for job in jobs]
     keys = list(dict.fromkeys(k for overrides in parsed for k in overrides))
     return [k for k in keys if len({overrides.get(k) for overrides in parsed}) > 1]
+
+
+SEED_KEYS = ("seed", "+seed", "++seed")
+"""Override keys that tell seeds of one arm apart (not arms)."""
+
+
+def arm_label(job: JobRun, keys: list[str]) -> str:
+    """The job's label without its seed: the arm it belongs to."""
+    return label(job, [k for k in keys if k not in SEED_KEYS])
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample SD / sqrt(n)); no SE from one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def arms(jobs: list[JobRun], keys: list[str]) -> list[dict[str, Any]]:
+    """Per arm (jobs equal but for the seed), in first-job order: the completed jobs with an
+    OCR evaluation, their seeds, and mean ± SE of every OCR metric they all logged."""
+    groups: dict[str, list[JobRun]] = {}
+    for j in jobs:
+        if j.status == "completed" and j.ocr:
+            groups.setdefault(arm_label(j, keys), []).append(j)
+    out = []
+    for name, members in groups.items():
+        metrics = sorted(set.intersection(*(set(j.ocr) for j in members)), key=lambda k: (k.count("/"), k))
+        seeds = [dict(_split(o) for o in j.overrides).get("seed", "–") for j in members]
+        out.append({"arm": name, "jobs": [j.num for j in members], "seeds": seeds,
+                    "ocr": {m: mean_se([j.ocr[m] for j in members]) for m in metrics}})
+    return out
+
+
+def _mean_se_cell(value: tuple[float, float | None] | None) -> str:
+    if value is None:
+        return "–"
+    mean, se = value
+    return f"{mean:.3f} ± {se:.3f}" if se is not None else f"{mean:.3f} ± –"
 
 
 def label(job: JobRun, keys: list[str]) -> str:
@@ -365,6 +410,18 @@ def write_markdown(path: Path, sweep_dir: Path, jobs: list[JobRun], common: list
                                                                            for s in suites]]
                          for j in jobs if j.ocr]) + [""]
         lines += ["Every metric (word accuracy, NED, exact, edit success...) per group is in sweep.csv.", ""]
+        grouped = arms(jobs, keys)
+        if any(len(a["jobs"]) > 1 for a in grouped):
+            lines += ["### OCR per arm", "",
+                      "Jobs that differ only in `seed` are one arm: the mean over its seeds ± the standard error "
+                      "(sample SD / sqrt(seeds)) of the last evaluation's character accuracy (and edit success "
+                      "where an edit suite ran); every metric is in arms.csv.", ""]
+            edit_suites = sorted({k.split("/", 1)[1] for a in grouped for k in a["ocr"] if k.startswith("edit_success/")})
+            lines += _table(["arm", "seeds", "overall", *suites, *[f"edit success {s}" for s in edit_suites]],
+                            [[f"`{a['arm']}`", len(a["jobs"]), _mean_se_cell(a["ocr"].get("char_accuracy")),
+                              *[_mean_se_cell(a["ocr"].get(f"char_accuracy/{s}")) for s in suites],
+                              *[_mean_se_cell(a["ocr"].get(f"edit_success/{s}")) for s in edit_suites]]
+                             for a in grouped]) + [""]
     else:
         lines += ["No job ran an OCR evaluation (callbacks.ocr_eval was null): no OCR columns.", ""]
 
@@ -467,6 +524,15 @@ def sweep_report(job: SweepReportJob) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
+    grouped = arms(jobs, keys)
+    metrics = list(dict.fromkeys(m for a in grouped for m in a["ocr"]))
+    with open(out / "arms.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arm", "jobs", "seeds", *[c for m in metrics for c in (f"ocr/{m}", f"ocr/{m}_se")]])
+        for a in grouped:
+            cells = [a["ocr"].get(m, (None, None)) for m in metrics]
+            writer.writerow([a["arm"], " ".join(map(str, a["jobs"])), " ".join(a["seeds"]),
+                             *[("" if v is None else v) for cell in cells for v in cell]])
     plot_comparison(out / "sweep.png", jobs, keys)
     plots = ["sweep.png"]
     if plot_curves(out / "loss_curves.png", jobs, keys):
@@ -477,7 +543,7 @@ def sweep_report(job: SweepReportJob) -> dict[str, Any]:
             log.warning("job %s %s: %s", j.num, j.status, j.detail)
     log.info("sweep report in %s: sweep.md, sweep.csv, %s", out, ", ".join(plots))
     return {"out_dir": str(out), "markdown": str(out / "sweep.md"), "csv": str(out / "sweep.csv"),
-            "plots": [str(out / p) for p in plots], "rows": rows}
+            "arms_csv": str(out / "arms.csv"), "plots": [str(out / p) for p in plots], "rows": rows, "arms": grouped}
 
 
 if __name__ == "__main__":

@@ -88,18 +88,19 @@ def precomputed_tag(cfg: ModelConfig):
 def build_encoders(cfg: TrainConfig, datamodule: CurriculumDataModule):
     """The frozen encoders, loaded before the Trainer exists (outside any sharded-init
     context, so ZeRO-3 never partitions them); None when the data is precomputed (the
-    shards carry their outputs, checked against this run's model folder by the tag)."""
+    shards carry their outputs, checked against this run's model folder by the tag) and no
+    OCR evaluation needs them to generate images."""
     model = cfg.model
     family = get_family(model.family)
     if model.build_tiny:
-        family.build_tiny(model.pretrained_path, variant=model.pipeline_class)
+        family.build_tiny(model.pretrained_path, variant=model.pipeline_class, world=model.tiny_world)
     if cfg.data.precomputed:
-        if cfg.callbacks.ocr_eval is not None:
-            raise ValueError("callbacks.ocr_eval generates images, which needs the encoders, but data.precomputed="
-                             "true keeps them off this machine: set callbacks.ocr_eval=null and score exported "
-                             "checkpoints with qwenimg-eval")
         datamodule.check_precomputed(precomputed_tag(model))
-        return None
+        if cfg.callbacks.ocr_eval is None:
+            return None
+        # Training reads the shards' encoder outputs; generating images still needs the encoders.
+        log.info("data.precomputed=true with callbacks.ocr_eval: the frozen encoders are loaded for the "
+                 "evaluation only (callbacks.ocr_eval=null keeps them off this machine)")
     encoders = family.load_encoders(model.pretrained_path, dtype=model.encoder_dtype,
                                     max_sequence_length=model.max_sequence_length)
     edit_stages = [s.name for s in cfg.curriculum.stages if s.needs_edit_pairs]
@@ -179,7 +180,8 @@ def build_callbacks(cfg: CallbacksConfig, *, datamodule: CurriculumDataModule, o
         ocr_eval = OcrEvalCallback(output_dir=str(output_dir), scheduler_dir=str(scheduler_dir),
                                    every_n_steps=o.every_n_steps, stage_end=o.stage_end, suites=o.suites, limit=o.limit,
                                    resolution=o.resolution, steps=o.steps, guidance=o.guidance, seed=o.seed,
-                                   stage_ending_at=datamodule.stage_ending_at, family=family)
+                                   stage_ending_at=datamodule.stage_ending_at, family=family, at_start=o.at_start,
+                                   edit_source_area=o.edit_source_area)
         callbacks.append(ocr_eval)
     return RunCallbacks(callbacks, summary, graceful, nonfinite, ocr_eval)
 

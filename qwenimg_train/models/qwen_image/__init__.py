@@ -4,7 +4,8 @@ models, Qwen-Image-Edit (one source image) and Edit-2511 (`zero_cond_t`).
 - `encoding.py`: prompt templates and encoding as diffusers' pipelines do, latent packing;
 - `transformer.py`: the mixed-batch forward (per-sample rotary, image-token mask);
 - `model.py`: loading from a diffusers folder, the trainable model (encode, denoise);
-- `tiny.py`: a tiny random-weight folder built in-process.
+- `tiny.py`: a tiny random-weight folder built in-process;
+- `glyph_vae.py`, `glyph_world.py`: the learnable tiny world (a VAE fitted on glyphs).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+TINY_WORLDS = ("random", "glyphs")
+
+
 class QwenImageFamily:
     name = "qwen_image"
     planner_preset = "qwen_image"
     tiny_variants = ("QwenImagePipeline", "QwenImageEditPipeline")
+    tiny_worlds = TINY_WORLDS
 
     @property
     def max_sequence_length(self) -> int:
@@ -31,7 +36,13 @@ class QwenImageFamily:
 
         return check_checkpoint_folder(path)
 
-    def build_tiny(self, path: str | Path, *, variant: str = "QwenImageEditPipeline") -> Path:
+    def build_tiny(self, path: str | Path, *, variant: str = "QwenImageEditPipeline", world: str = "random") -> Path:
+        if world == "glyphs":
+            from qwenimg_train.models.qwen_image.glyph_world import ensure_glyph_world
+
+            return ensure_glyph_world(path, pipeline_class=variant)
+        if world != "random":
+            raise ValueError(f"tiny world {world!r}; use one of {TINY_WORLDS}")
         from qwenimg_train.models.qwen_image.tiny import ensure_tiny_checkpoint
 
         return ensure_tiny_checkpoint(path, pipeline_class=variant)

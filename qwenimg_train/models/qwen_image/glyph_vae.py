@@ -93,7 +93,7 @@ def fit_glyph_vae(spec: GlyphVaeSpec = GlyphVaeSpec(), *, seed: int = 0, log_eve
             print(f"glyph VAE step {step + 1}/{spec.steps}: loss {float(loss):.4f}", flush=True)
     vae.eval().requires_grad_(False)
     _set_latent_stats(vae, chars, spec.size, seed)
-    return GlyphVaeFit(vae, spec.steps, time.perf_counter() - start, float(loss))
+    return GlyphVaeFit(vae, spec.steps, time.perf_counter() - start, float(loss.detach()))
 
 
 @torch.no_grad()

@@ -301,7 +301,8 @@ def _processor_files(directory: Path, tokenizer) -> None:
     (directory / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
 
 
-def _write_checkpoint(directory: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int) -> None:
+def _write_checkpoint(directory: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int,
+                      vae: torch.nn.Module | None = None) -> None:
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -332,7 +333,7 @@ def _write_checkpoint(directory: Path, spec: TinySpec, pipeline_class: PipelineC
             guidance_embeds=False,
             axes_dims_rope=tuple(spec.axes_dims_rope),
         )
-        vae = AutoencoderKLQwenImage(
+        vae = vae or AutoencoderKLQwenImage(
             base_dim=spec.vae_base_dim,
             z_dim=spec.z_dim,
             dim_mult=list(spec.vae_dim_mult),
@@ -394,7 +395,8 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def _build(path: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int, exist_ok: bool) -> Path:
+def _build(path: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int, exist_ok: bool,
+           vae: torch.nn.Module | None = None) -> Path:
     if pipeline_class not in ("QwenImagePipeline", "QwenImageEditPipeline"):
         raise ValueError(f"pipeline_class must be QwenImagePipeline or QwenImageEditPipeline, got {pipeline_class!r}")
     if _is_checkpoint(path):
@@ -406,7 +408,7 @@ def _build(path: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_checkpoint(tmp, spec, pipeline_class, seed)
+        _write_checkpoint(tmp, spec, pipeline_class, seed, vae)
         try:
             os.rename(tmp, path)  # atomic; replaces only an empty folder
         except OSError:

@@ -1,12 +1,16 @@
 """Text-rendering evaluation during training: OCR scores of generated images.
 
-Every `every_n_steps` optimizer steps and when a curriculum stage ends, the model being
+Every `every_n_steps` optimizer steps and when a curriculum stage ends (and, with
+`at_start`, once before the first step, logged at step 0), the model being
 trained generates a small subset of the prompt suites (`qwenimg_train.eval.suites`) through
 diffusers' own pipelines built around its modules (no copy of the weights), rapidocr
 reads the images back, and `qwenimg_train.eval.runner.evaluate` scores them. The scores go
 to every logger as `eval/ocr/<metric>` (all suites) and `eval/ocr/<metric>/<suite>`,
 at that step only; the images, one grid per suite, `ocr.json` and `ocr.md` go to
 `<output_dir>/eval/step<N>/`, and the grids to wandb when it logs.
+
+`edit_source_area` sets the pixels the edit pipeline resizes a source image to (None:
+diffusers' 1024²; the glyph world, trained on 64x64 edits, needs 64²).
 
 The raw (not EMA) weights are evaluated. Every rank generates (under ZeRO-3 each
 forward gathers parameters collectively, so all ranks must take part); rank 0 scores,
@@ -30,8 +34,9 @@ class OcrEvalCallback(pl.Callback):
     def __init__(self, *, output_dir: str, scheduler_dir: str, every_n_steps: int | None = 1000,
                  stage_end: bool = True, suites: str | Sequence[str] = "all", limit: int = 2,
                  resolution: int = 512, steps: int = 20, guidance: float = 4.0, seed: int = 0,
-                 stage_ending_at: Callable[[int], int | None] | None = None, family: str = "qwen_image"):
-        from qwenimg_train.eval.runner import check_sampling
+                 stage_ending_at: Callable[[int], int | None] | None = None, family: str = "qwen_image",
+                 at_start: bool = False, edit_source_area: int | None = None):
+        from qwenimg_train.eval.runner import check_edit_source_area, check_sampling
         from qwenimg_train.eval.suites import suite_names
 
         if every_n_steps is not None and every_n_steps < 1:
@@ -39,6 +44,7 @@ class OcrEvalCallback(pl.Callback):
         if limit < 1:
             raise ValueError(f"callbacks.ocr_eval.limit = {limit} must be >= 1")
         check_sampling(steps=steps, resolution=resolution)
+        check_edit_source_area(edit_source_area)
         suite_names(suites)  # unknown names fail now, not at the first evaluation
         from qwenimg_train.models import get_family
 
@@ -47,6 +53,8 @@ class OcrEvalCallback(pl.Callback):
         self.scheduler_dir = scheduler_dir
         self.every_n_steps = every_n_steps
         self.stage_end = stage_end
+        self.at_start = at_start
+        self.edit_source_area = edit_source_area
         self.suites = suites
         self.limit = limit
         self.resolution = resolution
@@ -63,6 +71,12 @@ class OcrEvalCallback(pl.Callback):
             return False
         periodic = self.every_n_steps is not None and step % self.every_n_steps == 0
         return periodic or (self.stage_end and self.stage_ending_at(step) is not None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Before the first step of a fresh run (a resumed run had its step-0 evaluation).
+        if self.at_start and trainer.global_step == 0 and self._last_step != 0:
+            self._last_step = 0
+            self.run(trainer, pl_module, 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -82,7 +96,7 @@ class OcrEvalCallback(pl.Callback):
         t2i, edit = pipelines_around(self.family, scheduler=scheduler, vae=enc.vae, text_encoder=enc.text_encoder,
                                      tokenizer=enc.tokenizer, transformer=model.transformer, processor=enc.processor)
         return PipelineGenerator(t2i=t2i, edit=edit, steps=self.steps, guidance=self.guidance,
-                                 resolution=self.resolution)
+                                 resolution=self.resolution, edit_source_area=self.edit_source_area)
 
     def run(self, trainer, pl_module, step: int) -> dict[str, Any]:
         from data_pipelines.core.ocr import OcrEngine
