@@ -9,7 +9,8 @@ A change meant to move the curve rewrites the file on purpose:
     QWENIMG_UPDATE_GOLDEN=1 make test PYTEST_ARGS=tests/test_golden.py
 
 then review the diff of tests/golden/smoke_losses.json and commit it (docs/training.md,
-Reference curve).
+Reference curve). The file's `glyph_run` entry is the glyph world's OCR at its stage
+ends, checked by tests/test_learns_to_write.py.
 """
 
 from __future__ import annotations

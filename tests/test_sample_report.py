@@ -288,3 +288,19 @@ def test_report_plots_ocr_per_suite_against_steps_with_stage_boundaries(tmp_path
     assert "| 0 | before training | 0 | 0 | 0.1 |" in md
     assert "| 3 | glyphs | 0.25 | 0.5 | 0 |" in md and "| 9 | edits | 0.75 | 1 | 0.5 |" in md
     assert "![OCR metrics over steps](ocr.png)" in md
+
+
+def test_demo_summary_curve_holds_suites_per_evaluation():
+    """make demo's summary.json: the OCR curve per step and suite, named after the stage it ends."""
+    from qwenimg_train.tools.demo import ocr_curve
+
+    train_summary = {"stages": {"no_text": {"steps": 3}, "simple_text": {"steps": 4}},
+                     "ocr_eval": [{"step": 0, "metrics": {"eval/ocr/char_accuracy/glyph_char": 0.0}},
+                                  {"step": 7, "metrics": {"eval/ocr/char_accuracy": 0.4,
+                                                          "eval/ocr/char_accuracy/glyph_char": 0.75,
+                                                          "eval/ocr/char_accuracy/zh-Hans": 0.5,
+                                                          "eval/ocr/edit_success/glyph_edit": 0.25}}]}
+    assert ocr_curve(train_summary) == [
+        {"step": 0, "after": "start", "glyph_char": {"char_accuracy": 0.0}},
+        {"step": 7, "after": "simple_text", "glyph_char": {"char_accuracy": 0.75},
+         "glyph_edit": {"edit_success": 0.25}}]

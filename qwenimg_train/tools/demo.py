@@ -61,7 +61,10 @@ def sample_grid(export_dir: Path, out_dir: Path, *, steps: int = 20, guidance: f
 
 
 def ocr_curve(train_summary: dict) -> list[dict]:
-    """The training-time OCR evaluations: per step, char accuracy per suite (and edit success)."""
+    """The training-time OCR evaluations: per step, char accuracy per suite (and edit success);
+    the evaluation's per-language groups are left out (the glyph suites are one language)."""
+    from qwenimg_train.eval.suites import SUITES
+
     curve, stage_ends, total = [], {}, 0
     for name, stage in train_summary.get("stages", {}).items():
         total += stage["steps"]
@@ -71,7 +74,7 @@ def ocr_curve(train_summary: dict) -> list[dict]:
         point = {"step": entry["step"], "after": "start" if entry["step"] == 0 else stage_ends.get(entry["step"])}
         for key, value in sorted(m.items()):
             parts = key.split("/")  # eval/ocr/<metric>/<suite>
-            if len(parts) == 4 and parts[2] in ("char_accuracy", "edit_success"):
+            if len(parts) == 4 and parts[2] in ("char_accuracy", "edit_success") and parts[3] in SUITES:
                 point.setdefault(parts[3], {})[parts[2]] = round(value, 4)
         curve.append(point)
     return curve
