@@ -36,7 +36,7 @@ def _expand(cfg) -> list[list[str]]:
 # --- sweep presets and launcher configs ------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, jobs", [("curriculum", 2), ("data_mix", 3), ("task_mix", 3)])
+@pytest.mark.parametrize("preset, jobs", [("curriculum", 5), ("data_mix", 3), ("task_mix", 3)])
 def test_sweep_presets_expand_to_valid_jobs(preset, jobs):
     """Each preset turns on multirun and expands to jobs whose configs pass the curriculum's validation."""
     cfg = compose_train(["experiment=smoke", f"sweep={preset}"], hydra_cfg=True)
@@ -49,7 +49,8 @@ def test_sweep_presets_expand_to_valid_jobs(preset, jobs):
         seen.append((curriculum.name, [(s.source_weights, s.task_mix) for s in curriculum.stages]))
     assert len({repr(s) for s in seen}) == jobs  # every job trains something different
     if preset == "curriculum":
-        assert [name for name, _ in seen] == ["three_stage", "single_stage"]
+        assert [name for name, _ in seen] == [
+            "three_stage", "single_stage", "report_recipe", "three_stage_reversed", "three_stage_replay"]
     if preset == "data_mix":  # one mix in all three stages, the default recipe among them
         assert [[w["design"] for w, _ in stages] for _, stages in seen] == [[0.2] * 3, [0.4] * 3, [0.6] * 3]
     if preset == "task_mix":
@@ -66,7 +67,7 @@ def test_curriculum_wide_mix_replaces_every_stage():
     with pytest.raises(ValueError, match="no_text.*negative"):
         Curriculum.from_config(compose_train(["curriculum.source_weights={design:-1.0}"]).curriculum)
     with pytest.raises(ValueError, match="unknown key"):
-        Curriculum.from_config({"name": "x", "stages": {}, "resolution": 256})
+        Curriculum.from_config({"name": "x", "stages": {}, "resolutions": 256})
 
 
 def test_slurm_launcher_composes_to_an_sbatch_script(tmp_path, monkeypatch):
