@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qwenimg_train.models import FAMILIES, ModelFamily, get_family
-from qwenimg_train.models.weights import DTYPES
+from qwenimg_train.models.weights import DTYPES, quiet_loading
 
 
 def family_of_folder(folder: str | Path) -> ModelFamily:
@@ -54,6 +54,7 @@ def load_pipelines(folder: str | Path, *, device: str = "auto", dtype: str = "au
     folder = family.check_folder(folder)
     device, torch_dtype = resolve_device(device, dtype)
     t2i_class, _ = family.pipeline_classes()
+    quiet_loading()
     t2i = t2i_class.from_pretrained(folder, dtype=torch_dtype).to(device)
     processor = family.load_processor(folder) if edit else None
     t2i, edit_pipe = family.pipelines(t2i.components, processor=processor)

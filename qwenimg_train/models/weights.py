@@ -45,3 +45,15 @@ class SafetensorsFolder(Mapping):
 
 def read_safetensors_folder(folder: str | Path) -> Mapping[str, torch.Tensor]:
     return SafetensorsFolder(Path(folder))
+
+
+def quiet_loading() -> None:
+    """Turn off transformers' and diffusers' progress bars for loading weights ("Loading
+    weights", "Loading pipeline components"): one bar per frozen model per process is
+    chatter in a training or evaluation log. Their warnings and errors still show, and a
+    pipeline's sampling bar is set per pipeline (`set_progress_bar_config`)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()

@@ -18,6 +18,7 @@ canvas settles on an all-white decoder within the first hundred steps (measured:
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from data_pipelines.sources.glyphs import glyph_vocabulary, render_glyph
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ def ensure_glyph_vae(folder: str | Path, spec: GlyphVaeSpec = GlyphVaeSpec(), *,
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
+    logger.info("fitting the glyph VAE into %s (once; about 3 minutes on 2 CPU cores)", folder)
     fit = fit_glyph_vae(spec, seed=seed)
+    logger.info("glyph VAE fitted: %d steps in %.0f s, final loss %.4f", fit.steps, fit.seconds, fit.final_loss)
     tmp = folder.with_name(f".{folder.name}.tmp")
     fit.vae.save_pretrained(tmp)
     (tmp / "fit.json").write_text(json.dumps({"spec": {k: v for k, v in asdict(spec).items() if k != "vocabulary"},

@@ -35,7 +35,7 @@ from data_pipelines.core.images import to_unit_range
 from qwenimg_train.data.loader import Batch
 from qwenimg_train.models.qwen_image.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
 from qwenimg_train.models.lora import LoraSettings, apply_lora
-from qwenimg_train.models.weights import DTYPES
+from qwenimg_train.models.weights import DTYPES, quiet_loading
 from qwenimg_train.models.qwen_image.transformer import EditFusionGate, forward_mixed, install_mixed_batch_attention
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def load_encoders(path: str | Path, *, dtype: str = "float32", max_sequence_leng
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = check_checkpoint_folder(path)
+    quiet_loading()
     torch_dtype = _dtype(dtype)
     processor = load_processor(path) if (path / "processor").is_dir() else None
     return FrozenEncoders(
@@ -150,6 +151,7 @@ def load_transformer(path: str | Path, *, zero_cond_t: bool | None = None):
 
     path = check_checkpoint_folder(path)
     kwargs = {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
+    quiet_loading()
     return QwenImageTransformer2DModel.from_pretrained(path / "transformer", dtype=torch.float32, **kwargs)
 
 
