@@ -1,5 +1,6 @@
-"""The planner (`qwenimg-plan`): parameter counts against diffusers, the memory model
-against measured CPU peaks, the fit table's consistency, the CLI and its errors."""
+"""The planner (`qwenimg-plan`): parameter counts against diffusers (and the LoRA adapter
+against peft), the memory model against measured CPU peaks, the fit tables' consistency,
+the CLI and its errors."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import pytest
 import torch
 
 from qwenimg_train.tools.plan import (
+    LORA_BASE_PREFERENCE,
     PRESETS,
     QWEN25_VL_7B,
     PlanConfig,
     TransformerSpec,
     ZeroSettings,
+    base_weight_bytes,
     fit_table,
     load_spec,
+    lora_fit_table,
     min_nodes,
     plan,
     run,
@@ -233,3 +237,213 @@ def test_config_dataclass_replace_revalidates():
     with pytest.raises(ValueError, match="nodes"):
         dataclasses.replace(cfg, nodes=0)
     assert QWEN25_VL_7B.params > 8e9
+
+
+# ------------------------------------------------------------------ LoRA and quantized bases
+
+TINY_KW = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def _one_gpu_lora(**kw) -> PlanConfig:
+    base = dict(model="qwen_image", gpus_per_node=1, zero_stage=0, micro_batch=1, finetune="lora")
+    return PlanConfig(**{**base, **kw})
+
+
+def test_linears_and_lora_tensors_match_diffusers_and_peft():
+    """Every nn.Linear (what the quantizers convert) and every adapter tensor peft creates,
+    by name and size, for a tiny transformer."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenimg_train.models.lora import LoraSettings, apply_lora
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(**TINY_KW)
+    spec = TransformerSpec.from_config(TINY_KW)
+    linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert list(spec.linears()) == linears
+    apply_lora(model, LoraSettings(rank=4))
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert dict(spec.lora_tensors(4)) == trainable
+    assert spec.lora_params(4) == sum(trainable.values())
+    # rank·(in + out) per targeted Linear: 8 D×D projections and 2 MLPs (D→4D, 4D→D) per block
+    d = spec.width
+    assert spec.lora_params(4) == spec.num_layers * 4 * (8 * 2 * d + 2 * 2 * 5 * d)
+
+
+def test_twenty_b_adapter_and_base_bytes_by_hand():
+    spec = PRESETS["qwen_image"][0]
+    P, d = spec.num_params(), 3072
+    # rank 16: 60 blocks × 16 × (8·(D + D) + 4·(D + 4D)) = 60 × 16 × 36·D
+    assert spec.lora_params(16) == 60 * 16 * 36 * d == 106_168_320
+    # every nn.Linear's weight: per block 36·D² (modulation 2·6D², attention 8·D², MLPs 16·D²),
+    # plus the time embedding (256·D + D²), img_in (64·D), txt_in (3584·D), norm_out (2·D²), proj_out (64·D)
+    linear = 60 * 36 * d * d + 256 * d + d * d + 64 * d + 3584 * d + 2 * d * d + 64 * d
+    assert linear == sum(i * o for _, i, o in spec.linears()) == 20_424_818_688
+    rows = 60 * 30 * d + d + d + d + d + 2 * d + 64  # output rows: per block 12D + 8D + 2·(4D + D)
+    rest = P - linear  # biases and norm weights: bf16 in every quantized base
+    assert base_weight_bytes(spec, "fp32") == 4 * P == 81_721_604_352  # 81.7 GB
+    assert base_weight_bytes(spec, "bf16") == 2 * P
+    assert base_weight_bytes(spec, "int8") == linear + 10 * rows + 2 * rest  # bf16 scale + int64 zero point per row
+    assert base_weight_bytes(spec, "fp8") == linear + 4 * rows + 2 * rest  # fp32 scale per row
+    # nf4: every Linear here is a multiple of 64 weights (and of 64·256 with double quantization)
+    assert base_weight_bytes(spec, "nf4") == linear * 0.5625 + 2 * rest  # 0.5 + 4/64
+    assert base_weight_bytes(spec, "nf4", nf4_double_quant=True) == linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * rest
+    assert 20.4e9 < base_weight_bytes(spec, "int8") < 20.6e9 and 10.5e9 < base_weight_bytes(spec, "nf4") < 11.6e9
+
+
+def test_nf4_rounds_up_partial_blocks():
+    spec = TransformerSpec(num_layers=1, num_attention_heads=1, attention_head_dim=10, in_channels=3, out_channels=1,
+                           patch_size=1, joint_attention_dim=7)
+    expected = 0
+    for _, i, o in spec.linears():
+        blocks = -(-i * o // 64)
+        expected += -(-i * o // 2) + 4 * blocks
+    linear = sum(i * o for _, i, o in spec.linears())
+    assert base_weight_bytes(spec, "nf4") == expected + 2 * (spec.num_params() - linear)
+
+
+def test_lora_trains_only_the_adapter():
+    spec = PRESETS["qwen_image"][0]
+    A = spec.lora_params(16)
+    ddp = plan(_one_gpu_lora(base_dtype="bf16"))
+    assert ddp.params == A and ddp.frozen_params == spec.num_params()
+    assert ddp.memory["base_weights"] == 2 * spec.num_params()
+    # fp32 adapter: weights, gradients, AdamW m and v, 16 bytes per adapter parameter; no base gradients
+    assert (ddp.memory["parameters"], ddp.memory["gradients"], ddp.memory["optimizer_states"]) == (4 * A, 4 * A, 8 * A)
+    assert ddp.memory["optimizer_step_workspace"] == 4 * A and ddp.memory.get("comm_buffers", 0) == 0
+    assert plan(_one_gpu_lora(gpus_per_node=8)).memory["comm_buffers"] == 4 * A  # DDP buckets the adapter only
+    full = plan(PlanConfig(model="qwen_image", gpus_per_node=1, zero_stage=0))
+    # without checkpointing a frozen base saves 19 of the 25 elements per token and block
+    no_ckpt = dict(model="qwen_image", precision="fp32", activation_checkpointing=False)
+    assert plan(PlanConfig(**no_ckpt, finetune="lora", base_dtype="fp32")).memory["activations"] < plan(
+        PlanConfig(**no_ckpt)).memory["activations"]
+    # the frozen base computes input gradients only: 1× its linear FLOPs, 2× attention and adapter
+    f = transformer_forward_flops(spec, image_len=4096, text_len=1024, lora_rank=16)
+    assert f["adapter"] == 60 * 5120 * 36 * 16 * 3072
+    assert ddp.flops["transformer_backward"] == f["linear"] + 2 * (f["attention"] + f["adapter"])
+    assert ddp.flops["transformer_backward"] < full.flops["transformer_backward"]
+
+
+def test_lora_under_zero3_partitions_the_frozen_base():
+    spec = PRESETS["qwen_image"][0]
+    P, A = spec.num_params(), spec.lora_params(16)
+    small = spec.small_params(1e6)
+    z3 = plan(PlanConfig(model="qwen_image", finetune="lora", zero_stage=3, gpus_per_node=8, nodes=2))
+    assert z3.memory["base_weights"] == round(2 * P / 16 + 2 * small)
+    assert z3.memory["parameters"] == round(2 * A / 16 + 2 * A)  # the adapter's tensors are all under 1e6: whole
+    assert z3.memory["gradients"] == round(2 * A / 16) and z3.memory["optimizer_states"] == round(12 * A / 16)
+    peaks = [plan(PlanConfig(model="qwen_image", finetune="lora", nodes=n)).peak_bytes for n in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+@pytest.mark.parametrize(("precision", "base", "checkpointing"), [
+    ("fp32", "fp32", False), ("fp32", "fp32", True), ("bf16-mixed", "bf16", False), ("bf16-mixed", "fp32", True)])
+def test_lora_memory_matches_measured_cpu_step(tmp_path, precision, base, checkpointing):
+    """A LoRA step (peft adapter, frozen base) measured as in the full fine-tuning check;
+    bf16-mixed is torch.autocast over a bf16 or fp32 base with the fp32 adapter."""
+    import contextlib
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenimg_train.models.lora import LoraSettings, apply_lora
+    from qwenimg_train.tools.plan_memory import measure_step
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(**MEASURED_KW)
+    model.save_config(tmp_path)
+    apply_lora(model, LoraSettings(rank=4))
+    for p in model.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(torch.bfloat16 if base == "bf16" else torch.float32)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    with autocast:
+        measured = measure_step(model, batch=2, height=128, width=128, text_len=32, checkpointing=checkpointing)
+    predicted = plan(PlanConfig(model=str(tmp_path), resolution=128, micro_batch=2, gpus_per_node=1, zero_stage=0,
+                                precision=precision, activation_checkpointing=checkpointing, prompt_length=32,
+                                overhead_gb=0, finetune="lora", lora_rank=4, base_dtype=base))
+    m = predicted.memory
+    assert m["base_weights"] + m["parameters"] == measured.parameters
+    # the last block's text MLP and to_add_out feed nothing: no gradient, no Adam state (~8% here)
+    assert 0.9 <= measured.gradients / m["gradients"] <= 1.0
+    assert measured.activations > 3 * 2**20
+    training = m["activations"] + m.get("autocast_weight_cache", 0) + m["frozen_weight_copies"]
+    assert training == pytest.approx(measured.activations, rel=0.1)
+
+
+def test_twenty_b_lora_on_one_80gb_gpu():
+    """An fp32 base (81.7 GB of weights) does not fit one 80 GB GPU at any resolution; a bf16
+    base fits at 1024² with precomputed encoders (and with resident ones)."""
+    for resolution in (512, 1024, 1328):
+        fp32 = plan(_one_gpu_lora(base_dtype="fp32", resolution=resolution, gpu_memory_gb=80))
+        assert not fp32.fits
+        assert fp32.memory["base_weights"] > 76 * GiB  # 81.7e9 bytes = 76.1 GiB, before any activation
+    bf16 = plan(_one_gpu_lora(base_dtype="bf16", resolution=1024, gpu_memory_gb=80))
+    assert bf16.fits and 40 < bf16.peak_gib < 48
+    assert plan(_one_gpu_lora(resolution=1024, gpu_memory_gb=80, encoder="resident")).fits
+    assert not plan(_one_gpu_lora(resolution=1024, gpu_memory_gb=40)).fits  # 38 GiB of bf16 base
+    assert plan(_one_gpu_lora(base_dtype="int8", resolution=1024, gpu_memory_gb=40)).fits
+    assert plan(_one_gpu_lora(base_dtype="nf4", resolution=1024, gpu_memory_gb=24)).fits
+
+
+def test_lora_fit_table_prefers_the_least_lossy_base_and_is_monotone():
+    memories, resolutions = (24.0, 40.0, 48.0, 80.0, 141.0), (512, 1024, 1328)
+    rows = lora_fit_table(PlanConfig(), gpu_memory_gb=memories, resolutions=resolutions)
+    assert len(rows) == 5 * 3 * 2 * 2
+    rank = {dtype: i for i, dtype in enumerate(LORA_BASE_PREFERENCE)}
+    rank[None] = len(LORA_BASE_PREFERENCE)
+    by_key = {(r.gpu_memory_gb, r.resolution, r.task, r.encoder): r for r in rows}
+    for (memory, resolution, task, encoder), r in by_key.items():
+        assert r.model == {"t2i": "qwen_image", "edit": "qwen_image_edit"}[task]
+        if r.fits:
+            assert r.peak_gib <= memory
+        tried = LORA_BASE_PREFERENCE[:rank[r.base_dtype]]  # every more preferred base does not fit
+        for dtype in tried:
+            assert not plan(_one_gpu_lora(model=r.model, task=task, encoder=encoder, resolution=resolution,
+                                          gpu_memory_gb=memory, base_dtype=dtype)).fits
+        i = memories.index(memory)
+        if i + 1 < len(memories):  # more memory never needs a lossier base
+            assert rank[by_key[(memories[i + 1], resolution, task, encoder)].base_dtype] <= rank[r.base_dtype]
+        j = resolutions.index(resolution)
+        if j + 1 < len(resolutions):  # a larger image never fits a less lossy base
+            assert rank[by_key[(memory, resolutions[j + 1], task, encoder)].base_dtype] >= rank[r.base_dtype]
+        assert rank[by_key[(memory, resolution, task, "resident")].base_dtype] >= rank[
+            by_key[(memory, resolution, task, "precomputed")].base_dtype]
+        assert rank[by_key[(memory, resolution, "edit", encoder)].base_dtype] >= rank[
+            by_key[(memory, resolution, "t2i", encoder)].base_dtype]  # the source latents only add tokens
+    assert by_key[(80.0, 1024, "t2i", "precomputed")].base_dtype == "bf16"
+    assert by_key[(24.0, 1024, "t2i", "precomputed")].base_dtype == "nf4"
+    assert not by_key[(24.0, 512, "t2i", "resident")].fits  # 16.6 GB of bf16 encoders beside any base
+
+
+def test_run_prints_a_lora_plan_and_the_lora_fit_table():
+    text = run({"finetune": "lora", "base_dtype": "fp32", "gpus_per_node": 1, "zero_stage": 0})
+    assert "LoRA rank 16: 106.2M" in text and "base_weights" in text and "does NOT fit" in text
+    assert "base_dtype=int8 or nf4" in text
+    table = run({"mode": "lora_fit_table", "lora_fit_table": {"gpu_memory_gb": [24, 80], "resolutions": [1024]}})
+    assert "bf16 > int8 > nf4" in table and "no fit" in table and "nf4" in table
+    assert len([line for line in table.splitlines() if "GB " in line]) == 2 * 1 * 2
+    # the table's own axes win over the root config's (8 GPUs, ZeRO-3, full fine-tuning)
+    ranked = run({"mode": "lora_fit_table", "lora_rank": 64, "lora_fit_table": {"gpu_memory_gb": [48],
+                                                                                 "resolutions": [512]}})
+    assert "rank 64, 424.7M adapter parameters" in ranked
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"finetune": "qlora"}, ["finetune", "'lora'"]),
+    ({"base_dtype": "int8"}, ["base_dtype", "finetune=lora"]),
+    ({"lora_rank": 8}, ["lora_rank", "finetune=lora"]),
+    ({"finetune": "lora", "lora_rank": 0}, ["lora_rank", ">= 1"]),
+    ({"finetune": "lora", "base_dtype": "int4"}, ["base_dtype", "nf4"]),
+    ({"finetune": "lora", "base_dtype": "nf4", "zero_stage": 3}, ["nf4", "zero_stage=0",
+                                                                   "ZeRO-3 does not partition quantized weights"]),
+    ({"finetune": "lora", "base_dtype": "fp32", "zero_stage": 2}, ["fp32", "zero_stage=2", "base_dtype=bf16"]),
+    ({"finetune": "lora", "base_dtype": "int8", "zero_stage": 0, "precision": "fp32"}, ["precision", "bf16-mixed"]),
+    ({"finetune": "lora", "zero_stage": 0, "nf4_double_quant": True}, ["nf4_double_quant", "base_dtype=nf4"]),
+    ({"mode": "lora_fit_table", "lora_fit_table": {"tasks": {"i2v": "qwen_image"}}}, ["lora_fit_table.tasks", "t2i"]),
+])
+def test_lora_user_errors_name_the_key_and_the_fix(overrides, words):
+    with pytest.raises(ValueError) as info:
+        run(overrides)
+    for word in words:
+        assert word in str(info.value)

@@ -4,18 +4,22 @@
     qwenimg-plan model=qwen_image resolution=1328 gpus_per_node=8 nodes=4 gpu_memory_gb=40 zero_stage=3
     qwenimg-plan model=/data/Qwen-Image             any diffusers folder (transformer/config.json)
     qwenimg-plan mode=fit_table                      the 20B fit table (docs/planner.md)
+    qwenimg-plan finetune=lora base_dtype=nf4 gpus_per_node=1 zero_stage=0 gpu_memory_gb=24
+    qwenimg-plan mode=lora_fit_table                 one GPU: the least lossy LoRA base that fits
 
-`plan(PlanConfig(...)) -> Plan` is the function tests call; `min_nodes` and `fit_table`
-build on it. Everything is arithmetic over the architecture (no model is built), so a
-plan takes microseconds. The formulas and their sources are in docs/planner.md; the
+`plan(PlanConfig(...)) -> Plan` is the function tests call; `min_nodes`, `fit_table` and
+`lora_fit_table` build on it. Everything is arithmetic over the architecture (no model is
+built), so a plan takes microseconds. The formulas and their sources are in docs/planner.md; the
 activation model is validated against measured CPU peaks by benchmarks/bench_plan.py
 and tests/test_plan.py.
 
 Memory per GPU = static + the largest of three phases:
-- static: parameters, gradients, optimizer states (fp32 master + Adam m, v), DDP /
-  DeepSpeed communication buffers, the frozen encoders (resident), a fixed overhead;
+- static: the frozen base (LoRA), trainable parameters, gradients, optimizer states (fp32
+  master + Adam m, v), DDP / DeepSpeed communication buffers, the frozen encoders
+  (resident), a fixed overhead;
 - training phase (forward + backward): activations, ZeRO-3 gathered (live + prefetched)
-  parameters, the autocast weight cache (DDP bf16-mixed);
+  parameters, the autocast weight cache (DDP bf16-mixed), the bf16 copies of a frozen
+  fp32 or quantized base that autograd keeps (LoRA);
 - encoder phase (resident encoders, before the transformer runs): their working set;
 - optimizer-step phase: the fp32 gradient copy and the foreach AdamW temporary.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_pipelines.core.geometry import PIXELS_PER_TOKEN, floor_side, image_tokens, is_valid_side
+from qwenimg_train.models.lora import ADAPTER_NAME, DEFAULT_TARGET_MODULES
 
 log = logging.getLogger("qwenimg-plan")
 
@@ -38,6 +43,15 @@ GiB = 2**30
 PRECISIONS = ("bf16-mixed", "fp32")
 TASKS = ("t2i", "edit")
 ENCODER_MODES = ("precomputed", "resident")
+FINETUNE_MODES = ("full", "lora")
+BASE_DTYPES = ("fp32", "bf16", "int8", "fp8", "nf4")
+QUANTIZED_BASES = ("int8", "fp8", "nf4")
+# lora_fit_table tries these in order and keeps the first that fits: the least lossy first.
+# The released weights are bf16, so an fp32 base adds no precision; fp8 stores 1 byte per
+# weight like int8 (with a smaller per-row scale), so it fits wherever int8 does.
+LORA_BASE_PREFERENCE = ("bf16", "int8", "nf4")
+NF4_BLOCK = 64  # bitsandbytes Params4bit blocksize (diffusers' BitsAndBytesConfig default)
+NF4_NESTED_BLOCK = 256  # bnb_4bit_use_double_quant: the absmax values quantized in blocks of 256
 # Dense bf16 peak TFLOP/s (NVIDIA data sheets: A100 312, H100 SXM 989, H200 989).
 GPU_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0}
 MAX_PROMPT_TOKENS = 1024  # the released pipelines' cap after the template drop
@@ -126,6 +140,55 @@ class TransformerSpec:
     def num_params(self) -> int:
         return sum(n for _, n in self.parameter_tensors())
 
+    def linears(self) -> Iterator[tuple[str, int, int]]:
+        """(module name, in_features, out_features) of every `nn.Linear`, in diffusers' order:
+        what diffusers' torchao and bitsandbytes quantizers convert (they convert `nn.Linear`
+        only, the modulation included; norms and biases stay in the load dtype) and what
+        LoRA's target_modules name. Tests compare with the real module."""
+        d, j, f = self.width, self.joint_attention_dim, self.mlp_width
+        yield "time_text_embed.timestep_embedder.linear_1", 256, d
+        yield "time_text_embed.timestep_embedder.linear_2", d, d
+        yield "img_in", self.in_channels, d
+        yield "txt_in", j, d
+        for i in range(self.num_layers):
+            p = f"transformer_blocks.{i}."
+            yield p + "img_mod.1", d, 6 * d
+            for proj in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "add_q_proj", "to_out.0", "to_add_out"):
+                yield p + f"attn.{proj}", d, d
+            for stream in ("img", "txt"):
+                if stream == "txt":
+                    yield p + "txt_mod.1", d, 6 * d
+                yield p + f"{stream}_mlp.net.0.proj", d, f
+                yield p + f"{stream}_mlp.net.2", f, d
+        yield "norm_out.linear", d, 2 * d
+        yield "proj_out", d, self.patch_size**2 * self.out_channels
+
+    def token_linears(self) -> list[tuple[str, int, int]]:
+        """The Linears of one block that run on every token (attention projections and MLPs,
+        not the per-sample modulation): under LoRA their inputs carry gradients."""
+        return [(name, fan_in, fan_out) for name, fan_in, fan_out in self.linears()
+                if name.startswith("transformer_blocks.0.") and "_mod." not in name]
+
+    def lora_tensors(self, rank: int) -> Iterator[tuple[str, int]]:
+        """(name, numel) of the peft adapter on every Linear DEFAULT_TARGET_MODULES names:
+        lora_A [rank, in] and lora_B [out, rank], rank·(in + out) per Linear
+        (qwenimg_train.models.lora; tests compare with peft's)."""
+        for name, fan_in, fan_out in self.linears():
+            if _is_lora_target(name):
+                yield f"{name}.lora_A.{ADAPTER_NAME}.weight", rank * fan_in
+                yield f"{name}.lora_B.{ADAPTER_NAME}.weight", fan_out * rank
+
+    def lora_params(self, rank: int) -> int:
+        return sum(n for _, n in self.lora_tensors(rank))
+
+    def lora_token_linears(self) -> list[tuple[str, int, int]]:
+        """One block's adapted Linears that run on tokens, both streams (12 by default)."""
+        return [linear for linear in self.token_linears() if _is_lora_target(linear[0])]
+
+    def lora_linears_per_token(self) -> int:
+        """Adapted Linears a token passes in one block: its own stream's half (6 by default)."""
+        return len(self.lora_token_linears()) // 2
+
     def block_params(self) -> int:
         return sum(n for name, n in self.parameter_tensors() if name.startswith("transformer_blocks.0."))
 
@@ -187,6 +250,11 @@ PRESETS: dict[str, tuple[TransformerSpec, EncoderSpec]] = {
     "qwen_image_edit_2511": (TransformerSpec(zero_cond_t=True), QWEN25_VL_7B),
     "tiny": (TINY, TINY_ENCODERS),
 }
+
+
+def _is_lora_target(module_name: str) -> bool:
+    # peft's rule for a list of target_modules: the full name, or a suffix after a dot
+    return any(module_name == t or module_name.endswith("." + t) for t in DEFAULT_TARGET_MODULES)
 
 
 def load_spec(model: str) -> tuple[TransformerSpec, EncoderSpec]:
@@ -272,6 +340,16 @@ class PlanConfig:
     (frozen Qwen2.5-VL + VAE in bf16 on every GPU)."""
     overhead_gb: float = 2.0
     """CUDA context, cuBLAS / NCCL workspaces and allocator slack per GPU (0 on CPU)."""
+    finetune: str = "full"
+    """full (every transformer weight trains) or lora (a peft adapter on
+    qwenimg_train.models.lora's DEFAULT_TARGET_MODULES trains; the base is frozen)."""
+    lora_rank: int | None = None
+    """LoRA only: the adapter's rank (null = 16, model.lora.rank's default)."""
+    base_dtype: str | None = None
+    """LoRA only: the frozen base's storage: fp32, bf16 (null = bf16), or quantized through
+    diffusers' quantization_config: int8 / fp8 (torchao weight-only) or nf4 (bitsandbytes)."""
+    nf4_double_quant: bool = False
+    """base_dtype=nf4 only: bnb_4bit_use_double_quant (the block scales quantized to 8 bits)."""
     zero: ZeroSettings = field(default_factory=ZeroSettings)
 
     def __post_init__(self) -> None:
@@ -308,6 +386,41 @@ class PlanConfig:
             raise ValueError(f"peak_tflops = {self.peak_tflops} must be > 0")
         if self.overhead_gb < 0:
             raise ValueError(f"overhead_gb = {self.overhead_gb} must be >= 0")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune = {self.finetune!r}; use one of {FINETUNE_MODES}")
+        if self.finetune == "full":
+            for key in ("lora_rank", "base_dtype"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} = {getattr(self, key)!r} applies to finetune=lora only (full fine-tuning "
+                                     f"trains every weight in the precision's dtype); add finetune=lora or drop {key}")
+            if self.nf4_double_quant:
+                raise ValueError("nf4_double_quant = true applies to finetune=lora base_dtype=nf4 only")
+            return
+        if self.lora_rank is None:
+            self.lora_rank = 16
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank = {self.lora_rank!r} must be a whole number >= 1 (e.g. lora_rank=16)")
+        if self.base_dtype is None:
+            self.base_dtype = "bf16"
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype = {self.base_dtype!r}; use one of {BASE_DTYPES}")
+        if self.nf4_double_quant and self.base_dtype != "nf4":
+            raise ValueError(f"nf4_double_quant = true needs base_dtype=nf4 (got {self.base_dtype!r})")
+        quantized = self.base_dtype in QUANTIZED_BASES
+        if quantized and self.zero_stage != 0:
+            raise ValueError(f"base_dtype = {self.base_dtype!r} needs zero_stage=0 (got {self.zero_stage}): DeepSpeed "
+                             "ZeRO-3 does not partition quantized weights, and every ZeRO stage casts the whole "
+                             "module to its bf16/fp32 dtype; plan a quantized base with zero_stage=0 (one GPU or DDP)")
+        if self.precision == "fp32" and self.base_dtype != "fp32":
+            raise ValueError(f"precision = 'fp32' with base_dtype = {self.base_dtype!r}: a bf16 or quantized base "
+                             "computes in bf16; use precision=bf16-mixed, or base_dtype=fp32 for an all-fp32 run")
+        if self.zero_stage >= 1 and self.precision == "bf16-mixed" and self.base_dtype != "bf16":
+            raise ValueError(f"base_dtype = {self.base_dtype!r} with zero_stage={self.zero_stage}: DeepSpeed's bf16 "
+                             "mode casts the whole module (base and adapter) to bf16; use base_dtype=bf16, or "
+                             "zero_stage=0 for an fp32 base")
 
     @staticmethod
     def _parse_resolution(value: Any) -> tuple[int, int]:
@@ -345,7 +458,7 @@ class PlanConfig:
 
 
 def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_len: int, dtype_bytes: int,
-                     checkpointing: bool) -> dict[str, int]:
+                     checkpointing: bool, lora_rank: int = 0, adapter_casts: bool = False) -> dict[str, int]:
     """Peak bytes of the transformer's forward + backward, derived from what autograd saves.
 
     Per double-stream block and token of either stream (D = width), in elements of the
@@ -365,34 +478,58 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
     Working set: the incoming gradient of the block being back-propagated, 1 per token.
     Checkpointing keeps each block's inputs (1 per token and block) plus one block's
     recomputed saved tensors.
+
+    LoRA (lora_rank > 0; the base frozen, so autograd saves a tensor only for the input's
+    gradient or an adapter's): the multiplies that save an operand only for a frozen
+    weight's gradient save nothing: norm1's and norm2's normed (the modulation scale is
+    frozen), the two gates' inputs, RMSNorm's output (its weight is frozen): 25 - 6 = 19.
+    A frozen Linear saves no input, but its adapter's lora_A saves the same tensor (no
+    extra); lora_B saves lora_A's output, rank elements per adapted Linear a token passes
+    (6). adapter_casts (an fp32 adapter under autocast, DDP bf16-mixed): peft casts the
+    input to the adapter's fp32 and autocast back to bf16, a copy per adapted Linear, so
+    q, k and v save 3 copies of their shared input (+2), and the backward through the
+    adapter carries an fp32 gradient of the widest adapted input (the MLP's 4D) per token.
+    Outside the blocks only norm_out's input remains (1 per image token). With
+    checkpointing the LoRA peak falls at the end of a block's recompute (inside the
+    first backward node, measured), when the forward's outputs that full fine-tuning
+    saves anyway are alive beside the saved set: the MLP output, the gated output and
+    the new residual, 3 per token.
     """
     d, h = spec.width, spec.num_attention_heads
     tokens = batch * (image_len + text_len)
     image = batch * image_len
-    per_block = tokens * d * (25 * dtype_bytes + (2 * 4 if dtype_bytes < 4 else 0))
+    saved = 25 if not lora_rank else 19 + (2 if adapter_casts else 0)
+    per_block = tokens * d * (saved * dtype_bytes + (2 * 4 if dtype_bytes < 4 else 0))
     per_block += tokens * 4 * (2 * 2 + 2 * h + h)
+    per_block += tokens * lora_rank * spec.lora_linears_per_token() * dtype_bytes
     if spec.zero_cond_t:
         per_block += image * d * 4 * dtype_bytes
-    outer = image * d * 3 * dtype_bytes
-    working = tokens * d * dtype_bytes
+    outer = image * d * (1 if lora_rank else 3) * dtype_bytes
+    working = tokens * d * dtype_bytes + (tokens * spec.mlp_width * 4 if adapter_casts else 0)
     if checkpointing:
-        saved = spec.num_layers * tokens * d * dtype_bytes + per_block
+        recompute_live = 3 * tokens * d * dtype_bytes if lora_rank else 0
+        saved = spec.num_layers * tokens * d * dtype_bytes + per_block + recompute_live
     else:
         saved = spec.num_layers * per_block
     return {"blocks": saved, "outside_blocks": outer, "working_set": working, "total": saved + outer + working}
 
 
-def transformer_forward_flops(spec: TransformerSpec, *, image_len: int, text_len: int) -> dict[str, float]:
+def transformer_forward_flops(spec: TransformerSpec, *, image_len: int, text_len: int,
+                              lora_rank: int = 0) -> dict[str, float]:
     """Forward FLOPs of one sample (2 per multiply-add), split into linear layers and the
     attention's quadratic term. Per block over S = image + text tokens: q, k, v, out
     projections 8·S·D², MLP 2·2·S·D·4D = 16·S·D², attention QKᵀ and AV 4·S²·D; the adaLN
-    modulation is per sample (2 streams × 2·D·6D)."""
+    modulation is per sample (2 streams × 2·D·6D). LoRA adds 2·rank·(in + out) per token
+    and adapted Linear of its stream (36·rank·D per token and block by default)."""
     d, s = spec.width, image_len + text_len
     linear = spec.num_layers * (24 * s * d * d + 2 * 2 * d * 6 * d)
     linear += 2 * image_len * spec.in_channels * d + 2 * text_len * spec.joint_attention_dim * d
     linear += 2 * image_len * d * spec.patch_size**2 * spec.out_channels + 2 * (256 * d + d * d) + 2 * d * 2 * d
     attention = spec.num_layers * 4 * s * s * d
-    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+    # each token meets its own stream's half of a block's adapted Linears
+    adapter = spec.num_layers * s * sum(2 * lora_rank * (i + o) for _, i, o in spec.lora_token_linears()) // 2
+    return {"linear": float(linear), "attention": float(attention), "adapter": float(adapter),
+            "total": float(linear + attention + adapter)}
 
 
 def encoder_forward_flops(enc: EncoderSpec, *, height: int, width: int, prompt_length: int, task: str) -> float:
@@ -421,6 +558,62 @@ def encoder_workspace_bytes(enc: EncoderSpec, *, batch: int, height: int, width:
     return int(max(lm, vae))
 
 
+def base_weight_bytes(spec: TransformerSpec, base_dtype: str, *, nf4_double_quant: bool = False) -> int:
+    """Bytes of the frozen transformer stored as `base_dtype`.
+
+    fp32 4 and bf16 2 bytes per parameter. The quantizers behind diffusers'
+    `quantization_config` convert the weight of every `nn.Linear` (modulation included,
+    `TransformerSpec.linears`); biases and norm weights stay bf16. Per quantized Linear of
+    out rows × in columns:
+      int8 (torchao Int8WeightOnlyConfig, per-channel symmetric): 1 byte per weight, and
+        per output row a bf16 scale plus an int64 zero point: out·in + 10·out;
+      fp8 (torchao Float8WeightOnlyConfig, e4m3, per row): out·in + 4·out (fp32 scale);
+      nf4 (bitsandbytes Linear4bit, blocksize 64): 4 bits per weight plus one fp32 absmax
+        per 64 weights, 0.5 + 4/64 = 0.5625 bytes per weight; with double quantization the
+        absmax is 8-bit with an fp32 scale per 256 blocks: 0.5 + 1/64 + 4/(64·256) = 0.5159.
+    The per-tensor constants (quantization code tables, a few hundred bytes) are left out.
+    """
+    P = spec.num_params()
+    if base_dtype in ("fp32", "bf16"):
+        return (4 if base_dtype == "fp32" else 2) * P
+    total = linear_params = 0
+    for _, fan_in, fan_out in spec.linears():
+        n = fan_in * fan_out
+        linear_params += n
+        if base_dtype == "int8":
+            total += n + fan_out * (2 + 8)
+        elif base_dtype == "fp8":
+            total += n + fan_out * 4
+        elif base_dtype == "nf4":
+            blocks = math.ceil(n / NF4_BLOCK)
+            scales = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) if nf4_double_quant else 4 * blocks
+            total += math.ceil(n / 2) + scales
+        else:
+            raise ValueError(f"base_dtype = {base_dtype!r}; use one of {BASE_DTYPES}")
+    return total + 2 * (P - linear_params)
+
+
+def frozen_weight_copy_bytes(spec: TransformerSpec, *, base_dtype: str, precision: str, checkpointing: bool) -> int:
+    """bf16 copies of frozen base weights alive in the forward + backward of a LoRA step.
+
+    A frozen Linear's input still needs its gradient, for which `mm` saves the weight it
+    multiplied by. When that weight is a temporary bf16 tensor, autograd keeps it until the
+    backward: autocast's cast of an fp32 base (autocast caches only weights that require
+    grad) and torchao's dequantized int8 / fp8 weight (its weight-only linear is
+    `mm(x, w.to(x.dtype))`). That is every token Linear's weight in bf16, or one block's with
+    checkpointing. bitsandbytes' nf4 matmul (MatMul4Bit) saves the packed weight and
+    dequantizes again in the backward: one Linear's bf16 copy at a time. A bf16 base (or
+    fp32 under fp32) is multiplied as stored: nothing.
+    """
+    block = sum(fan_in * fan_out for _, fan_in, fan_out in spec.token_linears())
+    largest = max(fan_in * fan_out for _, fan_in, fan_out in spec.linears())
+    if base_dtype == "nf4":
+        return 2 * largest
+    if base_dtype in ("int8", "fp8") or (base_dtype == "fp32" and precision == "bf16-mixed"):
+        return 2 * block * (1 if checkpointing else spec.num_layers)
+    return 0
+
+
 # ------------------------------------------------------------------ the plan
 
 
@@ -430,7 +623,9 @@ class Plan:
     spec: TransformerSpec
     encoder_spec: EncoderSpec
     params: int
-    """Trainable transformer parameters."""
+    """Trainable transformer parameters (the LoRA adapter's under finetune=lora)."""
+    frozen_params: int
+    """The frozen LoRA base's parameters (0 under full fine-tuning)."""
     image_tokens: int
     """Per sample, target (+ source for edit)."""
     text_tokens: int
@@ -456,13 +651,17 @@ class Plan:
 
     def table(self) -> str:
         c = self.config
+        total = self.frozen_params or self.params
         lines = [
-            f"model {c.model}: {self.params / 1e9:.3f}B transformer parameters "
+            f"model {c.model}: {total / 1e9:.3f}B transformer parameters "
             f"({self.spec.num_layers} blocks, width {self.spec.width}, {self.spec.num_attention_heads} heads)",
             f"setup: {c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {c.world_size}, {c.gpu_memory_gb:g} GiB each, "
             f"ZeRO stage {c.zero_stage}"
             + (" (DDP)" if c.zero_stage == 0 else "")
             + (", optimizer offload" if c.offload_optimizer else "") + (", param offload" if c.offload_params else ""),
+            *([f"LoRA rank {c.lora_rank}: {self.params / 1e6:.1f}M trainable adapter parameters; the base frozen, "
+               f"stored {c.base_dtype}" + (" (double quantization)" if c.nf4_double_quant else "")]
+              if c.finetune == "lora" else []),
             f"step: {c.task} {c.height}x{c.width}, micro-batch {c.micro_batch}, {self.image_tokens} image + "
             f"{self.text_tokens} text tokens/sample, {c.precision}, activation checkpointing "
             f"{'on' if c.activation_checkpointing else 'off'}, encoder {c.encoder}",
@@ -490,6 +689,7 @@ class Plan:
 
 
 PHASES = {
+    "base_weights": "static",
     "parameters": "static",
     "gradients": "static",
     "optimizer_states": "static",
@@ -499,6 +699,7 @@ PHASES = {
     "activations": "training",
     "zero3_live_params": "training",
     "autocast_weight_cache": "training",
+    "frozen_weight_copies": "training",
     "encoder_workspace": "encoder",
     "optimizer_step_workspace": "step",
 }
@@ -509,61 +710,85 @@ def plan(config: PlanConfig) -> Plan:
     c, z = config, config.zero
     n = c.world_size
     P = spec.num_params()
+    lora = c.finetune == "lora"
+    # T: the trainable parameters, all P or the LoRA adapter (the base P is then frozen)
+    T = spec.lora_params(c.lora_rank) if lora else P
     bf16 = c.precision == "bf16-mixed"
     act_bytes = 2 if bf16 else 4
     memory: dict[str, float] = {}
     cpu = 0.0
 
     # Parameters, gradients, optimizer states: ZeRO paper (Rajbhandari et al. 2020, §3
-    # and Fig. 1) with K = 12 (fp32 master + Adam m, v) under mixed precision.
+    # and Fig. 1) with K = 12 (fp32 master + Adam m, v) under mixed precision. Frozen
+    # weights get no gradient and no optimizer state.
     if c.zero_stage == 0:
         # Lightning DDP, bf16-mixed = torch.autocast: weights, grads and Adam stay fp32;
         # the reducer's buckets hold a second copy of the gradients (gradient_as_bucket_view
-        # off); autocast caches a bf16 copy of each weight for the forward + backward.
-        memory["parameters"] = 4 * P
-        memory["gradients"] = 4 * P
-        memory["optimizer_states"] = 8 * P
-        memory["comm_buffers"] = 4 * P if n > 1 else 0
-        memory["autocast_weight_cache"] = 2 * P if bf16 else 0
-        memory["optimizer_step_workspace"] = 4 * P  # foreach AdamW: sqrt(v) for every parameter
+        # off; only parameters that require grad are bucketed); autocast caches a bf16 copy
+        # of each trainable weight for the forward + backward. A LoRA base is stored as
+        # base_dtype, its adapter in fp32.
+        if lora:
+            memory["base_weights"] = base_weight_bytes(spec, c.base_dtype, nf4_double_quant=c.nf4_double_quant)
+        memory["parameters"] = 4 * T
+        memory["gradients"] = 4 * T
+        memory["optimizer_states"] = 8 * T
+        memory["comm_buffers"] = 4 * T if n > 1 else 0
+        memory["autocast_weight_cache"] = 2 * T if bf16 else 0
+        memory["optimizer_step_workspace"] = 4 * T  # foreach AdamW: sqrt(v) for every trainable parameter
     else:
+        # DeepSpeed casts the whole module (a LoRA base and adapter alike) to the model dtype.
         model_bytes = 2 if bf16 else 4
         # DeepSpeed keeps a separate fp32 master in stages 1-2 always, in stage 3 only under
         # bf16 (this project's CPUDeepSpeedStrategy / DeepSpeed#7651 alias it in fp32).
         master = 4 if (bf16 or c.zero_stage < 3) else 0
-        optimizer = (master + 8) * P / n
-        grads = model_bytes * P / (n if c.zero_stage >= 2 else 1)  # grad_accum_dtype = model dtype
+        optimizer = (master + 8) * T / n
+        grads = model_bytes * T / (n if c.zero_stage >= 2 else 1)  # grad_accum_dtype = model dtype
+        threshold = z.param_persistence_threshold
+
+        def held(count: float, persistent: float) -> float:
+            # stage 3: a 1/N partition (on the host under offload_params) + the tensors of at
+            # most `threshold` elements, whole; stages 1-2: every parameter
+            if c.zero_stage < 3:
+                return model_bytes * count
+            return model_bytes * count / n * (not c.offload_params) + model_bytes * persistent
+
+        if lora:  # ZeRO-3 partitions the frozen base too; the adapter's tensors are small
+            memory["base_weights"] = held(P, spec.small_params(threshold))
+            params = held(T, sum(k for _, k in spec.lora_tensors(c.lora_rank) if k <= threshold))
+        else:
+            params = held(P, spec.small_params(threshold))
         if c.zero_stage == 3:
-            persistent = spec.small_params(z.param_persistence_threshold)
-            params = model_bytes * P / n + model_bytes * persistent
             live = min(z.max_live_parameters, spec.block_params() + z.prefetch_bucket_size)
             memory["zero3_live_params"] = model_bytes * live
             memory["comm_buffers"] = model_bytes * z.reduce_bucket_size
         else:
-            params = model_bytes * P
             memory["comm_buffers"] = model_bytes * (z.reduce_bucket_size + z.allgather_bucket_size)
         if c.offload_params:
-            cpu += model_bytes * P / n
-            params -= model_bytes * P / n
+            cpu += model_bytes * (P + T if lora else P) / n
         if c.offload_optimizer:
             # the fp32 gradient partitions live with the optimizer on the host
-            cpu += optimizer + 4 * P / n
+            cpu += optimizer + 4 * T / n
             optimizer = 0
             if c.zero_stage >= 2:
                 grads = 0
             step_ws = 0
         else:
             # one sub-group at a time: its fp32 gradient copy + the AdamW sqrt(v) temporary
-            step_ws = 8 * min(z.sub_group_size, math.ceil(P / n))
+            step_ws = 8 * min(z.sub_group_size, math.ceil(T / n))
         memory["parameters"] = params
         memory["gradients"] = grads
         memory["optimizer_states"] = optimizer
         memory["optimizer_step_workspace"] = step_ws
 
     image_len = image_tokens(c.height, c.width) * (2 if c.task == "edit" else 1)
+    rank = c.lora_rank if lora else 0
     detail = activation_bytes(spec, batch=c.micro_batch, image_len=image_len, text_len=c.prompt_length,
-                              dtype_bytes=act_bytes, checkpointing=c.activation_checkpointing)
+                              dtype_bytes=act_bytes, checkpointing=c.activation_checkpointing, lora_rank=rank,
+                              adapter_casts=lora and bf16 and c.zero_stage == 0)
     memory["activations"] = detail["total"]
+    if lora:
+        memory["frozen_weight_copies"] = frozen_weight_copy_bytes(
+            spec, base_dtype=c.base_dtype, precision=c.precision, checkpointing=c.activation_checkpointing)
     if c.encoder == "resident":
         memory["encoder_weights"] = 2 * enc.params  # bf16 (configs/model/qwen_image.yaml encoder_dtype)
         memory["encoder_workspace"] = encoder_workspace_bytes(enc, batch=c.micro_batch, height=c.height,
@@ -576,18 +801,22 @@ def plan(config: PlanConfig) -> Plan:
         phase_sum[PHASES[name]] = phase_sum.get(PHASES[name], 0) + value
     peak = phase_sum.get("static", 0) + max(phase_sum.get(p, 0) for p in ("training", "encoder", "step"))
 
-    fwd = transformer_forward_flops(spec, image_len=image_len, text_len=c.prompt_length)["total"] * c.micro_batch
-    flops = {"transformer_forward": fwd, "transformer_backward": 2 * fwd,
+    f = transformer_forward_flops(spec, image_len=image_len, text_len=c.prompt_length, lora_rank=rank)
+    fwd = f["total"] * c.micro_batch
+    # Backward: input and weight gradients, 2x the forward. A frozen base computes input
+    # gradients only: 1x its linear layers, 2x attention (no weights) and the adapter.
+    bwd = 2 * fwd if not lora else (f["linear"] + 2 * (f["attention"] + f["adapter"])) * c.micro_batch
+    flops = {"transformer_forward": fwd, "transformer_backward": bwd,
              "recompute": fwd if c.activation_checkpointing else 0.0}
     if c.encoder == "resident":
         flops["encoder_forward"] = c.micro_batch * encoder_forward_flops(
             enc, height=c.height, width=c.width, prompt_length=c.prompt_length, task=c.task)
     flops["total"] = sum(flops.values())
     step = flops["total"] / (c.mfu * c.peak_flops)
-    return Plan(config=c, spec=spec, encoder_spec=enc, params=P, image_tokens=image_len,
-                text_tokens=c.prompt_length, memory=memory, activation_detail=detail, peak_bytes=int(peak),
-                capacity_bytes=int(c.gpu_memory_gb * GiB), cpu_bytes=int(cpu), flops=flops, step_time_s=step,
-                images_per_day=SECONDS_PER_DAY / step * c.micro_batch * n)
+    return Plan(config=c, spec=spec, encoder_spec=enc, params=T, frozen_params=P if lora else 0,
+                image_tokens=image_len, text_tokens=c.prompt_length, memory=memory, activation_detail=detail,
+                peak_bytes=int(peak), capacity_bytes=int(c.gpu_memory_gb * GiB), cpu_bytes=int(cpu), flops=flops,
+                step_time_s=step, images_per_day=SECONDS_PER_DAY / step * c.micro_batch * n)
 
 
 def min_nodes(config: PlanConfig, *, max_nodes: int = 1024) -> int | None:
@@ -646,6 +875,80 @@ def format_fit_table(base: PlanConfig, rows: list[FitRow], max_nodes: int) -> st
     return "\n".join(lines)
 
 
+LORA_FIT_TASKS = {"t2i": "qwen_image", "edit": "qwen_image_edit"}
+
+
+@dataclass
+class LoraFitRow:
+    gpu_memory_gb: float
+    resolution: int
+    task: str
+    model: str
+    encoder: str
+    base_dtype: str | None
+    """The first of LORA_BASE_PREFERENCE that fits; None when none does."""
+    peak_gib: float
+    """The peak with that base; when none fits, with the last (smallest) one tried."""
+
+    @property
+    def fits(self) -> bool:
+        return self.base_dtype is not None
+
+
+def lora_fit_table(base: PlanConfig, *, gpu_memory_gb: tuple[float, ...] = (24.0, 40.0, 48.0, 80.0, 141.0),
+                   resolutions: tuple[int, ...] = (512, 1024, 1328),
+                   tasks: dict[str, str] | None = None) -> list[LoraFitRow]:
+    """LoRA on one GPU: for every GPU size × resolution × task × encoder placement, the least
+    lossy base that fits, trying LORA_BASE_PREFERENCE in order (bf16, then int8, then nf4),
+    with activation checkpointing on and micro-batch 1. `tasks` maps each task to the model
+    planned for it (LORA_FIT_TASKS); rank, precision, prompt length and overhead come from
+    `base`."""
+    rows = []
+    for memory in gpu_memory_gb:
+        for resolution in resolutions:
+            for task, model in (tasks or LORA_FIT_TASKS).items():
+                for encoder in ENCODER_MODES:
+                    chosen, peak = None, math.inf
+                    for dtype in LORA_BASE_PREFERENCE:
+                        cfg = dataclasses.replace(
+                            base, model=model, task=task, encoder=encoder, resolution=resolution,
+                            gpu_memory_gb=float(memory), finetune="lora", base_dtype=dtype,
+                            nf4_double_quant=base.nf4_double_quant and dtype == "nf4", gpus_per_node=1, nodes=1,
+                            zero_stage=0, offload_optimizer=False, offload_params=False,
+                            activation_checkpointing=True, micro_batch=1)
+                        result = plan(cfg)
+                        peak = result.peak_gib
+                        if result.fits:
+                            chosen = dtype
+                            break
+                    rows.append(LoraFitRow(float(memory), resolution, task, model, encoder, chosen, peak))
+    return rows
+
+
+def format_lora_fit_table(base: PlanConfig, rows: list[LoraFitRow]) -> str:
+    cfg = dataclasses.replace(base, finetune="lora", base_dtype=None, nf4_double_quant=False)
+    p = plan(dataclasses.replace(cfg, gpus_per_node=1, nodes=1, zero_stage=0, offload_optimizer=False,
+                                 offload_params=False))
+    models = ", ".join(dict.fromkeys(f"{r.task}: {r.model}" for r in rows))
+    adapter = p.memory["parameters"] + p.memory["gradients"] + p.memory["optimizer_states"]
+    lines = [f"LoRA on one GPU ({models}): rank {cfg.lora_rank}, {p.params / 1e6:.1f}M adapter parameters (fp32 "
+             f"weights, gradients and AdamW: {adapter / GiB:.2f} GiB), {base.precision}, activation checkpointing on, "
+             f"micro-batch 1, prompt {base.prompt_length} tokens, overhead {base.overhead_gb:g} GiB",
+             f"base: the first of {' > '.join(LORA_BASE_PREFERENCE)} that fits (fp8 fits wherever int8 does); "
+             f"'no fit': none does ({LORA_BASE_PREFERENCE[-1]}'s peak shown)"
+             + ("; nf4 with double quantization" if base.nf4_double_quant else ""),
+             "",
+             f"{'GPU':>7} {'res':>5} {'task':>5}   {'precomputed encoders':<20} resident encoders"]
+    cells: dict[tuple[float, int, str], dict[str, str]] = {}
+    for r in rows:
+        label = r.base_dtype if r.fits else "no fit"
+        cells.setdefault((r.gpu_memory_gb, r.resolution, r.task), {})[r.encoder] = f"{label:<7}{r.peak_gib:>6.1f} GiB"
+    for (memory, resolution, task), by_encoder in cells.items():
+        lines.append(f"{memory:>5g}GB {resolution:>5} {task:>5}   "
+                     + " ".join(f"{by_encoder.get(e, '-'):<20}" for e in ENCODER_MODES).rstrip())
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -660,7 +963,24 @@ class FitTableSettings:
             raise ValueError(f"fit_table.max_nodes = {self.max_nodes} must be >= 1")
 
 
-MODES = ("plan", "fit_table")
+@dataclass
+class LoraFitTableSettings:
+    gpu_memory_gb: list[float] = field(default_factory=lambda: [24.0, 40.0, 48.0, 80.0, 141.0])
+    resolutions: list[int] = field(default_factory=lambda: [512, 1024, 1328])
+    tasks: dict[str, str] = field(default_factory=lambda: dict(LORA_FIT_TASKS))
+    """task -> the model planned for it (a preset or a config path)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown or not self.tasks:
+            raise ValueError(f"lora_fit_table.tasks = {self.tasks!r}: map each of {TASKS} to a model, e.g. "
+                             f"{LORA_FIT_TASKS}")
+        for key in ("gpu_memory_gb", "resolutions"):
+            if not getattr(self, key):
+                raise ValueError(f"lora_fit_table.{key} is empty; give at least one value")
+
+
+MODES = ("plan", "fit_table", "lora_fit_table")
 
 
 def run(mapping: dict[str, Any]) -> str:
@@ -672,6 +992,17 @@ def run(mapping: dict[str, Any]) -> str:
     if mode not in MODES:
         raise ValueError(f"mode = {mode!r}; use one of {MODES}")
     table = from_mapping(FitTableSettings, mapping.pop("fit_table", None) or {}, "fit_table")
+    lora_table = from_mapping(LoraFitTableSettings, mapping.pop("lora_fit_table", None) or {}, "lora_fit_table")
+    if mode == "lora_fit_table":
+        # the table's fixed axes: LoRA on one GPU, checkpointing on, micro-batch 1, each base in turn
+        for key, value in (("micro_batch", 1), ("activation_checkpointing", True), ("base_dtype", None)):
+            if mapping.get(key, value) != value:
+                log.warning("%s = %r does nothing in mode=lora_fit_table (it plans %s = %r)", key, mapping[key], key,
+                            value if value is not None else " > ".join(LORA_BASE_PREFERENCE))
+        # nf4_double_quant=true applies to the table's nf4 attempts (and validates with an nf4 base)
+        mapping.update(finetune="lora", base_dtype="nf4" if mapping.get("nf4_double_quant") else None,
+                       gpus_per_node=1, nodes=1, zero_stage=0, offload_optimizer=False, offload_params=False,
+                       micro_batch=1, activation_checkpointing=True)
     config = from_mapping(PlanConfig, mapping)
     if mode == "plan":
         result = plan(config)
@@ -681,13 +1012,22 @@ def run(mapping: dict[str, Any]) -> str:
             if best:
                 text += f"\nsmallest node count that fits: {best}"
             else:
+                lora = config.finetune == "lora"
                 fixes = [f for f, needed in (("activation_checkpointing=true", not config.activation_checkpointing),
                                              ("a smaller micro_batch", config.micro_batch > 1),
                                              ("encoder=precomputed", config.encoder == "resident"),
+                                             ("a quantized base (base_dtype=int8 or nf4, zero_stage=0; "
+                                              "mode=lora_fit_table)", lora and config.base_dtype in ("fp32", "bf16")),
+                                             ("base_dtype=nf4", lora and config.base_dtype in ("int8", "fp8")),
                                              ("a lower resolution or prompt_length", True)) if needed]
+                base = ", and under DDP the frozen base" if lora and config.zero_stage == 0 else ""
                 text += (f"\nfits at no node count up to {table.max_nodes}: what does not shard (activations, "
-                         f"buffers, encoder) exceeds the GPU; try {', '.join(fixes)}")
+                         f"buffers, encoder{base}) exceeds the GPU; try {', '.join(fixes)}")
         return text
+    if mode == "lora_fit_table":
+        lora_rows = lora_fit_table(config, gpu_memory_gb=tuple(lora_table.gpu_memory_gb),
+                                   resolutions=tuple(lora_table.resolutions), tasks=lora_table.tasks)
+        return format_lora_fit_table(config, lora_rows)
     rows = fit_table(config, gpu_memory_gb=tuple(table.gpu_memory_gb), resolutions=tuple(table.resolutions),
                      max_nodes=table.max_nodes)
     return format_fit_table(config, rows, table.max_nodes)
