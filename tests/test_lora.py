@@ -16,7 +16,8 @@ from qwenimg_train.models.qwen_image.model import QwenImageModel, load_transform
 from qwenimg_train.objectives.flow_matching import flow_matching_loss
 from qwenimg_train.config.schema import ModelConfig
 from qwenimg_train.training.train import config_dir, train
-from qwenimg_train.models.qwen_image.transformer import MixedBatchAttnProcessor
+from qwenimg_train.models.qwen_image.transformer import (DISCARDED_TEXT_STREAM, MixedBatchAttnProcessor,
+                                                         discarded_text_stream_names)
 
 RANK, ALPHA = 4, 8  # alpha != rank: the LoRA file's metadata must carry the scale (2)
 PREFIX = "model.transformer."
@@ -65,17 +66,22 @@ def test_only_the_adapter_trains(tiny_checkpoint):
     base = QwenImageModel.from_pretrained(tiny_checkpoint, max_sequence_length=32)
     lora = QwenImageModel(load_transformer(tiny_checkpoint), base.encoders, gradient_checkpointing=True,
                           lora=LoraSettings(rank=RANK, alpha=ALPHA))
+    adapter = {n: p for n, p in lora.named_parameters() if is_lora_key(n)}
     trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all(is_lora_key(n) for n in trainable)
+    # the adapters of the last block's discarded text stream are frozen: their output is unused
+    discarded = {"transformer." + n for n in discarded_text_stream_names(lora.transformer)}
+    assert set(adapter) - set(trainable) == {n for n in discarded if is_lora_key(n)}
+    assert all(p.dtype == torch.float32 for p in adapter.values())
     # rank·(in + out) for each of the 12 targeted layers of each block
     targets = [m for n, m in base.transformer.named_modules()
                if isinstance(m, nn.Linear) and any(n.endswith("." + t) for t in DEFAULT_TARGET_MODULES)]
     assert len(targets) == 12 * len(base.transformer.transformer_blocks)
-    assert sum(p.numel() for p in trainable.values()) == sum(RANK * (m.in_features + m.out_features) for m in targets)
+    assert sum(p.numel() for p in adapter.values()) == sum(RANK * (m.in_features + m.out_features) for m in targets)
     # diffusers' processors survive the wrapping
     assert all(isinstance(p, MixedBatchAttnProcessor) for p in lora.transformer.attn_processors.values())
     # the LoRA file's names are peft's own (get_peft_model_state_dict, as diffusers' training scripts save)
-    assert set(to_diffusers_names({n[len("transformer."):]: p for n, p in trainable.items()})) == set(
+    assert set(to_diffusers_names({n[len("transformer."):]: p for n, p in adapter.items()})) == set(
         get_peft_model_state_dict(lora.transformer))
 
     inputs = base.encode(**_u8_batch())
@@ -86,8 +92,43 @@ def test_only_the_adapter_trains(tiny_checkpoint):
     flow_matching_loss(lambda x, s: lora.denoise(x, s, inputs), inputs.target_bnc, noise, sigmas,
                        inputs.target_mask_bn).mean().backward()
     with_grad = {n for n, p in lora.named_parameters() if p.grad is not None}
-    assert with_grad and with_grad <= set(trainable)  # through gradient checkpointing, to the adapter only
+    # through gradient checkpointing, to the adapter only, and to every trainable tensor (plain DDP)
+    assert with_grad == set(trainable)
     assert any(trainable[n].grad.abs().sum() > 0 for n in with_grad if ".lora_B." in n)
+
+
+def test_a_lora_base_is_stored_in_bf16_and_the_adapter_in_fp32(tiny_checkpoint):
+    """model.base_dtype (default bfloat16 with LoRA): the frozen transformer in bf16, half of
+    fp32's bytes; the adapter trains in fp32. Full fine-tuning refuses a low-precision base."""
+    from qwenimg_train.models import get_family
+    from qwenimg_train.parallel.sharding import load_transformer as sharded_load
+
+    settings = LoraSettings(rank=RANK, alpha=ALPHA)
+    cfg = ModelConfig(pretrained_path=str(tiny_checkpoint), lora=settings)
+    assert cfg.frozen_base_dtype == "bfloat16"
+    assert ModelConfig(pretrained_path=str(tiny_checkpoint)).frozen_base_dtype == "float32"
+    with pytest.raises(ValueError, match="needs model.lora"):
+        ModelConfig(pretrained_path=str(tiny_checkpoint), base_dtype="bfloat16")
+    with pytest.raises(ValueError, match="base_dtype"):
+        ModelConfig(pretrained_path=str(tiny_checkpoint), lora=settings, base_dtype="int3")
+
+    base = QwenImageModel.from_pretrained(tiny_checkpoint, max_sequence_length=32)
+    model = get_family("qwen_image").build_model(tiny_checkpoint, base.encoders, options=cfg.options(),
+                                                  load_transformer=sharded_load)
+    frozen = [p for p in model.transformer.parameters() if not p.requires_grad]
+    trainable = [p for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert {p.dtype for n, p in model.transformer.named_parameters() if not is_lora_key(n)} == {torch.bfloat16}
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert sum(p.numel() * p.element_size() for p in frozen if p.dtype == torch.bfloat16) * 2 == sum(
+        p.numel() * 4 for p in frozen if p.dtype == torch.bfloat16)
+    inputs = base.encode(**_u8_batch())
+    noise = torch.randn(inputs.target_bnc.shape, generator=torch.Generator().manual_seed(1))
+    loss = flow_matching_loss(lambda x, s: model.denoise(x, s, inputs), inputs.target_bnc, noise,
+                              torch.tensor([0.3, 0.7]), inputs.target_mask_bn).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    assert all(p.grad is None for p in frozen)
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +139,25 @@ def lora_run(tmp_path_factory, shard_sources, tiny_checkpoint):
     return root, cfg, train(cfg)
 
 
+def len_blocks(ckpt) -> int:
+    """The last block's index in a checkpoint's transformer."""
+    return max(int(k.split("transformer_blocks.")[1].split(".")[0]) for k in ckpt["state_dict"]
+               if "transformer_blocks." in k)
+
+
 def test_lora_run_checkpoints_hold_the_adapter_only(lora_run, tiny_checkpoint):
     root, _, summary = lora_run
     assert summary["global_step"] == 4 and list(summary["stages"]) == ["all"]
     ckpt = _load(root / "train" / "checkpoints" / "last.ckpt")
     state = ckpt["state_dict"]
     assert state and all(k.startswith(PREFIX) and is_lora_key(k) for k in state)
-    assert set(ckpt["callbacks"]["ema"]["shadow"]) == set(state)
+    # the EMA and AdamW hold the trained tensors; the checkpoint also the frozen adapter
+    # tensors of the last block's discarded text stream (lora_B stays 0 there)
+    discarded = {k for k in state if any(f".{len_blocks(ckpt)}.{m}." in k for m in DISCARDED_TEXT_STREAM)}
+    assert discarded and all(v.abs().max() == 0 for k, v in state.items() if k in discarded and ".lora_B." in k)
+    assert set(ckpt["callbacks"]["ema"]["shadow"]) == set(state) - discarded
     groups = ckpt["optimizer_states"][0]["param_groups"]
-    assert sum(len(g["params"]) for g in groups) == len(state)  # AdamW holds the adapter only
+    assert sum(len(g["params"]) for g in groups) == len(state) - len(discarded)  # AdamW: the trained adapter
     assert ckpt["qwenimg_config"]["model"]["lora"]["rank"] == RANK
     trained_b = [v for k, v in state.items() if ".lora_B." in k]
     assert any(v.abs().max() > 0 for v in trained_b)  # B left zero: the adapter trained
@@ -138,7 +189,9 @@ def test_adapter_export_loads_with_load_lora_weights(lora_run, tiny_checkpoint):
     saved = load_file(out / "pytorch_lora_weights.safetensors")
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in saved
 
-    ema = _load(ckpt_path)["callbacks"]["ema"]["shadow"]
+    ckpt = _load(ckpt_path)
+    # the EMA's tensors, and the raw frozen ones of the last block's discarded text stream
+    ema = {**ckpt["state_dict"], **ckpt["callbacks"]["ema"]["shadow"]}
     pipe = QwenImagePipeline.from_pretrained(tiny_checkpoint)
     before = _sample(pipe)
     pipe.load_lora_weights(out)
@@ -171,7 +224,8 @@ def test_merged_export_equals_base_plus_adapter(lora_run, tiny_checkpoint):
     assert json.loads((merged_dir / "qwenimg_export.json").read_text())["lora"] == "merged"
 
     # weights: W + (alpha / rank)·B·A on every targeted layer, every other tensor the base's
-    ema = _load(ckpt_path)["callbacks"]["ema"]["shadow"]
+    ckpt = _load(ckpt_path)
+    ema = {**ckpt["state_dict"], **ckpt["callbacks"]["ema"]["shadow"]}  # + the frozen adapter tensors
     merged = QwenImageTransformer2DModel.from_pretrained(merged_dir / "transformer").state_dict()
     base = QwenImageTransformer2DModel.from_pretrained(Path(tiny_checkpoint) / "transformer").state_dict()
     assert set(merged) == set(base)
@@ -225,10 +279,12 @@ def test_full_finetune_of_the_edit_model_starts_from_the_folder(tmp_path, shard_
                             "curriculum.stages.all.task_mix={t2i: 0.5, ti2i: 0.5, i2i: 0.0}"))
     assert summary["stages"]["all"]["samples_by_task"].get("ti2i", 0) > 0
     state = _load(tmp_path / "train" / "checkpoints" / "last.ckpt")["state_dict"]
-    base = QwenImageTransformer2DModel.from_pretrained(Path(tiny_checkpoint) / "transformer").state_dict()
-    assert set(state) == {PREFIX + k for k in base}  # every weight trains (and is saved)
+    transformer = QwenImageTransformer2DModel.from_pretrained(Path(tiny_checkpoint) / "transformer")
+    base, discarded = transformer.state_dict(), set(discarded_text_stream_names(transformer))
+    # every weight trains (and is saved) but the last block's discarded text stream, frozen
+    assert discarded and set(state) == {PREFIX + k for k in base if k not in discarded}
     # two steps at lr 1e-5 (warm-up 2/20 and 1/20 of it) move the folder's weights by ~1e-6, not to a fresh init
-    diffs = [(state[PREFIX + k] - v).abs().max().item() for k, v in base.items()]
+    diffs = [(state[PREFIX + k] - v).abs().max().item() for k, v in base.items() if k not in discarded]
     assert 0 < max(diffs) < 1e-4, max(diffs)
 
 

@@ -104,21 +104,30 @@ def _meta(key: str, source: str, drawn: glyphs.GlyphImage | None, size: int, see
                       background="solid", seed=seed)
 
 
-class GlyphSceneProducer:
-    prefix = "glyphs"
+class _GlyphProducer:
+    """A shard's samples: each with its seed, generator, key and text class (by weight)."""
+
+    prefix = ""
+    stream = ""
 
     def __init__(self, job: GlyphsJob):
         self.job = job
         self.classes = [c for c, w in job.text_classes.items() if w > 0]
         self.weights = [job.text_classes[c] for c in self.classes]
 
+    def samples(self, index: int) -> Iterator[tuple[int, random.Random, str, str]]:
+        for j in range(self.job.samples_per_shard):
+            seed = derive_seed(self.job.seed, self.stream, index, j)
+            rng = random.Random(seed)
+            yield seed, rng, f"{self.prefix}_{index:06d}_{j:06d}", rng.choices(self.classes, self.weights)[0]
+
+
+class GlyphSceneProducer(_GlyphProducer):
+    prefix, stream = "glyphs", "scene"
+
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
         job, size = self.job, self.job.canvas
-        for j in range(job.samples_per_shard):
-            seed = derive_seed(job.seed, "scene", index, j)
-            rng = random.Random(seed)
-            key = f"{self.prefix}_{index:06d}_{j:06d}"
-            text_class = rng.choices(self.classes, self.weights)[0]
+        for seed, rng, key, text_class in self.samples(index):
             if text_class == TextClass.NONE.value:
                 shape = rng.choice(glyphs.SHAPES)
                 image, drawn, caption = glyphs.draw_shape(shape, size, rng), None, glyphs.NO_TEXT_PROMPT.format(shape=shape)
@@ -132,21 +141,12 @@ class GlyphSceneProducer:
                                  META_EXTENSION: meta.to_json().encode("utf-8")}, meta)
 
 
-class GlyphEditProducer:
-    prefix = "glyph_edit"
-
-    def __init__(self, job: GlyphsJob):
-        self.job = job
-        self.classes = [c for c, w in job.text_classes.items() if w > 0]
-        self.weights = [job.text_classes[c] for c in self.classes]
+class GlyphEditProducer(_GlyphProducer):
+    prefix, stream = "glyph_edit", "edit"
 
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
         job, size = self.job, self.job.canvas
-        for j in range(job.samples_per_shard):
-            seed = derive_seed(job.seed, "edit", index, j)
-            rng = random.Random(seed)
-            key = f"{self.prefix}_{index:06d}_{j:06d}"
-            text_class = rng.choices(self.classes, self.weights)[0]
+        for seed, rng, key, text_class in self.samples(index):
             reconstruct = rng.random() < job.reconstruct_fraction
             place = rng.getrandbits(32)  # one jitter for source and target: only the content changes
             details: dict[str, Any] = {}

@@ -74,6 +74,10 @@ class ModelConfig:
     lora: LoraSettings | None = None
     """null: full fine-tuning (every transformer weight trains); a mapping {rank, alpha, dropout,
     target_modules}: a LoRA adapter trains and the transformer's weights stay frozen (qwenimg_train.models.lora)."""
+    base_dtype: str | None = None
+    """LoRA only: the dtype the frozen transformer is stored in (null: bfloat16, half of fp32's bytes);
+    the adapter (and a fusion gate) stay float32 with their optimizer state. Full fine-tuning keeps
+    float32 master weights (null or float32). Under ZeRO-3 the strategy's precision decides instead."""
 
     def __post_init__(self) -> None:
         from qwenimg_train.models import FAMILIES, get_family
@@ -96,10 +100,23 @@ class ModelConfig:
         if self.lora is not None and not isinstance(self.lora, LoraSettings):
             raise ValueError(f"model.lora = {self.lora!r}; use null (full fine-tuning) or a mapping "
                              "{rank, alpha, dropout, target_modules}")
+        if self.base_dtype is not None and self.base_dtype not in DTYPES:
+            raise ValueError(f"model.base_dtype = {self.base_dtype!r}; use null or one of {sorted(DTYPES)}")
+        if self.lora is None and self.base_dtype not in (None, "float32"):
+            raise ValueError(f"model.base_dtype = {self.base_dtype!r} needs model.lora: full fine-tuning trains "
+                             "float32 master weights (trainer.precision=bf16-mixed computes in bf16)")
+
+    @property
+    def frozen_base_dtype(self) -> str:
+        """What the transformer's frozen weights are stored in: float32 unless LoRA."""
+        if self.lora is None:
+            return "float32"
+        return self.base_dtype or "bfloat16"
 
     def options(self) -> dict[str, Any]:
         """What the family's `build_model` reads."""
-        return {"zero_cond_t": self.zero_cond_t, "edit_fusion": self.edit_fusion, "lora": self.lora}
+        return {"zero_cond_t": self.zero_cond_t, "edit_fusion": self.edit_fusion, "lora": self.lora,
+                "base_dtype": self.frozen_base_dtype}
 
 
 @dataclass

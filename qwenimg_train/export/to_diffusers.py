@@ -38,6 +38,7 @@ from qwenimg_train.config.schema import saved_model_config
 from qwenimg_train.models import get_family
 from qwenimg_train.models.lora import LoraSettings, apply_lora, is_lora_key, merge_lora, save_adapter
 from qwenimg_train.models.weights import DTYPES
+from qwenimg_train.models.qwen_image.transformer import discarded_text_stream_names
 from qwenimg_train.parallel.sharding import consolidate_zero_checkpoint, load_transformer
 
 log = logging.getLogger("qwenimg-export")
@@ -94,6 +95,11 @@ def transformer_state(checkpoint: dict, weights: str) -> dict[str, torch.Tensor]
 def lora_state(checkpoint: dict, weights: str) -> dict[str, torch.Tensor]:
     """A LoRA run's adapter tensors (peft names, e.g. `...attn.to_q.lora_A.default.weight`)."""
     state = {k: v for k, v in transformer_state(checkpoint, weights).items() if is_lora_key(k)}
+    if weights == "ema":
+        # The EMA tracks trainable tensors only; the adapter's frozen ones (on the last block's
+        # discarded text stream, lora_B still 0) come from the raw weights, so the file is whole.
+        raw = {k: v for k, v in transformer_state(checkpoint, "raw").items() if is_lora_key(k)}
+        state = {**raw, **state}
     if not state:
         raise ValueError(f"the checkpoint's {weights} weights hold no LoRA tensors, though its config sets model.lora")
     return state
@@ -188,9 +194,11 @@ def export(job: ExportJob) -> Path:
             record["lora_settings"] = dataclasses.asdict(settings)
         else:
             state = transformer_state(checkpoint, job.weights)
-            cls = family.transformer_class()
-            transformer = cls.from_config(dict(cls.load_config(base / "transformer"), **overrides))
+            # The base's weights first: what training froze (the last block's discarded text
+            # stream, `freeze_discarded_text_stream`) is not in the checkpoint and keeps them.
+            transformer = load_transformer(family.transformer_class(), base / "transformer", overrides)
             missing, unexpected = transformer.load_state_dict(state, strict=False)
+            missing = [k for k in missing if k not in discarded_text_stream_names(transformer)]
             if missing or unexpected:
                 raise ValueError(f"checkpoint does not match the base transformer: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]}")

@@ -48,16 +48,18 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
     return getattr(param, "ds_tensor", param)
 
 
-def load_transformer(cls: type, folder: str | Path, overrides: Mapping[str, Any], *, rank: int = 0) -> torch.nn.Module:
-    """`cls.from_pretrained(folder, **overrides)` in fp32; inside a sharded-init context the
-    module is built from its config instead (partitioned as it is constructed) and its
-    weights are loaded one parameter at a time (`load_weights`), so no rank ever holds
-    the whole model."""
+def load_transformer(cls: type, folder: str | Path, overrides: Mapping[str, Any], *, rank: int = 0,
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`cls.from_pretrained(folder, **overrides)` in `dtype` (a LoRA run's frozen base: bf16);
+    inside a sharded-init context the module is built from its config instead
+    (partitioned as it is constructed; DeepSpeed's precision sets its dtype, `dtype` is
+    not used) and its weights are loaded one parameter at a time (`load_weights`), so no
+    rank ever holds the whole model."""
     from qwenimg_train.models.weights import read_safetensors_folder
 
     folder = Path(folder)
     if not sharded_init_active():
-        return cls.from_pretrained(folder, dtype=torch.float32, **overrides)
+        return cls.from_pretrained(folder, dtype=dtype, **overrides)
     config = dict(cls.load_config(folder), **overrides)
     module = cls.from_config(config)
     load_weights(module, read_safetensors_folder(folder), rank=rank)

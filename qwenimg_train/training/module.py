@@ -124,5 +124,8 @@ class QwenImageModule(pl.LightningModule):
                 state.setdefault(name, own[name])
 
     def _frozen_parameter_names(self) -> list[str]:
+        # Frozen adapter tensors (on the last block's discarded text stream) stay in the
+        # checkpoint: they are the adapter's, not the base folder's, and are small.
         return [k for k, v in self.state_dict(keep_vars=True).items()
-                if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
+                if isinstance(v, torch.nn.Parameter) and not v.requires_grad
+                and ".lora_A." not in k and ".lora_B." not in k]

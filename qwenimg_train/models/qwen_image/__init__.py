@@ -62,7 +62,11 @@ class QwenImageFamily:
         from qwenimg_train.models.qwen_image.model import QwenImageModel
 
         folder = self.check_folder(path) / "transformer"
-        transformer = load_transformer(self.transformer_class(), folder, self.transformer_overrides(options))
+        from qwenimg_train.models.weights import DTYPES
+
+        base_dtype = options.get("base_dtype", "float32")
+        extra = {} if base_dtype == "float32" else {"dtype": DTYPES[base_dtype]}  # a LoRA run's frozen base
+        transformer = load_transformer(self.transformer_class(), folder, self.transformer_overrides(options), **extra)
         return QwenImageModel(transformer, encoders, edit_fusion=options.get("edit_fusion", "none"),
                               gradient_checkpointing=options.get("gradient_checkpointing", False),
                               lora=options.get("lora"))

@@ -36,7 +36,8 @@ from qwenimg_train.data.loader import Batch
 from qwenimg_train.models.qwen_image.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
 from qwenimg_train.models.lora import LoraSettings, apply_lora
 from qwenimg_train.models.weights import DTYPES, quiet_loading
-from qwenimg_train.models.qwen_image.transformer import EditFusionGate, forward_mixed, install_mixed_batch_attention
+from qwenimg_train.models.qwen_image.transformer import (EditFusionGate, forward_mixed, freeze_discarded_text_stream,
+                                                         install_mixed_batch_attention)
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,12 @@ class QwenImageModel(nn.Module):
         install_mixed_batch_attention(transformer)
         if lora is not None:
             apply_lora(transformer, lora)  # wraps Linear layers; the attention processors stay
+            # peft creates the adapter in the base's dtype: a bf16 base (model.base_dtype) still
+            # trains an fp32 adapter with fp32 optimizer state (peft casts its input and output).
+            for param in transformer.parameters():
+                if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                    param.data = param.data.float()
+        freeze_discarded_text_stream(transformer)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.fusion = EditFusionGate(transformer.inner_dim) if edit_fusion == "gated" else None

@@ -221,3 +221,34 @@ def forward_mixed(
     if transformer.zero_cond_t:
         temb = temb.chunk(2, dim=0)[0]
     return transformer.proj_out(transformer.norm_out(hidden, temb))
+
+
+# The last block's text stream after attention: diffusers' forward discards the text
+# hidden states the last block returns, so these get no gradient at all (to_add_out,
+# txt_mlp) or an identically zero one (add_q_proj, norm_added_q: the text queries only
+# shape the text outputs). Their LoRA adapters likewise. `txt_mod` stays trainable: its
+# attention shift/scale rows do reach the image tokens.
+DISCARDED_TEXT_STREAM = ("attn.to_add_out", "attn.add_q_proj", "attn.norm_added_q", "txt_mlp")
+
+
+def discarded_text_stream_names(transformer: nn.Module) -> list[str]:
+    """Names of the last block's parameters (base and adapter) that never influence the output."""
+    prefix = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}."
+    names = []
+    for name, _ in transformer.named_parameters():
+        inner = name[len(prefix):] if name.startswith(prefix) else None
+        if inner is not None and any(inner == m or inner.startswith(m + ".") for m in DISCARDED_TEXT_STREAM):
+            names.append(name)
+    return names
+
+
+def freeze_discarded_text_stream(transformer: nn.Module) -> list[str]:
+    """Freeze `discarded_text_stream_names` and return them. Frozen at build time, plain
+    DDP trains without `find_unused_parameters` (which would otherwise stop at the first
+    step), and no optimizer state is spent on them. Exact: the output does not depend on
+    them. A checkpoint leaves them out (frozen); the export takes them from the base."""
+    names = discarded_text_stream_names(transformer)
+    params = dict(transformer.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names

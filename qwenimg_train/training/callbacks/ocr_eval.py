@@ -111,12 +111,15 @@ class OcrEvalCallback(pl.Callback):
         start = time.perf_counter()
         out = self.output_dir / "eval" / f"step{step:06d}" if trainer.is_global_zero else None
         # The pipelines run in one dtype; encoders stored in bf16 beside an fp32 transformer
-        # (model.encoder_dtype) generate under autocast to the encoders' dtype.
+        # (model.encoder_dtype), or fp32 encoders beside a LoRA run's bf16 base
+        # (model.base_dtype), generate under autocast to the lower precision of the two.
         encoder_dtype = next(pl_module.model.encoders.text_encoder.parameters()).dtype
-        mixed = encoder_dtype != next(transformer.parameters()).dtype
+        transformer_dtype = next(transformer.parameters()).dtype
+        mixed = encoder_dtype != transformer_dtype
+        low = encoder_dtype if encoder_dtype != torch.float32 else transformer_dtype
         device = next(transformer.parameters()).device
         try:
-            with torch.autocast(device.type, dtype=encoder_dtype, enabled=mixed):
+            with torch.autocast(device.type, dtype=low, enabled=mixed):
                 result = evaluate(self._generator(pl_module), self.suites, limit=self.limit,
                                   resolution=self.resolution, seed=self.seed, out_dir=out, ocr=self._ocr,
                                   progress=False)
