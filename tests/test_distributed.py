@@ -146,3 +146,9 @@ def test_zero3_lora_starts_as_the_base_model(tmp_path, shard_sources):
     _train(_args(tmp_path / "lora", tmp_path / "models", shard_sources, *common, "model.lora={rank:4,alpha:4}"),
            tmp_path)
     assert _losses(tmp_path / "lora")[0] == pytest.approx(_losses(tmp_path / "full")[0], abs=1e-6)
+    # the LoRA checkpoint holds the adapter (and its optimizer partitions), not the frozen base
+    # (exclude_frozen_parameters; the base folder has those weights)
+    for states in (tmp_path / "lora" / "checkpoints" / "last.ckpt").glob("*/*model_states.pt"):
+        saved = torch.load(states, map_location="cpu", weights_only=False)
+        assert saved["module"] and all(".lora_" in k for k in saved["module"]), states
+        assert not saved.get("frozen_param_shapes") and not saved.get("frozen_param_fragments")

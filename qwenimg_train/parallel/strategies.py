@@ -26,7 +26,26 @@ from qwenimg_train.parallel import deepspeed_compat
 log = logging.getLogger(__name__)
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class FrozenAwareDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy whose checkpoints leave frozen parameters out
+    (`exclude_frozen_parameters`): a LoRA run's base transformer, the discarded text
+    stream. They are the base folder's weights, which the model was built from, so a
+    resume loads the module non-strictly and keeps them as built."""
+
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any):
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any):
+        module = self.lightning_module
+        strict = module.strict_loading
+        module.strict_loading = strict and not self.exclude_frozen_parameters
+        try:
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            module.strict_loading = strict
+
+
+class CPUDeepSpeedStrategy(FrozenAwareDeepSpeedStrategy):
     """DeepSpeedStrategy on CPU ranks (gloo). Only the CUDA-only checks differ."""
 
     strategy_name = "deepspeed_cpu"
@@ -85,7 +104,7 @@ def deepspeed(*, accelerator: str = "auto", precision: str = "32-true", config: 
             if offload and offload.get("pin_memory"):
                 offload["pin_memory"] = False  # pinned memory needs CUDA
         return CPUDeepSpeedStrategy(config=config, **kwargs)
-    return DeepSpeedStrategy(config=config, **kwargs)
+    return FrozenAwareDeepSpeedStrategy(config=config, **kwargs)
 
 
 def optimizer_step_skipped(trainer) -> bool:
