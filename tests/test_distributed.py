@@ -66,8 +66,9 @@ def test_two_ranks_resume_exactly(strategy, tmp_path, shard_sources):
 def test_two_ranks_train_with_no_strategy_named(tmp_path, shard_sources):
     """`trainer.devices=2` alone: Lightning's default (DDP without find_unused_parameters)
     trains, because the parameters that get no gradient are frozen when the model is
-    built; full fine-tuning and LoRA alike."""
-    for name, extra in (("full", []), ("lora", ["model.lora={rank:4,alpha:4}"])):
+    built; full fine-tuning, LoRA and bf16-mixed (CPU autocast, bf16 encoders) alike."""
+    for name, extra in (("full", []), ("lora", ["model.lora={rank:4,alpha:4}"]),
+                        ("bf16", ["trainer.precision=bf16-mixed", "model.encoder_dtype=bfloat16"])):
         run = tmp_path / name
         _train(_args(run, tmp_path / "models", shard_sources, "trainer.devices=2", *extra), tmp_path)
         assert sorted(_losses(run)) == list(range(6)), name

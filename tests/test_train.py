@@ -218,6 +218,39 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, shard_sources):
                                    atol=1e-6, rtol=1e-5)
 
 
+def test_bf16_mixed_trains_resumes_and_exports(tmp_path, shard_sources):
+    """trainer.precision=bf16-mixed (Lightning's CPU autocast) with bf16 encoders: every
+    stage trains with finite losses, a stopped run resumes to the uninterrupted run's
+    losses, and the export loads and samples in both pipelines."""
+    import numpy as np
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+    from qwenimg_train.models.qwen_image.encoding import load_processor
+
+    bf16 = ("trainer.precision=bf16-mixed", "model.encoder_dtype=bfloat16", "data.num_workers=1")
+    models = tmp_path / "models"
+    full = train(_config(tmp_path / "full", models, shard_sources, *bf16))
+    assert list(full["stages"]) == list(STAGES) and full["global_step"] == 9
+    train(_config(tmp_path / "cut", models, shard_sources, *bf16, "callbacks.stop_at_step=4"))
+    first = _losses(tmp_path / "cut")
+    train(_config(tmp_path / "cut", models, shard_sources, *bf16, "ckpt_path=last"))
+    combined, reference = first | _losses(tmp_path / "cut"), _losses(tmp_path / "full")
+    assert sorted(combined) == sorted(reference) == list(range(9))
+    assert all(np.isfinite(v) for v in reference.values())
+    for step, loss in reference.items():
+        assert combined[step] == pytest.approx(loss, abs=1e-5), step
+    out = export(ExportJob(checkpoint=str(tmp_path / "full" / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path / "export")))
+    image = QwenImagePipeline.from_pretrained(out)(prompt="你好", height=32, width=32, num_inference_steps=2,
+                                                   output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    edit = QwenImageEditPipeline.from_pretrained(out, processor=load_processor(out))
+    from PIL import Image
+
+    edited = edit(image=Image.new("RGB", (32, 32), "white"), prompt="写上“好”", height=32, width=32,
+                  num_inference_steps=2, output_type="np").images
+    assert edited.shape == (1, 32, 32, 3) and np.isfinite(edited).all()
+
+
 def test_keep_last_k_and_stage_end_checkpoints(tmp_path, shard_sources):
     train(_config(tmp_path / "run", tmp_path / "models", shard_sources, "callbacks.checkpoint.every_n_train_steps=2",
                   "callbacks.checkpoint.keep_last=2"))
