@@ -60,10 +60,9 @@ class QwenImageFamily:
     def build_model(self, path: str | Path, encoders, *, options: Mapping[str, Any],
                     load_transformer: Callable):
         from qwenimg_train.models.qwen_image.model import QwenImageModel
-
-        folder = self.check_folder(path) / "transformer"
         from qwenimg_train.models.weights import DTYPES
 
+        folder = self.check_folder(path) / "transformer"
         base_dtype = options.get("base_dtype", "float32")
         extra = {} if base_dtype == "float32" else {"dtype": DTYPES[base_dtype]}  # a LoRA run's frozen base
         transformer = load_transformer(self.transformer_class(), folder, self.transformer_overrides(options), **extra)
