@@ -123,7 +123,8 @@ def merged_transformer(family, base: Path, state: dict[str, torch.Tensor], setti
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     # a ZeRO-3 checkpoint leaves out the frozen adapter tensors of the discarded text stream
     # (lora_B 0 there: the freshly built adapter is what they were)
-    missing = [k for k in missing if is_lora_key(k) and k not in discarded_text_stream_names(transformer)]
+    frozen = set(discarded_text_stream_names(transformer))
+    missing = [k for k in missing if is_lora_key(k) and k not in frozen]
     if missing or unexpected:
         raise ValueError(f"the adapter does not match model.lora on the base transformer: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
@@ -200,7 +201,8 @@ def export(job: ExportJob) -> Path:
             # stream, `freeze_discarded_text_stream`) is not in the checkpoint and keeps them.
             transformer = load_transformer(family.transformer_class(), base / "transformer", overrides)
             missing, unexpected = transformer.load_state_dict(state, strict=False)
-            missing = [k for k in missing if k not in discarded_text_stream_names(transformer)]
+            frozen = set(discarded_text_stream_names(transformer))
+            missing = [k for k in missing if k not in frozen]
             if missing or unexpected:
                 raise ValueError(f"checkpoint does not match the base transformer: missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]}")

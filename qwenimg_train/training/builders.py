@@ -116,11 +116,8 @@ def build_model(cfg: ModelConfig, encoders, rank: int = 0):
     partitioned as it is constructed (qwenimg_train.parallel.sharding)."""
     from qwenimg_train.parallel import sharding
 
-    def load_transformer(cls, folder, overrides, dtype=None):
-        import torch
-
-        dtype = torch.float32 if dtype is None else dtype
-        return sharding.load_transformer(cls, folder, overrides, rank=rank, dtype=dtype)
+    def load_transformer(cls, folder, overrides, **kwargs):  # kwargs: dtype, a LoRA run's base
+        return sharding.load_transformer(cls, folder, overrides, rank=rank, **kwargs)
 
     model = get_family(cfg.family).build_model(cfg.pretrained_path, encoders, options=cfg.options(),
                                                load_transformer=load_transformer)

@@ -174,9 +174,9 @@ class QwenImageModel(nn.Module):
             apply_lora(transformer, lora)  # wraps Linear layers; the attention processors stay
             # peft creates the adapter in the base's dtype: a bf16 base (model.base_dtype) still
             # trains an fp32 adapter with fp32 optimizer state (peft casts its input and output).
-            for param in transformer.parameters():
-                if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
-                    param.data = param.data.float()
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(transformer, torch.float32)
         freeze_discarded_text_stream(transformer)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
