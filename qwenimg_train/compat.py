@@ -29,6 +29,11 @@ DeepSpeed (0.19)
 transformers (5.x)
     No private names; `from_pretrained(dtype=...)` needs >= 4.56 (the earlier
     `torch_dtype` is deprecated in 5.x).
+torchao (0.18), bitsandbytes (0.50)
+    qwenimg_train/models/quantize.py skips diffusers' bitsandbytes GPU check while it
+    loads an nf4 base on a CPU-only machine (`BnB4BitDiffusersQuantizer.validate_environment`)
+    and sets `Linear4bit.support_avx512bf16_for_cpu`; `filter_import_chatter` drops the
+    lines these libraries log when diffusers imports them.
 
 `PRIVATE_NAMES` lists the private attributes by class, or by module for module-level
 names (DeepSpeed's in `deepspeed_compat.PRIVATE_NAMES`), and `missing_private_names()`
@@ -84,6 +89,10 @@ PINS: dict[str, Pin] = {
             why="the ZeRO-3 fp32-partition fix targets DeepSpeed 0.19's stage-3 optimizer"),
         Pin("transformers", tested_with="5.25.0", tested=">=5.25,<6", required=">=4.56,<6",
             why="from_pretrained(dtype=...) (transformers >= 4.56)"),
+        Pin("torchao", tested_with="0.18.0", tested=">=0.16,<0.19", required=">=0.16,<0.19",
+            why="Int8WeightOnlyConfig(version=2) and peft's TorchaoLoraLinear (peft needs >= 0.16)"),
+        Pin("bitsandbytes", tested_with="0.50.2", tested=">=0.48,<0.51", required=">=0.48,<0.51",
+            why="4-bit quantization on the CPU (>= 0.48) and the CPU repack switch of quantize.py"),
     )
 }
 
@@ -232,3 +241,36 @@ def edit_source_area(area: int | None):
         yield
     finally:
         module.calculate_dimensions = original
+
+
+# What the quantization libraries log when diffusers or peft imports them (every
+# process that loads a model, quantized or not), on a CPU-only torch: torchao's prebuilt
+# CUDA extensions that cannot load, torch's notes about torchao's enums, bitsandbytes'
+# try at a Hub kernel for AVX512-BF16 CPUs, and diffusers' note that old torchao tensor
+# classes moved (it only matters for pickled torchao checkpoints, which nothing here
+# reads). Exact messages are dropped; anything else these loggers say still shows.
+IMPORT_CHATTER = {
+    "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+}
+
+
+class _DropChatter:
+    def __init__(self, fragments: tuple[str, ...]):
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def filter_import_chatter() -> None:
+    """Install the `IMPORT_CHATTER` filters (once; before the libraries are imported)."""
+    import logging
+
+    for name, fragments in IMPORT_CHATTER.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropChatter) for f in logger.filters):
+            logger.addFilter(_DropChatter(fragments))

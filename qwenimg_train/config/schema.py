@@ -20,6 +20,7 @@ from data_pipelines.core.config import from_mapping, to_plain
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS
 from qwenimg_train.data.curriculum import Curriculum
 from qwenimg_train.models.lora import LoraSettings
+from qwenimg_train.models.quantize import QUANTIZED_BASES
 from qwenimg_train.models.weights import DTYPES
 from qwenimg_train.objectives.flow_matching import FlowMatching
 from qwenimg_train.training.optim import Optim
@@ -75,9 +76,11 @@ class ModelConfig:
     """null: full fine-tuning (every transformer weight trains); a mapping {rank, alpha, dropout,
     target_modules}: a LoRA adapter trains and the transformer's weights stay frozen (qwenimg_train.models.lora)."""
     base_dtype: str | None = None
-    """LoRA only: the dtype the frozen transformer is stored in (null: bfloat16, half of fp32's bytes);
-    the adapter (and a fusion gate) stay float32 with their optimizer state. Full fine-tuning keeps
-    float32 master weights (null or float32). Under ZeRO-3 the strategy's precision decides instead."""
+    """LoRA only: how the frozen transformer is stored. null: bfloat16 (half of fp32's bytes); float32;
+    or quantized (qwenimg_train.models.quantize): int8 or float8 (torchao, weight-only) or nf4
+    (bitsandbytes), a quarter and an eighth of fp32's bytes. The adapter (and a fusion gate) stay
+    float32 with their optimizer state. Full fine-tuning keeps float32 master weights (null or
+    float32). Under ZeRO-3 the strategy's precision decides instead, and a quantized base refuses it."""
 
     def __post_init__(self) -> None:
         from qwenimg_train.models import FAMILIES, get_family
@@ -100,8 +103,9 @@ class ModelConfig:
         if self.lora is not None and not isinstance(self.lora, LoraSettings):
             raise ValueError(f"model.lora = {self.lora!r}; use null (full fine-tuning) or a mapping "
                              "{rank, alpha, dropout, target_modules}")
-        if self.base_dtype is not None and self.base_dtype not in DTYPES:
-            raise ValueError(f"model.base_dtype = {self.base_dtype!r}; use null or one of {sorted(DTYPES)}")
+        base_dtypes = sorted(DTYPES) + list(QUANTIZED_BASES)
+        if self.base_dtype is not None and self.base_dtype not in base_dtypes:
+            raise ValueError(f"model.base_dtype = {self.base_dtype!r}; use null or one of {base_dtypes}")
         if self.lora is None and self.base_dtype not in (None, "float32"):
             raise ValueError(f"model.base_dtype = {self.base_dtype!r} needs model.lora: full fine-tuning trains "
                              "float32 master weights (trainer.precision=bf16-mixed computes in bf16)")
@@ -318,6 +322,11 @@ class TrainConfig:
     IGNORED = ("hydra", "experiment", "sweep", "debug")
 
     def __post_init__(self) -> None:
+        target = str((self.strategy or {}).get("_target_", ""))
+        if self.model.base_dtype in QUANTIZED_BASES and "DeepSpeed" in target:
+            raise ValueError(f"model.base_dtype = {self.model.base_dtype!r} with strategy {target}: DeepSpeed cannot "
+                             "shard or cast quantized weights; train a quantized base on one GPU or with "
+                             "strategy=ddp, or use model.base_dtype=bfloat16 under ZeRO-3")
         stages = len(self.curriculum.stages)
         if self.trainer.max_steps < stages:
             raise ValueError(f"trainer.max_steps = {self.trainer.max_steps}: the curriculum's {stages} stages need "

@@ -57,3 +57,13 @@ def quiet_loading() -> None:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype `module` computes in: its first floating-point parameter's. A quantized
+    base's integer storage (bitsandbytes' uint8 Params4bit) is skipped; torchao's
+    quantized weights report the dtype they dequantize to."""
+    for param in module.parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    raise ValueError(f"{type(module).__name__} has no floating-point parameter")

@@ -49,15 +49,22 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
 
 
 def load_transformer(cls: type, folder: str | Path, overrides: Mapping[str, Any], *, rank: int = 0,
-                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """`cls.from_pretrained(folder, **overrides)` in `dtype` (a LoRA run's frozen base: bf16);
+                     dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
+    """`cls.from_pretrained(folder, **overrides)` in `dtype` (a LoRA run's frozen base: bf16,
+    or a quantized base's name, int8/float8/nf4: qwenimg_train.models.quantize);
     inside a sharded-init context the module is built from its config instead
     (partitioned as it is constructed; DeepSpeed's precision sets its dtype, `dtype` is
     not used) and its weights are loaded one parameter at a time (`load_weights`), so no
     rank ever holds the whole model."""
+    from qwenimg_train.models.quantize import QUANTIZED_BASES, load_quantized
     from qwenimg_train.models.weights import read_safetensors_folder
 
     folder = Path(folder)
+    if dtype in QUANTIZED_BASES:
+        if sharded_init_active():
+            raise ValueError(f"a {dtype} base cannot be sharded by ZeRO-3: DeepSpeed does not partition quantized "
+                             "weights (use model.base_dtype=bfloat16 under ZeRO-3)")
+        return load_quantized(cls, folder, dtype, overrides)
     if not sharded_init_active():
         return cls.from_pretrained(folder, dtype=dtype, **overrides)
     config = dict(cls.load_config(folder), **overrides)

@@ -115,17 +115,30 @@ class QwenImageModule(pl.LightningModule):
                 state.pop(name, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called before Lightning loads checkpoint["state_dict"] (strictly): fill in the
-        # frozen weights on_save_checkpoint left out, as the model loaded them.
+        # Called before Lightning loads checkpoint["state_dict"]. The frozen weights
+        # on_save_checkpoint left out stay as the model loaded them from the base folder
+        # (a quantized base could not be loaded into itself anyway: bitsandbytes reads its
+        # quantization state only into a fresh layer), so the load is non-strict, and
+        # strictness is checked here for everything else.
         state = checkpoint.get("state_dict")
-        if state is not None:
-            own = self.state_dict()
-            for name in self._frozen_parameter_names():
-                state.setdefault(name, own[name])
+        if state is None:
+            return
+        frozen = set(self._frozen_parameter_names())
+        own = set(self.state_dict().keys())
+        missing = sorted(own - frozen - set(state))
+        unexpected = sorted(set(state) - own)
+        if missing or unexpected:
+            raise RuntimeError(f"the checkpoint does not match the model: missing {missing[:4]} "
+                               f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)})")
+        for name in frozen & set(state):  # a checkpoint written before frozen weights were left out
+            del state[name]
+        self.strict_loading = not frozen
 
     def _frozen_parameter_names(self) -> list[str]:
-        # Frozen adapter tensors (on the last block's discarded text stream) stay in the
-        # checkpoint: they are the adapter's, not the base folder's, and are small.
+        # Everything the base folder supplies: frozen weights, and a quantized base's
+        # scales and quantization state (bitsandbytes keeps them beside the weight, not
+        # as parameters). Frozen adapter tensors (on the last block's discarded text
+        # stream) stay in the checkpoint: they are the adapter's, and are small.
         return [k for k, v in self.state_dict(keep_vars=True).items()
-                if isinstance(v, torch.nn.Parameter) and not v.requires_grad
+                if not (isinstance(v, torch.nn.Parameter) and v.requires_grad)
                 and ".lora_A." not in k and ".lora_B." not in k]

@@ -63,8 +63,8 @@ class QwenImageFamily:
         from qwenimg_train.models.weights import DTYPES
 
         folder = self.check_folder(path) / "transformer"
-        base_dtype = options.get("base_dtype", "float32")
-        extra = {} if base_dtype == "float32" else {"dtype": DTYPES[base_dtype]}  # a LoRA run's frozen base
+        base_dtype = options.get("base_dtype", "float32")  # a LoRA run's frozen base: bf16 or quantized
+        extra = {} if base_dtype == "float32" else {"dtype": DTYPES.get(base_dtype, base_dtype)}
         transformer = load_transformer(self.transformer_class(), folder, self.transformer_overrides(options), **extra)
         return QwenImageModel(transformer, encoders, edit_fusion=options.get("edit_fusion", "none"),
                               gradient_checkpointing=options.get("gradient_checkpointing", False),

@@ -35,7 +35,7 @@ from data_pipelines.core.images import to_unit_range
 from qwenimg_train.data.loader import Batch
 from qwenimg_train.models.qwen_image.encoding import LatentCodec, PromptEncoder, load_processor, pack_latents
 from qwenimg_train.models.lora import LoraSettings, apply_lora
-from qwenimg_train.models.weights import DTYPES, quiet_loading
+from qwenimg_train.models.weights import DTYPES, compute_dtype, quiet_loading
 from qwenimg_train.models.qwen_image.transformer import (EditFusionGate, forward_mixed, freeze_discarded_text_stream,
                                                          install_mixed_batch_attention)
 
@@ -239,7 +239,7 @@ class QwenImageModel(nn.Module):
         target_len = inputs.target_mask_bn.sum(1).tolist()
         source_len = inputs.source_mask_bm.sum(1).tolist() if inputs.source_mask_bm is not None else [0] * batch
         length = max(t + s for t, s in zip(target_len, source_len))
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = compute_dtype(self.transformer)
         if all(t == n for t in target_len) and inputs.source_bmc is not None and length == n + inputs.source_bmc.shape[1]:
             hidden = torch.cat([noisy_target_bnc, inputs.source_bmc], dim=1)  # the common case: one bucket
         else:

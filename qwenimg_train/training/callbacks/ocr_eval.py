@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import lightning.pytorch as pl
 import torch
 
+from qwenimg_train.models.weights import compute_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -114,7 +116,7 @@ class OcrEvalCallback(pl.Callback):
         # (model.encoder_dtype), or fp32 encoders beside a LoRA run's bf16 base
         # (model.base_dtype), generate under autocast to the lower precision of the two.
         encoder_dtype = next(pl_module.model.encoders.text_encoder.parameters()).dtype
-        transformer_dtype = next(transformer.parameters()).dtype
+        transformer_dtype = compute_dtype(transformer)
         mixed = encoder_dtype != transformer_dtype
         low = encoder_dtype if encoder_dtype != torch.float32 else transformer_dtype
         device = next(transformer.parameters()).device
