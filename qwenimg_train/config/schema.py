@@ -323,7 +323,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         target = str((self.strategy or {}).get("_target_", ""))
-        if self.model.base_dtype in QUANTIZED_BASES and "DeepSpeed" in target:
+        if self.model.base_dtype in QUANTIZED_BASES and "deepspeed" in target.lower():
             raise ValueError(f"model.base_dtype = {self.model.base_dtype!r} with strategy {target}: DeepSpeed cannot "
                              "shard or cast quantized weights; train a quantized base on one GPU or with "
                              "strategy=ddp, or use model.base_dtype=bfloat16 under ZeRO-3")

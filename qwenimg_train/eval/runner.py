@@ -3,6 +3,7 @@
     qwenimg-eval checkpoint_dir=outputs/demo/export out_dir=outputs/demo/eval
     qwenimg-eval checkpoint_dir=/data/Qwen-Image-Edit 'suites=[zh_char_l1,zh_char_l2]' limit=20 steps=30
     qwenimg-eval checkpoint_dir=outputs/glyphs/export suites=glyph resolution=64 edit_source_area=4096
+    qwenimg-eval checkpoint_dir=RUN/adapter [base_path=/data/Qwen-Image] [base_dtype=nf4]   (a LoRA adapter on its base)
 
 For every prompt of the chosen suites (`qwenimg_train.eval.suites`), generate an image with
 the checkpoint's diffusers pipeline (`QwenImagePipeline` for text-to-image suites;
@@ -102,12 +103,14 @@ class PipelineGenerator:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
+                        base_path: str | None = None, base_dtype: str | None = None,
                         **sampling: Any) -> "PipelineGenerator":
-        """Both pipelines over one set of components loaded from a diffusers folder; the
-        edit pipeline only when the folder has `processor/` (Qwen-Image-Edit layouts)."""
+        """Both pipelines over one set of components loaded from a diffusers folder, or from
+        an adapter folder on its base (`load_pipelines`); the edit pipeline only when the
+        folder has `processor/` (Qwen-Image-Edit layouts)."""
         from qwenimg_train.eval.pipeline import load_pipelines
 
-        t2i, edit = load_pipelines(folder, device=device, dtype=dtype)
+        t2i, edit = load_pipelines(folder, device=device, dtype=dtype, base_path=base_path, base_dtype=base_dtype)
         return cls(t2i=t2i, edit=edit, **sampling)
 
     def __call__(self, prompts: list[str], sources: list[Image.Image] | None, seeds: list[int]) -> list[Image.Image]:
@@ -166,6 +169,8 @@ def evaluate(
     edit_source_area: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    base_path: str | None = None,
+    base_dtype: str | None = None,
     out_dir: str | os.PathLike | None = None,
     save_images: bool = True,
     ocr: OcrEngine | None = None,
@@ -174,8 +179,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate, read back and score every prompt; return (and, with `out_dir`, write) the report.
 
-    model:      a diffusers folder (loaded with `PipelineGenerator.from_pretrained`, with
-                `steps`, `guidance`, `edit_source_area`, `device`, `dtype`), or any `Generate`
+    model:      a diffusers folder or an adapter folder (qwenimg-export lora=adapter, on its
+                recorded base or `base_path`; `base_dtype` quantizes the base as a QLoRA run
+                trained it), loaded with `PipelineGenerator.from_pretrained`, with
+                `steps`, `guidance`, `edit_source_area`, `device`, `dtype`; or any `Generate`
                 callable, e.g. a `PipelineGenerator` around in-memory pipelines (then
                 `steps`/`guidance`/`edit_source_area` are its own).
     suites:     a group ("all": the open suites, "glyph": the glyph world's) or suite names;
@@ -198,7 +205,7 @@ def evaluate(
     if isinstance(model, (str, os.PathLike)):
         checkpoint = str(model)
         generate: Generate = PipelineGenerator.from_pretrained(
-            model, device=device, dtype=dtype, resolution=resolution,
+            model, device=device, dtype=dtype, base_path=base_path, base_dtype=base_dtype, resolution=resolution,
             steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
             edit_source_area=edit_source_area)
     elif callable(model):
@@ -366,6 +373,12 @@ class EvalJob:
     """auto (cuda when available), cpu, cuda, cuda:1 ..."""
     dtype: str = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    base_path: str | None = None
+    """checkpoint_dir an adapter folder (qwenimg-export lora=adapter): its base model's folder (default: the
+    base its export record names)."""
+    base_dtype: str | None = None
+    """int8, float8 or nf4: load the base transformer quantized, as a QLoRA run trained it (computes in
+    bfloat16); null: the folder's weights in `dtype`."""
     ocr_threads: int = 1
     """onnxruntime threads of the OCR engine."""
     progress: bool = True
@@ -396,7 +409,7 @@ def run(job: EvalJob) -> dict[str, Any]:
     return evaluate(job.checkpoint_dir, job.suites, limit=job.limit, resolution=job.resolution, seed=job.seed,
                     batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
                     edit_source_area=job.edit_source_area, device=job.device,
-                    dtype=job.dtype, out_dir=job.out_dir, ocr=OcrEngine(threads=job.ocr_threads),
+                    dtype=job.dtype, base_path=job.base_path, base_dtype=job.base_dtype, out_dir=job.out_dir, ocr=OcrEngine(threads=job.ocr_threads),
                     progress=job.progress, config={"job": asdict(job)})
 
 

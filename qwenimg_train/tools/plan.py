@@ -45,6 +45,8 @@ TASKS = ("t2i", "edit")
 ENCODER_MODES = ("precomputed", "resident")
 FINETUNE_MODES = ("full", "lora")
 BASE_DTYPES = ("fp32", "bf16", "int8", "fp8", "nf4")
+# The trainer's model.base_dtype spells them float32, bfloat16, int8, float8, nf4; both are accepted.
+TRAINER_BASE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8", "float8": "fp8", "nf4": "nf4"}
 QUANTIZED_BASES = ("int8", "fp8", "nf4")
 # lora_fit_table tries these in order and keeps the first that fits: the least lossy first.
 # The released weights are bf16, so an fp32 base adds no precision; fp8 stores 1 byte per
@@ -279,6 +281,17 @@ def load_spec(model: str) -> tuple[TransformerSpec, EncoderSpec]:
                      "folder with transformer/config.json; use e.g. model=qwen_image or model=/data/Qwen-Image")
 
 
+def planner_base_dtype(base_dtype: str) -> str:
+    """A frozen base's storage in the planner's spelling (BASE_DTYPES), given in it or in the
+    trainer's (`model.base_dtype`: float32, bfloat16, int8, float8, nf4)."""
+    if base_dtype in BASE_DTYPES:
+        return base_dtype
+    if isinstance(base_dtype, str) and base_dtype in TRAINER_BASE_DTYPES:
+        return TRAINER_BASE_DTYPES[base_dtype]
+    raise ValueError(f"base_dtype = {base_dtype!r}; use one of {', '.join(BASE_DTYPES)} (or the trainer's "
+                     f"model.base_dtype spelling: {', '.join(TRAINER_BASE_DTYPES)})")
+
+
 # ------------------------------------------------------------------ inputs
 
 
@@ -405,8 +418,7 @@ class PlanConfig:
             raise ValueError(f"lora_rank = {self.lora_rank!r} must be a whole number >= 1 (e.g. lora_rank=16)")
         if self.base_dtype is None:
             self.base_dtype = "bf16"
-        if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"base_dtype = {self.base_dtype!r}; use one of {BASE_DTYPES}")
+        self.base_dtype = planner_base_dtype(self.base_dtype)
         if self.nf4_double_quant and self.base_dtype != "nf4":
             raise ValueError(f"nf4_double_quant = true needs base_dtype=nf4 (got {self.base_dtype!r})")
         quantized = self.base_dtype in QUANTIZED_BASES
@@ -573,6 +585,7 @@ def base_weight_bytes(spec: TransformerSpec, base_dtype: str, *, nf4_double_quan
         absmax is 8-bit with an fp32 scale per 256 blocks: 0.5 + 1/64 + 4/(64·256) = 0.5159.
     The per-tensor constants (quantization code tables, a few hundred bytes) are left out.
     """
+    base_dtype = planner_base_dtype(base_dtype)
     P = spec.num_params()
     if base_dtype in ("fp32", "bf16"):
         return (4 if base_dtype == "fp32" else 2) * P
@@ -605,6 +618,7 @@ def frozen_weight_copy_bytes(spec: TransformerSpec, *, base_dtype: str, precisio
     dequantizes again in the backward: one Linear's bf16 copy at a time. A bf16 base (or
     fp32 under fp32) is multiplied as stored: nothing.
     """
+    base_dtype = planner_base_dtype(base_dtype)
     block = sum(fan_in * fan_out for _, fan_in, fan_out in spec.token_linears())
     largest = max(fan_in * fan_out for _, fan_in, fan_out in spec.linears())
     if base_dtype == "nf4":

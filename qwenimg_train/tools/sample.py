@@ -5,6 +5,11 @@
     qwenimg-sample checkpoint_dir=EXPORT out_dir=OUT prompts_file=prompts.txt steps=30 guidance=4 resolution=1328
     qwenimg-sample checkpoint_dir=EDIT_EXPORT out_dir=OUT 'prompts=["make the sky red"]' 'source_images=[photo.jpg]'
     qwenimg-sample checkpoint_dir=EDIT_EXPORT out_dir=OUT prompts_file=jobs.jsonl
+    qwenimg-sample checkpoint_dir=ADAPTER out_dir=OUT prompts_file=prompts.txt [base_path=BASE] [base_dtype=nf4]
+
+An adapter folder (`qwenimg-export lora=adapter`) is sampled on its base model (the
+export record's, or `base_path=`) with diffusers' `load_lora_weights`; `base_dtype=`
+loads that base quantized (int8, float8, nf4) as a QLoRA run trained it.
 
 A prompt with a source image is an edit (`QwenImageEditPipeline`, which needs the
 folder's processor/), one without is T2I (`QwenImagePipeline`); one call may mix both,
@@ -80,6 +85,12 @@ class SampleJob:
     """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: str = "auto"
     """auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
+    base_path: str | None = None
+    """checkpoint_dir an adapter folder (qwenimg-export lora=adapter): its base model's folder (default: the
+    base its export record names)."""
+    base_dtype: str | None = None
+    """int8, float8 or nf4: load the base transformer quantized, as a QLoRA run trained it (computes in
+    bfloat16); null: the folder's weights in `dtype`."""
     columns: int | None = None
     """Grid columns; default ceil(sqrt(cells))."""
     captions: bool = True
@@ -260,12 +271,14 @@ def sample(job: SampleJob) -> dict[str, Any]:
     start = time.perf_counter()
     items = load_items(job)
     edits = any(item.source is not None for item in items)
-    folder = _check_folder(job.checkpoint_dir, edits=edits, steps=job.steps)
     from qwenimg_train.compat import edit_source_area
-    from qwenimg_train.eval.pipeline import load_pipelines, resolve_device
+    from qwenimg_train.eval.pipeline import load_pipelines, resolve_checkpoint, resolve_device
 
-    device, dtype = resolve_device(job.device, job.dtype)
-    t2i_pipe, edit_pipe = load_pipelines(folder, device=device, dtype=str(dtype).removeprefix("torch."), edit=edits)
+    base, adapter = resolve_checkpoint(job.checkpoint_dir, job.base_path)
+    _check_folder(str(base), edits=edits, steps=job.steps)
+    device, dtype = resolve_device(job.device, "bfloat16" if job.base_dtype is not None else job.dtype)
+    t2i_pipe, edit_pipe = load_pipelines(job.checkpoint_dir, device=device, dtype=str(dtype).removeprefix("torch."),
+                                         edit=edits, base_path=job.base_path, base_dtype=job.base_dtype)
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     guided = job.guidance > 1
@@ -298,7 +311,7 @@ def sample(job: SampleJob) -> dict[str, Any]:
     grid(cells[:GRID_MAX_CELLS], columns=job.columns, captions=job.captions,
          max_cell=GRID_MAX_CELL).save(out / "grid.png")
     result = {
-        "checkpoint_dir": str(folder), "out_dir": str(out), "grid": "grid.png", "steps": job.steps,
+        "checkpoint_dir": str(job.checkpoint_dir), "base": str(base) if adapter is not None else None, "out_dir": str(out), "grid": "grid.png", "steps": job.steps,
         "guidance": job.guidance, "negative_prompt": job.negative_prompt if guided else None, "device": device,
         "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.perf_counter() - start, 3),
         "samples": records,
