@@ -109,6 +109,8 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
         "_save_checkpoint", "_save_last_checkpoint", "_monitor_candidates"),
     "lightning.pytorch.strategies:DeepSpeedStrategy": (
         "_setup_model_and_optimizer", "_init_deepspeed_distributed", "_get_process_group_backend"),
+    # QwenImageModule.configure_model: DDP leaves the frozen base out of its broadcast
+    "torch.nn.parallel:DistributedDataParallel": ("_set_params_and_buffers_to_ignore_for_model",),
 }
 # DeepSpeed's own private names: qwenimg_train.parallel.deepspeed_compat.PRIVATE_NAMES.
 # Set on instances (in __init__ or on first use), so not checkable on the class.
@@ -251,6 +253,7 @@ def edit_source_area(area: int | None):
 # reads). Exact messages are dropped; anything else these loggers say still shows.
 IMPORT_CHATTER = {
     "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torchao.kernel.intmm": ("Detected no triton",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),

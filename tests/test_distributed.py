@@ -74,6 +74,19 @@ def test_two_ranks_train_with_no_strategy_named(tmp_path, shard_sources):
         assert sorted(_losses(run)) == list(range(6)), name
 
 
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_two_ranks_train_lora_on_a_quantized_base(base_dtype, tmp_path, shard_sources):
+    """DDP over a quantized frozen base: every rank loads the base from the folder, and DDP
+    broadcasts and reduces the adapter only (it cannot broadcast torchao's or
+    bitsandbytes' quantized tensors, and need not)."""
+    run = tmp_path / "run"
+    _train(_args(run, tmp_path / "models", shard_sources, "trainer.devices=2", "strategy=ddp",
+                 "model.lora={rank:4,alpha:4}", f"model.base_dtype={base_dtype}"), tmp_path)
+    assert sorted(_losses(run)) == list(range(6))
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(".lora_" in k for k in state)
+
+
 def test_zero3_checkpoint_exports_to_diffusers(tmp_path, shard_sources):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 

@@ -52,6 +52,12 @@ class QwenImageModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self._factory(self.global_rank)
+        # DDP broadcasts every parameter and buffer from rank 0 when it wraps the module.
+        # The frozen ones are the base folder's, loaded alike on every rank: broadcasting
+        # them costs a pass over the whole base (40 GB for Qwen-Image in bf16) and fails
+        # on a quantized base (torchao's and bitsandbytes' tensors are not broadcastable).
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, self._frozen_parameter_names())
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         micro = batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
