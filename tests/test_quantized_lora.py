@@ -24,7 +24,7 @@ from qwenimg_train.training.train import train
 
 from test_lora import ALPHA, PREFIX, RANK, _config, _load, _u8_batch
 
-WEIGHT_TYPES = {"int8": "Int8Tensor", "float8": "Float8Tensor", "nf4": "Params4bit"}
+WEIGHT_TYPES = {"bfloat16": "Tensor", "int8": "Int8Tensor", "float8": "Float8Tensor", "nf4": "Params4bit"}
 
 
 def _build(folder, encoders, base_dtype: str):
@@ -54,7 +54,7 @@ def test_quantized_bases_are_checked(tiny_checkpoint, tmp_path):
         TrainConfig.from_mapping(cfg)
 
 
-@pytest.mark.parametrize("base_dtype", QUANTIZED_BASES)
+@pytest.mark.parametrize("base_dtype", ("bfloat16", *QUANTIZED_BASES))
 def test_lora_on_a_quantized_base_trains_the_fp32_adapter_only(tiny_checkpoint, encoders, base_dtype):
     model = _build(tiny_checkpoint, encoders, base_dtype)
     transformer = model.transformer

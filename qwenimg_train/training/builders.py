@@ -116,6 +116,11 @@ def build_model(cfg: ModelConfig, encoders, rank: int = 0):
     partitioned as it is constructed (qwenimg_train.parallel.sharding)."""
     from qwenimg_train.parallel import sharding
 
+    if rank == 0 and cfg.frozen_base_dtype in ("int8", "float8") and not cfg.gradient_checkpointing:
+        log.warning("model.base_dtype=%s without model.gradient_checkpointing: torchao keeps a dequantized bf16 "
+                    "copy of every weight for the backward pass, so the step holds as much as a bf16 base; turn "
+                    "gradient checkpointing on to save the memory", cfg.frozen_base_dtype)
+
     def load_transformer(cls, folder, overrides, **kwargs):  # kwargs: dtype, a LoRA run's base
         return sharding.load_transformer(cls, folder, overrides, rank=rank, **kwargs)
 
