@@ -93,6 +93,7 @@ bench: setup
 	$(PY) benchmarks/bench_zero.py
 	$(PY) benchmarks/bench_precompute.py
 	$(PY) benchmarks/bench_plan.py
+	$(PY) benchmarks/bench_lora_memory.py
 	$(PY) benchmarks/bench_ddp.py
 
 clean-demo:

@@ -10,7 +10,11 @@ transformer's config.json and the same step (`zero_stage=0` on 1 GPU: no DDP buc
 `overhead_gb=0`), and each component is printed predicted / measured. Cases: fp32 with
 and without activation checkpointing; bf16 weights (DeepSpeed's bf16 mode: the whole
 transformer in bf16, activations compared); an edit step (target + source tokens) with
-`zero_cond_t`.
+`zero_cond_t`; LoRA (rank 4, the trainer's `apply_lora` + fp32 adapter + the discarded text
+stream frozen) on a bf16 base under bf16 autocast (`bf16-mixed`), and on an fp32 base in
+fp32 with checkpointing: base + adapter bytes, gradients, AdamW state, the training phase
+(activations + autocast cache + frozen weight copies) and the total. The quantized bases
+are measured by `bench_lora_memory.py`.
 
 Two ranks: `bench_zero.py` (DeepSpeed ZeRO-3 on 2 CPU ranks, fp32) is run and its
 per-rank bytes compared with the planner's ZeRO-3 prediction for the same model:
@@ -23,6 +27,7 @@ Usage: python benchmarks/bench_plan.py [--skip-zero] [--resolution 256] [--batch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -58,28 +63,66 @@ def row(name: str, predicted: float, measured: float) -> dict:
             "ratio": round(ratio, 4)}
 
 
+LORA_RANK = 4
+
+
+def lora_model(model, base_dtype: torch.dtype):
+    """The trainer's LoRA wrapping (QwenImageModel): adapter, fp32 upcast, the last block's
+    discarded text stream frozen; the base stored as `base_dtype`."""
+    from diffusers.training_utils import cast_training_params
+
+    from qwenimg_train.models.lora import LoraSettings, apply_lora
+    from qwenimg_train.models.qwen_image.transformer import freeze_discarded_text_stream
+
+    model.to(base_dtype)
+    apply_lora(model, LoraSettings(rank=LORA_RANK, alpha=float(LORA_RANK)))
+    cast_training_params(model, torch.float32)
+    freeze_discarded_text_stream(model)
+    return model
+
+
 def single_process(args, folder: Path) -> dict:
+    # name, dtype (a LoRA case's base), checkpointing, edit, zero_cond_t, LoRA precision (None: full)
     cases = [
-        ("fp32", torch.float32, False, False, False),
-        ("fp32 + checkpointing", torch.float32, True, False, False),
-        ("bf16 weights", torch.bfloat16, False, False, False),
-        ("bf16 weights + checkpointing", torch.bfloat16, True, False, False),
-        ("edit, zero_cond_t, fp32", torch.float32, False, True, True),
+        ("fp32", torch.float32, False, False, False, None),
+        ("fp32 + checkpointing", torch.float32, True, False, False, None),
+        ("bf16 weights", torch.bfloat16, False, False, False, None),
+        ("bf16 weights + checkpointing", torch.bfloat16, True, False, False, None),
+        ("edit, zero_cond_t, fp32", torch.float32, False, True, True, None),
+        ("LoRA r4, bf16 base, bf16-mixed", torch.bfloat16, False, False, False, "bf16-mixed"),
+        ("LoRA r4, fp32 base + checkpointing", torch.float32, True, False, False, "fp32"),
     ]
     results = {}
-    for name, dtype, ckpt, edit, zero_cond_t in cases:
-        model = build(dtype, zero_cond_t)
+    for name, dtype, ckpt, edit, zero_cond_t, lora in cases:
+        model = build(dtype if lora is None else torch.float32, zero_cond_t)
         config_dir = folder / name.replace(" ", "_").replace(",", "").replace("+", "")
         model.save_config(config_dir)
+        if lora is not None:
+            model = lora_model(model, dtype)
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if lora == "bf16-mixed" else contextlib.nullcontext()
         t0 = time.perf_counter()
-        measured = measure_step(model, batch=args.batch, height=args.resolution, width=args.resolution,
-                                text_len=args.text_len, edit=edit, checkpointing=ckpt)
+        with mixed:
+            measured = measure_step(model, batch=args.batch, height=args.resolution, width=args.resolution,
+                                    text_len=args.text_len, edit=edit, checkpointing=ckpt)
         seconds = time.perf_counter() - t0
         print(f"\n{name}: {args.batch} x {args.resolution}² {'edit' if edit else 't2i'}, {args.text_len} text tokens "
               f"({seconds:.1f} s)")
         print(f"  {'component (MiB)':<26}{'predicted':>12}{'measured':>12}{'ratio':>9}")
         out = {}
-        if dtype == torch.float32:
+        if lora is not None:
+            p = plan(PlanConfig(model=str(config_dir), resolution=args.resolution, micro_batch=args.batch,
+                                gpus_per_node=1, nodes=1, zero_stage=0, precision=lora, activation_checkpointing=ckpt,
+                                prompt_length=args.text_len, overhead_gb=0, finetune="lora", lora_rank=LORA_RANK,
+                                base_dtype=str(dtype).removeprefix("torch.")))  # the trainer's spelling
+            m = p.memory
+            out["base_plus_adapter"] = row("base + adapter", m["base_weights"] + m["parameters"], measured.parameters)
+            # the planner also counts the frozen discarded text stream's adapters (no gradient, no AdamW state)
+            out["gradients"] = row("gradients", m["gradients"], measured.gradients)
+            out["optimizer_states"] = row("optimizer_states", m["optimizer_states"], measured.optimizer_states)
+            training = m["activations"] + m.get("autocast_weight_cache", 0) + m.get("frozen_weight_copies", 0)
+            out["activations"] = row("activations (+ copies)", training, measured.activations)
+            out["total"] = row("total (peak)", p.peak_bytes, measured.total)
+        elif dtype == torch.float32:
             p = plan(PlanConfig(model=str(config_dir), resolution=args.resolution, micro_batch=args.batch,
                                 gpus_per_node=1, nodes=1, zero_stage=0, precision="fp32",
                                 task="edit" if edit else "t2i", activation_checkpointing=ckpt,

@@ -429,6 +429,26 @@ def test_run_prints_a_lora_plan_and_the_lora_fit_table():
     assert "rank 64, 424.7M adapter parameters" in ranked
 
 
+@pytest.mark.parametrize(("planner", "trainer"), [
+    ("fp32", "float32"), ("bf16", "bfloat16"), ("int8", "int8"), ("fp8", "float8"), ("nf4", "nf4")])
+def test_base_dtype_takes_the_trainers_spelling_too(planner, trainer):
+    """model.base_dtype's names (float32, bfloat16, float8) plan exactly as the planner's own."""
+    ours, theirs = plan(_one_gpu_lora(base_dtype=planner)), plan(_one_gpu_lora(base_dtype=trainer))
+    assert theirs.config.base_dtype == planner
+    assert theirs.memory == ours.memory and theirs.peak_bytes == ours.peak_bytes and theirs.flops == ours.flops
+    spec = PRESETS["qwen_image"][0]
+    assert base_weight_bytes(spec, trainer) == base_weight_bytes(spec, planner)
+    cli = {"finetune": "lora", "gpus_per_node": 1, "zero_stage": 0, "gpu_memory_gb": 40}
+    assert run({**cli, "base_dtype": trainer}) == run({**cli, "base_dtype": planner})
+
+
+def test_unknown_base_dtype_lists_both_spellings():
+    with pytest.raises(ValueError) as info:
+        run({"finetune": "lora", "gpus_per_node": 1, "zero_stage": 0, "base_dtype": "fp16"})
+    for word in ("'fp16'", "fp32, bf16, int8, fp8, nf4", "float32, bfloat16, int8, float8, nf4"):
+        assert word in str(info.value)
+
+
 @pytest.mark.parametrize(("overrides", "words"), [
     ({"finetune": "qlora"}, ["finetune", "'lora'"]),
     ({"base_dtype": "int8"}, ["base_dtype", "finetune=lora"]),
