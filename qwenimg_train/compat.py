@@ -99,8 +99,10 @@ PINS: dict[str, Pin] = {
 # Private attributes this code reads, calls or overrides, by "module:Class" (or "module"
 # for module-level names).
 QWEN_EDIT_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit"
+QWEN_EDIT_PLUS_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"
 PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     QWEN_EDIT_MODULE: ("calculate_dimensions",),
+    QWEN_EDIT_PLUS_MODULE: ("calculate_dimensions", "VAE_IMAGE_SIZE", "CONDITION_IMAGE_SIZE"),
     "diffusers.models.transformers.transformer_qwenimage:QwenEmbedRope": (
         "_get_device_freqs", "_compute_video_freqs"),
     "diffusers.models.transformers.transformer_qwenimage:QwenImageTransformer2DModel": (
@@ -216,8 +218,8 @@ def checkpointed_block(transformer, block, *args):
 @contextlib.contextmanager
 def edit_source_area(area: int | None):
     """Within the block, `QwenImageEditPipeline` sizes its source image (the VAE's and the
-    vision encoder's input) to about `area` pixels, aspect kept, instead of its fixed
-    1024 * 1024: the module-level `calculate_dimensions` of pipeline_qwenimage_edit, which
+    vision encoder's input), and `QwenImageEditPlusPipeline` its sources' VAE input, to
+    about `area` pixels, aspect kept, instead of their fixed 1024 * 1024: the module-level `calculate_dimensions` of pipeline_qwenimage_edit, which
     `__call__` calls as `calculate_dimensions(1024 * 1024, ratio)`, is swapped for one
     that ignores the area asked for and uses `area` (sides still rounded to multiples
     of 32). `None` changes nothing. Not thread-safe: the swap is module-wide."""
@@ -234,15 +236,25 @@ def edit_source_area(area: int | None):
             "QwenImageEditPipeline.__call__ no longer calls calculate_dimensions: edit_source_area cannot "
             f"resize the source (diffusers {installed_version('diffusers')}; written for {PINS['diffusers'].tested})")
     original = module.calculate_dimensions
+    plus = importlib.import_module(QWEN_EDIT_PLUS_MODULE)
+    plus_original = plus.calculate_dimensions
+    vae_area = plus.VAE_IMAGE_SIZE
 
     def calculate_dimensions(target_area, ratio):
         return original(area, ratio)
 
+    def plus_calculate_dimensions(target_area, ratio):
+        # QwenImageEditPlusPipeline sizes each source twice: ~384² for the vision encoder
+        # (CONDITION_IMAGE_SIZE, kept: training shows it that) and VAE_IMAGE_SIZE (swapped).
+        return plus_original(area if target_area == vae_area else target_area, ratio)
+
     module.calculate_dimensions = calculate_dimensions
+    plus.calculate_dimensions = plus_calculate_dimensions
     try:
         yield
     finally:
         module.calculate_dimensions = original
+        plus.calculate_dimensions = plus_original
 
 
 # What the quantization libraries log when diffusers or peft imports them (every

@@ -59,9 +59,10 @@ class ModelConfig:
     tiny_world: str = "random"
     """What the tiny builder writes: random weights (fast unit tests), or "glyphs", the learnable tiny
     world (a VAE fitted on glyph renders; model=glyphs); only read when build_tiny is true."""
-    pipeline_class: str = "QwenImageEditPipeline"
-    """What the tiny builder writes (its model_index class: QwenImagePipeline or QwenImageEditPipeline);
-    only read when build_tiny is true."""
+    pipeline_class: str | None = None
+    """What the tiny builder writes (its model_index class: QwenImagePipeline or QwenImageEditPipeline
+    for qwen_image, QwenImageEditPlusPipeline for qwen_image_edit_plus; null: the family's edit
+    pipeline); only read when build_tiny is true."""
     zero_cond_t: bool | None = None
     """Timestep-0 modulation of source tokens (Edit-2511); null keeps the checkpoint's setting."""
     edit_fusion: str = "none"
@@ -96,6 +97,8 @@ class ModelConfig:
             raise ValueError(f"model.max_sequence_length = {self.max_sequence_length} must lie in "
                              f"[1, {family.max_sequence_length}]")
         variants = family.tiny_variants
+        if self.pipeline_class is None:
+            self.pipeline_class = family.tiny_default_variant
         if self.pipeline_class not in variants:
             raise ValueError(f"model.pipeline_class = {self.pipeline_class!r}; use one of {', '.join(variants)}")
         if self.tiny_world not in family.tiny_worlds:

@@ -41,6 +41,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         accumulate_grad_batches: int = 1,
         precomputed: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_sources: int = 1,
     ):
         super().__init__()
         self.curriculum = curriculum
@@ -54,6 +55,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.accumulate = accumulate_grad_batches
         self.precomputed = precomputed
         self.max_image_pixels = max_image_pixels
+        self.max_sources = max_sources  # source images an edit may have (the model family's)
         self.sources: dict[str, SourceShards] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -129,7 +131,7 @@ class CurriculumDataModule(pl.LightningDataModule):
             skip_batches=(step - start) * self.accumulate,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
-            max_image_pixels=self.max_image_pixels,
+            max_image_pixels=self.max_image_pixels, max_sources=self.max_sources,
         )
         from qwenimg_train.training.callbacks.graceful_stop import ignore_sigterm
 

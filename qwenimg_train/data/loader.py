@@ -55,7 +55,12 @@ import webdataset as wds
 from data_pipelines.core.images import decode_image, nearest_bucket
 from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
 from data_pipelines.core.precomputed import from_bytes, tensor_key
-from data_pipelines.core.schema import CAPTION_EXTENSION, IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX, Task
+from data_pipelines.core.schema import (CAPTION_EXTENSION, IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX,
+                                        Task)
+
+# A multi-image edit's second and third sources (`<key>.src2.jpg`, `<key>.src3.jpg`); its
+# metadata's extra["edit"]["num_sources"] counts them all (missing: 1).
+EXTRA_SOURCE_PREFIXES = ("src2", "src3")
 from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, check_meta_fields, load_json_object
 from qwenimg_train.data.curriculum import EDIT_SOURCE, SOURCES, Stage
@@ -128,6 +133,11 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips so far, by reason
     worker: int = 0  # which loader worker made it (skip counts are per worker)
     encoded: EncodedBatch | None = None  # precomputed encoder outputs (data.precomputed=true)
+    # Multi-image edits (max_sources > 1): each sample's second and third sources, uint8
+    # [B, K, 3, H, W] (K: the batch's most extra sources; zeros where a sample has fewer),
+    # and num_sources [B] (0 for T2I); both None when no sample has more than one source.
+    extra_sources_bkchw: torch.Tensor | None = None
+    num_sources: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.task)
@@ -227,6 +237,7 @@ class StageStream(torch.utils.data.IterableDataset):
         num_batches: int | None = None,
         precomputed: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_sources: int = 1,
     ):
         super().__init__()
         if batch_size < 1:
@@ -259,6 +270,11 @@ class StageStream(torch.utils.data.IterableDataset):
             raise ValueError(f"max_image_pixels = {max_image_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS})")
         # An image whose header claims more pixels is skipped as `oversized` before decoding.
         self.max_image_pixels = max_image_pixels
+        if not 1 <= max_sources <= 1 + len(EXTRA_SOURCE_PREFIXES):
+            raise ValueError(f"max_sources = {max_sources} must lie in [1, {1 + len(EXTRA_SOURCE_PREFIXES)}]")
+        # Edits with more source images than the model family takes are skipped (counted:
+        # `too_many_sources`): a one-source editor cannot be shown "Picture 2".
+        self.max_sources = max_sources
 
     def _worker(self) -> tuple[int, int]:
         """(role, workers): this loader worker's place in the stage's stream. The
@@ -398,6 +414,12 @@ class StageStream(torch.utils.data.IterableDataset):
         try:
             # width and height are positive ints: `admit` checked them.
             size = nearest_bucket(meta["width"], meta["height"], sizes)
+            count = source_count(meta) if pair else 0
+            if count > self.max_sources:
+                raise BadSample("too_many_sources", f"{count} source images; this model family takes "
+                                                    f"{self.max_sources}")
+            if count > 1 and self.precomputed:
+                raise BadSample("multi_source_precomputed", "multi-image edits are not precomputed (yet)")
             members = [INSTRUCTION_EXTENSION if pair else CAPTION_EXTENSION]
             if self.precomputed:
                 members.append(PRECOMPUTED_MEMBER)
@@ -405,6 +427,7 @@ class StageStream(torch.utils.data.IterableDataset):
                 members += [ext] if ext is not None else ["jpg|png"]
                 if pair:
                     members.append(f"{SOURCE_IMAGE_PREFIX}.{ext}")
+                    members += [f"{prefix}.{ext}" for prefix in EXTRA_SOURCE_PREFIXES[: count - 1]]
             missing = [m for m in members if m not in sample]
             if missing:
                 raise BadSample("missing_member", f"no {', '.join(missing)} member")
@@ -413,12 +436,14 @@ class StageStream(torch.utils.data.IterableDataset):
             except UnicodeDecodeError as exc:
                 raise BadSample("bad_caption", str(exc)) from None
             target = source = None
+            extra = []
             if self.precomputed:
                 encoded = from_bytes(sample[PRECOMPUTED_MEMBER]) if decode else {}
             else:
                 target = load(sample[ext], size)
                 if pair:
                     source = load(sample[f"{SOURCE_IMAGE_PREFIX}.{ext}"], size)
+                    extra = [load(sample[f"{prefix}.{ext}"], size) for prefix in EXTRA_SOURCE_PREFIXES[: count - 1]]
         except BadSample as bad:  # undecodable image, missing member, ...: counted, not fatal
             skips.skip(bad.reason, f"{where}: {bad.detail}")
             return None
@@ -438,7 +463,8 @@ class StageStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"{where}: precomputed tensors lack {exc.args[0]!r} (has {sorted(encoded)}); "
                                  "the shard does not match its manifest's precompute tag: precompute it again") from None
         return {
-            "task": task, "target": target, "source_img": source, "prompt": prompt, "key": sample["__key__"],
+            "task": task, "target": target, "source_img": source, "extra_sources": extra, "num_sources": count,
+            "prompt": prompt, "key": sample["__key__"],
             "source": EDIT_SOURCE if pair else name, "text_class": meta.get("text_class", ""), "size": size,
             "encoded": encoded,
         }
@@ -455,12 +481,29 @@ class StageStream(torch.utils.data.IterableDataset):
             blank = np.zeros_like(items[0]["target"])
             stacked = np.stack([it["source_img"] if it["source_img"] is not None else blank for it in items])
             source = torch.from_numpy(stacked).permute(0, 3, 1, 2)
+        extra = num_sources = None
+        most = max(it["num_sources"] for it in items)
+        if most > 1 and not self.precomputed:
+            blank = np.zeros_like(items[0]["target"])
+            stacked = np.stack([np.stack([*it["extra_sources"], *[blank] * (most - it["num_sources"])])
+                                if it["num_sources"] else np.stack([blank] * (most - 1)) for it in items])
+            extra = torch.from_numpy(stacked).permute(0, 1, 4, 2, 3)  # [B, K, 3, H, W]
+            num_sources = torch.tensor([it["num_sources"] for it in items])
         return Batch(
             task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
             prompt=[it["prompt"] for it in items], key=[it["key"] for it in items], source=[it["source"] for it in items],
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
-            worker=self._worker()[0], encoded=encoded,
+            worker=self._worker()[0], encoded=encoded, extra_sources_bkchw=extra, num_sources=num_sources,
         )
+
+
+def source_count(meta: Mapping) -> int:
+    """Source images of an edit pair, from its metadata (extra["edit"]["num_sources"]; 1 when absent)."""
+    edit = (meta.get("extra") or {}).get("edit") or {}
+    count = edit.get("num_sources", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1 + len(EXTRA_SOURCE_PREFIXES):
+        raise BadSample("bad_num_sources", f"num_sources = {count!r}")
+    return count
 
 
 def collate_encoded(items: list[dict[str, torch.Tensor | None]]) -> EncodedBatch:

@@ -29,8 +29,12 @@ class ModelFamily(Protocol):
     """The `qwenimg-plan` preset of the released model (qwenimg_train.tools.plan.PRESETS)."""
     tiny_variants: tuple[str, ...]
     """What `build_tiny(path, variant=...)` can build (its model_index pipeline class)."""
+    tiny_default_variant: str
+    """The variant `model.pipeline_class: null` builds."""
     max_sequence_length: int
     """The longest prompt (tokens after the template prefix) its pipelines encode."""
+    max_sources: int
+    """Source images one edit may have (1: single-image editing; the loader skips edits with more)."""
 
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""
@@ -39,7 +43,7 @@ class ModelFamily(Protocol):
     """What `build_tiny(path, world=...)` can build: "random" weights, or "glyphs" (a VAE fitted on
     glyph renders and a transformer sized to learn to draw them on a CPU)."""
 
-    def build_tiny(self, path: str | Path, *, variant: str, world: str = "random") -> Path:
+    def build_tiny(self, path: str | Path, *, variant: str | None = None, world: str = "random") -> Path:
         """A tiny folder at `path` (built once; an existing one is reused)."""
 
     def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int) -> Any:
@@ -80,6 +84,13 @@ def _qwen_image() -> ModelFamily:
     return QwenImageFamily()
 
 
+def _qwen_image_edit_plus() -> ModelFamily:
+    from qwenimg_train.models.qwen_image import QwenImageEditPlusFamily
+
+    return QwenImageEditPlusFamily()
+
+
 FAMILIES: dict[str, Callable[[], ModelFamily]] = {
     "qwen_image": _qwen_image,
+    "qwen_image_edit_plus": _qwen_image_edit_plus,
 }

@@ -1,5 +1,8 @@
 """Qwen-Image (20B MMDiT, Qwen2.5-VL encoder, AutoencoderKLQwenImage) and its edit
-models, Qwen-Image-Edit (one source image) and Edit-2511 (`zero_cond_t`).
+models: Qwen-Image-Edit (one source image, `QwenImageFamily`) and the multi-image
+Edit-Plus releases 2509 and 2511 (one to three sources announced as "Picture N",
+`QwenImageEditPlusFamily`; 2511 sets `zero_cond_t`). One transformer class, one VAE,
+one vision-language encoder: the families differ in the edit prompt and its pipeline.
 
 - `encoding.py`: prompt templates and encoding as diffusers' pipelines do, latent packing;
 - `transformer.py`: the mixed-batch forward (per-sample rotary, image-token mask);
@@ -23,7 +26,10 @@ class QwenImageFamily:
     name = "qwen_image"
     planner_preset = "qwen_image"
     tiny_variants = ("QwenImagePipeline", "QwenImageEditPipeline")
+    tiny_default_variant = "QwenImageEditPipeline"
     tiny_worlds = TINY_WORLDS
+    edit_style = "single"  # encoding.PromptEncoder: one source in the edit template
+    max_sources = 1  # source images an edit sample may have (the loader skips edits with more)
 
     @property
     def max_sequence_length(self) -> int:
@@ -36,7 +42,10 @@ class QwenImageFamily:
 
         return check_checkpoint_folder(path)
 
-    def build_tiny(self, path: str | Path, *, variant: str = "QwenImageEditPipeline", world: str = "random") -> Path:
+    def build_tiny(self, path: str | Path, *, variant: str | None = None, world: str = "random") -> Path:
+        variant = variant or self.tiny_default_variant
+        if variant not in self.tiny_variants:
+            raise ValueError(f"tiny variant {variant!r}; {self.name} builds {', '.join(self.tiny_variants)}")
         if world == "glyphs":
             from qwenimg_train.models.qwen_image.glyph_world import ensure_glyph_world
 
@@ -50,7 +59,7 @@ class QwenImageFamily:
     def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int):
         from qwenimg_train.models.qwen_image.model import load_encoders
 
-        return load_encoders(path, dtype=dtype, max_sequence_length=max_sequence_length)
+        return load_encoders(path, dtype=dtype, max_sequence_length=max_sequence_length, edit_style=self.edit_style)
 
     def transformer_class(self) -> type:
         from diffusers import QwenImageTransformer2DModel
@@ -97,3 +106,37 @@ class QwenImageFamily:
         t2i = t2i_class(**parts)
         edit = edit_class(**parts, processor=processor) if processor is not None else None
         return t2i, edit
+
+
+class QwenImageEditPlusFamily(QwenImageFamily):
+    """Qwen-Image-Edit-2509 / 2511 (`QwenImageEditPlusPipeline`): the Qwen-Image transformer
+    (2511: `zero_cond_t`), edits with one to three source images. Each source is shown
+    to Qwen2.5-VL at about 384² behind "Picture N:" (encoding.PromptEncoder.encode_edit_plus)
+    and its VAE latents follow the target's, `img_shapes` listing target then sources."""
+
+    name = "qwen_image_edit_plus"
+    planner_preset = "qwen_image_edit"
+    tiny_variants = ("QwenImageEditPlusPipeline",)
+    tiny_default_variant = "QwenImageEditPlusPipeline"
+    edit_style = "plus"
+    max_sources = 3
+
+    def check_folder(self, path: str | Path) -> Path:
+        folder = super().check_folder(path)
+        if not (folder / "processor").is_dir():
+            raise ValueError(f"model.pretrained_path = {str(folder)!r} has no processor/: multi-image editing needs a "
+                             "Qwen-Image-Edit-2509 or -2511 folder")
+        return folder
+
+    def prompt_fingerprint(self) -> str:
+        from qwenimg_train.models.qwen_image.encoding import (EDIT_PLUS_DROP, EDIT_PLUS_PICTURE, EDIT_PLUS_TEMPLATE,
+                                                              T2I_DROP, T2I_TEMPLATE, CONDITION_AREA)
+
+        blob = json.dumps([T2I_TEMPLATE, T2I_DROP, EDIT_PLUS_TEMPLATE, EDIT_PLUS_PICTURE, EDIT_PLUS_DROP,
+                           CONDITION_AREA]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def pipeline_classes(self) -> tuple[type, type]:
+        from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
+
+        return QwenImagePipeline, QwenImageEditPlusPipeline

@@ -39,7 +39,21 @@ EDIT_TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 EDIT_DROP = 64
+# Multi-image editing (Qwen-Image-Edit-2509 / 2511, `QwenImageEditPlusPipeline`): the same
+# system prompt, each source announced as "Picture N: <vision tokens>" before the
+# instruction, sent to Qwen2.5-VL at about 384² (its aspect kept, sides multiples of 32).
+EDIT_PLUS_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+EDIT_PLUS_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+EDIT_PLUS_DROP = 64
+CONDITION_AREA = 384 * 384
+MAX_SOURCES = 3  # the released multi-image editors are trained with one to three sources
 MAX_SEQUENCE_LENGTH = 1024  # the released pipelines' cap (tokenizer_max_length)
+EDIT_STYLES = ("single", "plus")
 
 
 def _drop_and_pad(hidden_bsd: torch.Tensor, mask_bs: torch.Tensor, drop: int, max_len: int):
@@ -54,13 +68,17 @@ def _drop_and_pad(hidden_bsd: torch.Tensor, mask_bs: torch.Tensor, drop: int, ma
 class PromptEncoder:
     """Qwen2.5-VL prompt (and source-image) encoding as the released pipelines do it."""
 
-    def __init__(self, text_encoder, tokenizer, processor=None, *, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    def __init__(self, text_encoder, tokenizer, processor=None, *, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                 edit_style: str = "single"):
         if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"model.max_sequence_length = {max_sequence_length} must lie in [1, {MAX_SEQUENCE_LENGTH}]")
+        if edit_style not in EDIT_STYLES:
+            raise ValueError(f"edit_style = {edit_style!r}; use one of {EDIT_STYLES}")
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_sequence_length = max_sequence_length
+        self.edit_style = edit_style
 
     @property
     def device(self) -> torch.device:
@@ -88,8 +106,28 @@ class PromptEncoder:
                                 output_hidden_states=True)
         return _drop_and_pad(out.hidden_states[-1], inputs["attention_mask"], EDIT_DROP, self.max_sequence_length)
 
+    @torch.no_grad()
+    def encode_edit_plus(self, prompts: Sequence[str], sources: Sequence[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction + one to three source images per prompt, as `QwenImageEditPlusPipeline`
+        encodes them: each source resized to about 384² (`condition_image`), announced as
+        "Picture N: ..." in order, the 64-token system prefix dropped."""
+        if self.processor is None:
+            raise ValueError("editing needs the Qwen2.5-VL processor; this model folder has no processor/")
+        counts = [len(s) for s in sources]
+        if not all(1 <= n <= MAX_SOURCES for n in counts):
+            raise ValueError(f"multi-image edits take 1 to {MAX_SOURCES} source images per prompt, got {counts}")
+        texts = [EDIT_PLUS_TEMPLATE.format("".join(EDIT_PLUS_PICTURE.format(k + 1) for k in range(len(s))) + p)
+                 for p, s in zip(prompts, sources)]
+        images = [condition_image(im) for s in sources for im in s]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
+        out = self.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                                output_hidden_states=True)
+        return _drop_and_pad(out.hidden_states[-1], inputs["attention_mask"], EDIT_PLUS_DROP, self.max_sequence_length)
+
     def encode(self, prompts: Sequence[str], images: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A mixed batch: samples with an image (None for T2I) use the edit template.
+        With `edit_style="plus"` an entry may also be a list of one to three images (multi-image editing).
 
         Returns embeds [B, T, D] and a long mask [B, T] (1 = token, 0 = padding), each
         row as the matching pipeline would encode it alone, up to padding.
@@ -102,7 +140,10 @@ class PromptEncoder:
         parts = {}
         if groups["t2i"]:
             parts["t2i"] = self.encode_t2i([prompts[i] for i in groups["t2i"]])
-        if groups["edit"]:
+        if groups["edit"] and self.edit_style == "plus":
+            parts["edit"] = self.encode_edit_plus([prompts[i] for i in groups["edit"]],
+                                                  [_as_list(images[i]) for i in groups["edit"]])
+        elif groups["edit"]:
             parts["edit"] = self.encode_edit([prompts[i] for i in groups["edit"]], [images[i] for i in groups["edit"]])
         if len(parts) == 1:
             return next(iter(parts.values()))
@@ -116,6 +157,25 @@ class PromptEncoder:
             embeds[index, : e.shape[1]] = e
             mask[index, : m.shape[1]] = m
         return embeds, mask
+
+
+def _as_list(images) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def condition_image(image):
+    """A source image as `QwenImageEditPlusPipeline` shows it to Qwen2.5-VL: resized (its
+    `VaeImageProcessor.resize`, Lanczos) to about 384² with its aspect ratio, sides
+    rounded to multiples of 32 (its `calculate_dimensions`). Takes a PIL image or a
+    uint8 CHW tensor; returns a PIL image."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+    from PIL import Image
+
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    width, height = calculate_dimensions(CONDITION_AREA, image.width / image.height)
+    return VaeImageProcessor(vae_scale_factor=16).resize(image, height, width)
 
 
 def pack_latents(latents_bchw: torch.Tensor) -> torch.Tensor:

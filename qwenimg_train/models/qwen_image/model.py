@@ -59,13 +59,15 @@ class FrozenEncoders:
     tokenizer: object
     processor: object | None
     max_sequence_length: int
+    edit_style: str = "single"
+    """encoding.PromptEncoder's edit prompt: single (Qwen-Image-Edit) or plus (Edit-2509/2511)."""
 
     def __post_init__(self) -> None:
         for module in (self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
         self.codec = LatentCodec(self.vae)
         self.prompts = PromptEncoder(self.text_encoder, self.tokenizer, self.processor,
-                                     max_sequence_length=self.max_sequence_length)
+                                     max_sequence_length=self.max_sequence_length, edit_style=self.edit_style)
 
     def to(self, device: torch.device | str) -> "FrozenEncoders":
         self.vae.to(device)
@@ -92,11 +94,17 @@ class ModelInputs:
 
 
 def assemble_inputs(target_bzhw: torch.Tensor, source_kzhw: torch.Tensor | None, has_source: torch.Tensor | None,
-                    text_btd: torch.Tensor, text_mask_bt: torch.Tensor) -> ModelInputs:
+                    text_btd: torch.Tensor, text_mask_bt: torch.Tensor,
+                    num_sources: torch.Tensor | None = None) -> ModelInputs:
     """Encoder outputs -> `ModelInputs`, the same for online and precomputed encoding.
 
-    `target_bzhw`: normalised latents [B, z, h, w]; `source_kzhw`: the latents of the K
-    samples whose `has_source` is True, in batch order (None when K = 0).
+    `target_bzhw`: normalised latents [B, z, h, w]; `source_kzhw`: the latents of every
+    source image of the samples whose `has_source` is True, in batch order, each
+    sample's sources in picture order (None when there is none). `num_sources` [B]
+    counts them per sample (None: one per sample with a source). A sample's source
+    tokens are its sources' packed latents one after another, and its `img_shapes` list
+    the target, then each source (`QwenImageEditPlusPipeline`'s layout; one source:
+    `QwenImageEditPipeline`'s).
     """
     batch = target_bzhw.shape[0]
     rows, cols = target_bzhw.shape[2] // 2, target_bzhw.shape[3] // 2
@@ -105,13 +113,22 @@ def assemble_inputs(target_bzhw: torch.Tensor, source_kzhw: torch.Tensor | None,
     img_shapes = [[(1, rows, cols)] for _ in range(batch)]
     source_bmc = source_mask = None
     if source_kzhw is not None:
-        index = has_source.nonzero().flatten()
-        packed = pack_latents(source_kzhw)
-        source_bmc = packed.new_zeros(batch, *packed.shape[1:])
-        source_bmc[index.to(packed.device)] = packed
-        source_mask = has_source.to(packed.device)[:, None].expand(-1, packed.shape[1]).clone()
-        for i in index.tolist():
-            img_shapes[i].append((1, source_kzhw.shape[2] // 2, source_kzhw.shape[3] // 2))
+        counts = (num_sources.tolist() if num_sources is not None
+                  else [int(bool(h)) for h in has_source.tolist()])
+        if sum(counts) != source_kzhw.shape[0]:
+            raise ValueError(f"{source_kzhw.shape[0]} source latents for {sum(counts)} source images ({counts})")
+        packed = pack_latents(source_kzhw)  # [K, m, C]; one bucket: every source has m tokens
+        per = packed.shape[1]
+        source_bmc = packed.new_zeros(batch, max(counts) * per, packed.shape[2])
+        source_mask = torch.zeros(batch, max(counts) * per, dtype=torch.bool, device=packed.device)
+        shape = (1, source_kzhw.shape[2] // 2, source_kzhw.shape[3] // 2)
+        k = 0
+        for i, n in enumerate(counts):
+            if n:
+                source_bmc[i, : n * per] = packed[k : k + n].reshape(n * per, -1)
+                source_mask[i, : n * per] = True
+                img_shapes[i].extend([shape] * n)
+                k += n
     return ModelInputs(target_bnc, target_mask, source_bmc, source_mask, text_btd, text_mask_bt, img_shapes)
 
 
@@ -129,7 +146,8 @@ def check_checkpoint_folder(path: str | Path) -> Path:
     return path
 
 
-def load_encoders(path: str | Path, *, dtype: str = "float32", max_sequence_length: int = 1024) -> FrozenEncoders:
+def load_encoders(path: str | Path, *, dtype: str = "float32", max_sequence_length: int = 1024,
+                  edit_style: str = "single") -> FrozenEncoders:
     from diffusers import AutoencoderKLQwenImage
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -143,6 +161,7 @@ def load_encoders(path: str | Path, *, dtype: str = "float32", max_sequence_leng
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
         processor=processor,
         max_sequence_length=max_sequence_length,
+        edit_style=edit_style,
     )
 
 
@@ -202,11 +221,14 @@ class QwenImageModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, *, target_bchw: torch.Tensor, prompts: Sequence[str], source_bchw: torch.Tensor | None = None,
-               has_source: torch.Tensor | None = None) -> ModelInputs:
+               has_source: torch.Tensor | None = None, extra_sources_bkchw: torch.Tensor | None = None,
+               num_sources: torch.Tensor | None = None) -> ModelInputs:
         """uint8 RGB images [B, 3, H, W] (the loader's `Batch`) and prompts -> `ModelInputs`.
 
         `source_bchw` rows where `has_source` is False are ignored (T2I samples of a
-        mixed batch). Source images go through the VAE and the processor.
+        mixed batch). Source images go through the VAE and the processor. Multi-image
+        edits (an Edit-Plus family) add their second and third sources in
+        `extra_sources_bkchw` [B, K, 3, H, W], `num_sources` [B] counting each sample's.
         """
         enc = self.encoders
         if enc is None:
@@ -216,13 +238,25 @@ class QwenImageModel(nn.Module):
         target = enc.codec.encode(to_unit_range(target_bchw))  # [B, z, h, w]
         source = None
         images = [None] * batch
+        counts = None
         if has_source is not None and bool(has_source.any()):
             index = has_source.nonzero().flatten()
-            source = enc.codec.encode(to_unit_range(source_bchw[index]))
+            multi = num_sources is not None and bool((num_sources > 1).any())
+            if multi and enc.edit_style != "plus":
+                raise ValueError("a batch holds multi-image edits, but this model's edit prompt takes one source "
+                                 "image (model.family qwen_image): use model.family=qwen_image_edit_plus")
+            sources = []  # every source image, each sample's in picture order
             for i in index.tolist():
-                images[i] = source_bchw[i].cpu()  # uint8 CHW, as the processor takes it
+                own = [source_bchw[i]]
+                if multi:
+                    own += [extra_sources_bkchw[i, k] for k in range(int(num_sources[i]) - 1)]
+                sources += own
+                # uint8 CHW, as the processor takes them; a list: one prompt, several pictures
+                images[i] = [im.cpu() for im in own] if enc.edit_style == "plus" else own[0].cpu()
+            source = enc.codec.encode(to_unit_range(torch.stack(sources)))
+            counts = num_sources if multi else None
         text, text_mask = enc.prompts.encode(list(prompts), images)
-        return assemble_inputs(target, source, has_source, text, text_mask)
+        return assemble_inputs(target, source, has_source, text, text_mask, num_sources=counts)
 
     def encode_batch(self, batch: Batch) -> ModelInputs:
         """A loader `Batch` -> `ModelInputs`: its precomputed encoder outputs when it
@@ -231,7 +265,8 @@ class QwenImageModel(nn.Module):
             e = batch.encoded
             return assemble_inputs(e.target_bzhw, e.source_bzhw, batch.has_source, e.text_btd, e.text_mask_bt)
         return self.encode(target_bchw=batch.target_bchw, prompts=batch.prompt, source_bchw=batch.source_bchw,
-                           has_source=batch.has_source)
+                           has_source=batch.has_source, extra_sources_bkchw=batch.extra_sources_bkchw,
+                           num_sources=batch.num_sources)
 
     def denoise(self, noisy_target_bnc: torch.Tensor, sigmas_b: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
         """Velocity prediction for the target tokens: [B, N, C] (padding rows arbitrary)."""

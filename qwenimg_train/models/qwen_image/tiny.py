@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PipelineClass = Literal["QwenImagePipeline", "QwenImageEditPipeline"]
+PipelineClass = Literal["QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"]
+EDIT_PIPELINES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # folders with a processor/
 
 
 # Qwen2.5-VL's chat and vision special tokens, in Qwen's id order (ids differ here).
@@ -353,11 +354,11 @@ def _write_checkpoint(directory: Path, spec: TinySpec, pipeline_class: PipelineC
     QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     ).save_pretrained(directory)
-    if pipeline_class == "QwenImageEditPipeline":
+    if pipeline_class in EDIT_PIPELINES:
         _processor_files(directory / "processor", tokenizer)
         index_path = directory / "model_index.json"
         index = json.loads(index_path.read_text())
-        index["_class_name"] = "QwenImageEditPipeline"
+        index["_class_name"] = pipeline_class
         index["processor"] = ["transformers", "Qwen2VLProcessor"]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -397,8 +398,8 @@ def _is_checkpoint(path: Path) -> bool:
 
 def _build(path: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int, exist_ok: bool,
            vae: torch.nn.Module | None = None) -> Path:
-    if pipeline_class not in ("QwenImagePipeline", "QwenImageEditPipeline"):
-        raise ValueError(f"pipeline_class must be QwenImagePipeline or QwenImageEditPipeline, got {pipeline_class!r}")
+    if pipeline_class not in ("QwenImagePipeline", *EDIT_PIPELINES):
+        raise ValueError(f"pipeline_class must be QwenImagePipeline or one of {EDIT_PIPELINES}, got {pipeline_class!r}")
     if _is_checkpoint(path):
         if exist_ok:
             return path
