@@ -36,12 +36,13 @@ def _losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3"])
-def test_two_ranks_resume_exactly(strategy, tmp_path, shard_sources):
+@pytest.mark.parametrize("strategy,model", [("ddp", "tiny"), ("deepspeed_zero3", "tiny"),
+                                            ("deepspeed_zero3", "tiny_edit_plus")])
+def test_two_ranks_resume_exactly(strategy, model, tmp_path, shard_sources):
     """A run stopped after step 3 and resumed gives the per-step losses of an
-    uninterrupted run (fp32, CPU)."""
+    uninterrupted run (fp32, CPU); for each model family."""
     models = tmp_path / "models"
-    common = [f"strategy={strategy}", "trainer.devices=2"]
+    common = [f"strategy={strategy}", "trainer.devices=2", f"model={model}"]
     _train(_args(tmp_path / "full", models, shard_sources, *common), tmp_path)
     _train(_args(tmp_path / "cut", models, shard_sources, *common, "callbacks.stop_at_step=3"), tmp_path)
     first = _losses(tmp_path / "cut")

@@ -135,3 +135,51 @@ def test_the_tiny_folder_generates_in_the_pipeline_with_three_sources(plus_check
         image = pipe(image=sources, prompt="图1的文字，用图2的颜色和图3的字体", height=32, width=32,
                      num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+@pytest.fixture(scope="module")
+def plus_run(tmp_path_factory, shard_sources):
+    """The smoke experiment (configs/debug) with the multi-image family, through every
+    stage and task, the OCR callback drawing edits through QwenImageEditPlusPipeline."""
+    from conftest import compose_debug
+    from qwenimg_train.training.train import train
+
+    root = tmp_path_factory.mktemp("plus-run")
+    ocr = ("callbacks.ocr_eval={every_n_steps: null, stage_end: true, suites: [en_word, edit_zh], limit: 1, "
+           "resolution: 32, steps: 2, guidance: 1.0, seed: 0, edit_source_area: 1024}")
+    cfg = compose_debug(shard_sources, "model=tiny_edit_plus", ocr, out=root / "train", models=root / "models")
+    return root, train(cfg)
+
+
+def test_the_smoke_experiment_trains_exports_and_loads_in_the_pipeline(plus_run):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from conftest import STAGES
+    from qwenimg_train.export.to_diffusers import ExportJob, export
+
+    root, summary = plus_run
+    assert list(summary["stages"]) == list(STAGES)
+    assert all(set(s["loss_by_task"]) == {"t2i", "ti2i", "i2i"} for s in summary["stages"].values())
+    assert [e["step"] for e in summary["ocr_eval"]] == [3, 6, 9]
+    out = export(ExportJob(checkpoint=str(root / "train" / "checkpoints" / "last.ckpt"), out_dir=str(root / "export")))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(
+        out, processor=get_family("qwen_image_edit_plus").load_processor(out))
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline"
+
+
+def test_a_lora_adapter_loads_with_load_lora_weights(tmp_path, shard_sources):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from conftest import compose_debug
+    from qwenimg_train.export.to_diffusers import ExportJob, export
+    from qwenimg_train.training.train import train
+
+    cfg = compose_debug(shard_sources, "model=tiny_edit_plus", "model.lora={rank:4,alpha:4}", "optim.lr=1e-2",
+                        out=tmp_path / "train", models=tmp_path / "models")
+    train(cfg)
+    adapter = export(ExportJob(checkpoint=str(tmp_path / "train" / "checkpoints" / "last.ckpt"),
+                               out_dir=str(tmp_path / "adapter")))
+    base = tmp_path / "models" / "tiny-edit-plus"
+    pipe = QwenImageEditPlusPipeline.from_pretrained(base, processor=get_family("qwen_image_edit_plus").load_processor(base))
+    pipe.load_lora_weights(adapter)
+    assert pipe.transformer.peft_config
