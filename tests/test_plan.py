@@ -24,6 +24,7 @@ from qwenimg_train.tools.plan import (
     ZeroSettings,
     base_weight_bytes,
     fit_table,
+    frozen_weight_copy_bytes,
     load_spec,
     lora_fit_table,
     min_nodes,
@@ -285,7 +286,8 @@ def test_twenty_b_adapter_and_base_bytes_by_hand():
     rest = P - linear  # biases and norm weights: bf16 in every quantized base
     assert base_weight_bytes(spec, "fp32") == 4 * P == 81_721_604_352  # 81.7 GB
     assert base_weight_bytes(spec, "bf16") == 2 * P
-    assert base_weight_bytes(spec, "int8") == linear + 10 * rows + 2 * rest  # bf16 scale + int64 zero point per row
+    # Int8WeightOnlyConfig(version=2)'s Int8Tensor: an fp32 scale + an int8 zero point per row
+    assert base_weight_bytes(spec, "int8") == linear + 5 * rows + 2 * rest
     assert base_weight_bytes(spec, "fp8") == linear + 4 * rows + 2 * rest  # fp32 scale per row
     # nf4: every Linear here is a multiple of 64 weights (and of 64·256 with double quantization)
     assert base_weight_bytes(spec, "nf4") == linear * 0.5625 + 2 * rest  # 0.5 + 4/64
@@ -307,13 +309,17 @@ def test_nf4_rounds_up_partial_blocks():
 def test_lora_trains_only_the_adapter():
     spec = PRESETS["qwen_image"][0]
     A = spec.lora_params(16)
+    # the last block's discarded text stream (to_add_out, add_q_proj, txt_mlp) is frozen:
+    # its adapters, rank·(D + D) twice and rank·(D + 4D) twice, are weights only
+    G = spec.lora_trained_params(16)
+    assert A - G == 16 * (2 * 2 * 3072 + 2 * 5 * 3072)
     ddp = plan(_one_gpu_lora(base_dtype="bf16"))
     assert ddp.params == A and ddp.frozen_params == spec.num_params()
     assert ddp.memory["base_weights"] == 2 * spec.num_params()
-    # fp32 adapter: weights, gradients, AdamW m and v, 16 bytes per adapter parameter; no base gradients
-    assert (ddp.memory["parameters"], ddp.memory["gradients"], ddp.memory["optimizer_states"]) == (4 * A, 4 * A, 8 * A)
-    assert ddp.memory["optimizer_step_workspace"] == 4 * A and ddp.memory.get("comm_buffers", 0) == 0
-    assert plan(_one_gpu_lora(gpus_per_node=8)).memory["comm_buffers"] == 4 * A  # DDP buckets the adapter only
+    # fp32 adapter: weights 4 bytes each, gradients 4 and AdamW m and v 8 per trained one; no base gradients
+    assert (ddp.memory["parameters"], ddp.memory["gradients"], ddp.memory["optimizer_states"]) == (4 * A, 4 * G, 8 * G)
+    assert ddp.memory["optimizer_step_workspace"] == 4 * G and ddp.memory.get("comm_buffers", 0) == 0
+    assert plan(_one_gpu_lora(gpus_per_node=8)).memory["comm_buffers"] == 4 * G  # DDP buckets the trained adapter
     full = plan(PlanConfig(model="qwen_image", gpus_per_node=1, zero_stage=0))
     # without checkpointing a frozen base saves 19 of the 25 elements per token and block
     no_ckpt = dict(model="qwen_image", precision="fp32", activation_checkpointing=False)
@@ -328,12 +334,15 @@ def test_lora_trains_only_the_adapter():
 
 def test_lora_under_zero3_partitions_the_frozen_base():
     spec = PRESETS["qwen_image"][0]
-    P, A = spec.num_params(), spec.lora_params(16)
+    P, A, G = spec.num_params(), spec.lora_params(16), spec.lora_trained_params(16)
     small = spec.small_params(1e6)
     z3 = plan(PlanConfig(model="qwen_image", finetune="lora", zero_stage=3, gpus_per_node=8, nodes=2))
     assert z3.memory["base_weights"] == round(2 * P / 16 + 2 * small)
     assert z3.memory["parameters"] == round(2 * A / 16 + 2 * A)  # the adapter's tensors are all under 1e6: whole
-    assert z3.memory["gradients"] == round(2 * A / 16) and z3.memory["optimizer_states"] == round(12 * A / 16)
+    # the optimizer gets the trainable parameters only (build_optimizer): not the frozen discarded adapters
+    assert z3.memory["gradients"] == round(2 * G / 16) and z3.memory["optimizer_states"] == round(12 * G / 16)
+    # ZeRO keeps its gradient partitions allocated: static, as under full fine-tuning
+    assert z3.phases["gradients"] == "static" and "gradients_in_training" not in z3.memory
     peaks = [plan(PlanConfig(model="qwen_image", finetune="lora", nodes=n)).peak_bytes for n in (1, 2, 4, 8)]
     assert peaks == sorted(peaks, reverse=True)
 
@@ -348,6 +357,7 @@ def test_lora_memory_matches_measured_cpu_step(tmp_path, precision, base, checkp
     from diffusers import QwenImageTransformer2DModel
 
     from qwenimg_train.models.lora import LoraSettings, apply_lora
+    from qwenimg_train.models.qwen_image.transformer import freeze_discarded_text_stream
     from qwenimg_train.tools.plan_memory import measure_step
 
     torch.manual_seed(0)
@@ -356,6 +366,7 @@ def test_lora_memory_matches_measured_cpu_step(tmp_path, precision, base, checkp
     apply_lora(model, LoraSettings(rank=4))
     for p in model.parameters():
         p.data = p.data.float() if p.requires_grad else p.data.to(torch.bfloat16 if base == "bf16" else torch.float32)
+    freeze_discarded_text_stream(model)  # as QwenImageModel does
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     with autocast:
         measured = measure_step(model, batch=2, height=128, width=128, text_len=32, checkpointing=checkpointing)
@@ -364,8 +375,11 @@ def test_lora_memory_matches_measured_cpu_step(tmp_path, precision, base, checkp
                                 overhead_gb=0, finetune="lora", lora_rank=4, base_dtype=base))
     m = predicted.memory
     assert m["base_weights"] + m["parameters"] == measured.parameters
-    # the last block's text MLP and to_add_out feed nothing: no gradient, no Adam state (~8% here)
-    assert 0.9 <= measured.gradients / m["gradients"] <= 1.0
+    # the trainer freezes the last block's discarded text stream: the planner counts its
+    # adapters as weights only, so gradients match exactly and AdamW's m and v (+ its 4-byte
+    # step per tensor) nearly
+    assert measured.gradients == m["gradients"]
+    assert measured.optimizer_states == pytest.approx(m["optimizer_states"], rel=0.01)
     assert measured.activations > 3 * 2**20
     training = m["activations"] + m.get("autocast_weight_cache", 0) + m["frozen_weight_copies"]
     assert training == pytest.approx(measured.activations, rel=0.1)
@@ -467,3 +481,126 @@ def test_lora_user_errors_name_the_key_and_the_fix(overrides, words):
         run(overrides)
     for word in words:
         assert word in str(info.value)
+
+
+def test_discarded_text_stream_matches_the_trainers_freeze():
+    """The adapters the planner counts as weights only are those the trainer freezes."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenimg_train.models.lora import LoraSettings, apply_lora
+    from qwenimg_train.models.qwen_image import transformer as qwen_transformer
+    from qwenimg_train.tools import plan as plan_module
+
+    assert plan_module.DISCARDED_TEXT_STREAM == qwen_transformer.DISCARDED_TEXT_STREAM
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(**TINY_KW)
+    apply_lora(model, LoraSettings(rank=4))
+    frozen = set(qwen_transformer.freeze_discarded_text_stream(model))
+    spec = TransformerSpec.from_config(TINY_KW)
+    assert dict(spec.lora_frozen_tensors(4)) == {n: p.numel() for n, p in model.named_parameters()
+                                                 if n in frozen and ".lora_" in n}
+    assert spec.lora_trained_params(4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _phase_sums(p) -> dict[str, int]:
+    sums = {"static": 0, "training": 0, "encoder": 0, "step": 0}
+    for name, value in p.memory.items():
+        sums[p.phases[name]] += value
+    return sums
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no_ckpt"])
+@pytest.mark.parametrize("base", ["bf16", "fp32", "int8", "fp8", "nf4"])
+def test_lora_gradients_live_in_the_optimizer_step_under_ddp(base, checkpointing):
+    """Lightning (accumulate_grad_batches=1) frees the gradients between the forward and
+    the backward: under DDP a LoRA step's peak is static (no gradients) + the larger of the
+    forward + backward and the optimizer step (gradients + AdamW's sqrt(v))."""
+    p = plan(_one_gpu_lora(base_dtype=base, activation_checkpointing=checkpointing))
+    m = p.memory
+    assert p.phases["gradients"] == "step" and p.phase_bytes == _phase_sums(p)
+    static = m["base_weights"] + m["parameters"] + m["optimizer_states"] + m["overhead"]
+    training = m["activations"] + m["autocast_weight_cache"] + m["frozen_weight_copies"] + m["gradients_in_training"]
+    step = m["gradients"] + m["optimizer_step_workspace"]
+    assert p.peak_bytes == static + max(training, step)
+    detail = p.activation_detail
+    if checkpointing:
+        # at 20B the backward's peak (the last block's recompute) dwarfs the adapter's gradients
+        assert m["gradients_in_training"] == 0
+    else:
+        # the end of the forward holds everything saved and the previous step's gradients,
+        # which outweigh the backward's working set here
+        forward_end = detail["forward_end"] + m["gradients"] + m["frozen_weight_copies"]
+        assert m["gradients_in_training"] == forward_end - detail["total"] - m["frozen_weight_copies"] > 0
+    # full fine-tuning (and ZeRO) keep the gradients static
+    full = plan(PlanConfig(model="qwen_image", gpus_per_node=1, zero_stage=0))
+    assert full.phases["gradients"] == "static" and "gradients_in_training" not in full.memory
+
+
+def test_lora_gradients_outgrowing_the_activations_count_in_training():
+    """A large adapter over few tokens: when the backward reaches the first block, the
+    gradients made exceed the activations freed, and the training phase holds them."""
+    p = plan(_one_gpu_lora(model="tiny", lora_rank=256, resolution=64, prompt_length=8, precision="fp32",
+                           base_dtype="fp32", overhead_gb=0))
+    d, m = p.activation_detail, p.memory
+    # when the first block's backward starts, every other block's adapters have their
+    # gradients (tiny: 2 blocks, the last one's discarded text stream frozen)
+    other_blocks = 4 * (p.spec.lora_params(256) // 2 - sum(n for _, n in p.spec.lora_frozen_tensors(256)))
+    first_block = other_blocks - (p.spec.num_layers - 1) * d["freed_per_block"]
+    assert m["gradients_in_training"] == max(first_block, d["forward_end"] + m["gradients"] - d["total"]) > 0
+
+
+def test_frozen_weight_copies_by_base():
+    """bf16 copies autograd keeps (one block's token Linears with checkpointing); fp8 adds
+    torchao's fp32 dequantization temporaries of the largest (an MLP's); nf4 keeps none."""
+    spec = PRESETS["qwen_image"][0]
+    d = spec.width
+    block = 24 * d * d  # 8 D×D projections + 4 MLP Linears of 4D² (both streams)
+    kw = dict(precision="bf16-mixed", checkpointing=True)
+    assert frozen_weight_copy_bytes(spec, base_dtype="int8", **kw) == 2 * block
+    assert frozen_weight_copy_bytes(spec, base_dtype="fp8", **kw) == 2 * block + 8 * 4 * d * d
+    assert frozen_weight_copy_bytes(spec, base_dtype="fp32", **kw) == 2 * block
+    assert frozen_weight_copy_bytes(spec, base_dtype="nf4", **kw) == 0
+    assert frozen_weight_copy_bytes(spec, base_dtype="bf16", **kw) == 0
+    assert frozen_weight_copy_bytes(spec, base_dtype="int8", precision="bf16-mixed",
+                                    checkpointing=False) == 2 * block * spec.num_layers
+
+
+def test_torchao_tensors_match_the_planners_bytes():
+    """What models.quantize asks torchao for: an Int8Tensor stores an fp32 scale and an int8
+    zero point per output row (5 bytes), a Float8Tensor an fp32 scale (4); a Float8Tensor's
+    linear peaks at 10 bytes per weight (two fp32 temporaries + the bf16 copy it keeps)."""
+    pytest.importorskip("torchao")
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    from torchao.quantization import quantize_
+
+    from qwenimg_train.models.quantize import quantization_config
+
+    fan_in, fan_out = 512, 2048  # large enough that the per-row and output tensors are noise
+    x = torch.randn(4, fan_in, dtype=torch.bfloat16, requires_grad=True)
+    for base, row_bytes, peak_per_weight in (("int8", 5, 2), ("float8", 4, 10)):
+        linear = torch.nn.Linear(fan_in, fan_out).to(torch.bfloat16).requires_grad_(False)
+        quantize_(linear, quantization_config(base).quant_type)
+        weight = linear.weight
+        names, _ = weight.__tensor_flatten__()
+        stored = sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
+        spec = TransformerSpec(num_layers=1, num_attention_heads=1, attention_head_dim=fan_in)
+        assert stored == fan_in * fan_out + row_bytes * fan_out
+        assert base_weight_bytes(spec, base) - base_weight_bytes(spec, "bf16") == sum(
+            i * o + row_bytes * o - 2 * i * o for _, i, o in spec.linears())
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = linear(x)
+        sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
+            stack.extend(node.children)
+        running = peak = 0
+        for _, size in sorted(sizes):
+            running += size
+            peak = max(peak, running)
+        output = out.numel() * out.element_size()
+        assert (peak - output) / (fan_in * fan_out) == pytest.approx(peak_per_weight, abs=0.2)
+        assert (running - output) / (fan_in * fan_out) == pytest.approx(2, abs=0.05)  # the bf16 copy, kept
+        del out  # its graph (the saved copy) must not be freed inside the next profile

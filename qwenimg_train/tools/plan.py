@@ -14,14 +14,29 @@ activation model is validated against measured CPU peaks by benchmarks/bench_pla
 and tests/test_plan.py.
 
 Memory per GPU = static + the largest of three phases:
-- static: the frozen base (LoRA), trainable parameters, gradients, optimizer states (fp32
-  master + Adam m, v), DDP / DeepSpeed communication buffers, the frozen encoders
-  (resident), a fixed overhead;
+- static: the frozen base (LoRA), trainable parameters, gradients (except LoRA under DDP,
+  below), optimizer states (fp32 master + Adam m, v), DDP / DeepSpeed communication
+  buffers, the frozen encoders (resident), a fixed overhead;
 - training phase (forward + backward): activations, ZeRO-3 gathered (live + prefetched)
   parameters, the autocast weight cache (DDP bf16-mixed), the bf16 copies of a frozen
-  fp32 or quantized base that autograd keeps (LoRA);
+  fp32 or quantized base that autograd keeps (LoRA), and for LoRA under DDP the adapter's
+  gradients where they are alive beside the activations (`gradients_in_training`);
 - encoder phase (resident encoders, before the transformer runs): their working set;
-- optimizer-step phase: the fp32 gradient copy and the foreach AdamW temporary.
+- optimizer-step phase: the fp32 gradient copy and the foreach AdamW temporary (and for
+  LoRA under DDP the adapter's gradients).
+
+LoRA under DDP (zero_stage=0): Lightning's automatic optimization with
+accumulate_grad_batches=1 (the trainer's default, configs/trainer/*.yaml; the planner has
+no accumulation setting) runs optimizer.step(closure), the closure being training_step
+(the forward), zero_grad(set_to_none=True), backward. The adapter's gradients are thus
+freed between the forward and the backward and made again during the backward: alive at
+the end of the forward (the previous step's) and from the backward on until the next
+step's zero_grad, not at the backward's start, where the activation peak is. With
+accumulation > 1 they stay alive across the window's micro-batches: add them to the
+training phase (`gradients`, 4 bytes per trained adapter parameter). Full fine-tuning
+keeps them static: DDP's peak is then the optimizer step anyway whenever the activations
+and the autocast cache stay under 4P (benchmarks/bench_plan.py measures it with the
+gradients kept), and ZeRO's gradient partitions are preallocated buffers.
 """
 
 from __future__ import annotations
@@ -48,9 +63,16 @@ BASE_DTYPES = ("fp32", "bf16", "int8", "fp8", "nf4")
 # The trainer's model.base_dtype spells them float32, bfloat16, int8, float8, nf4; both are accepted.
 TRAINER_BASE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8", "float8": "fp8", "nf4": "nf4"}
 QUANTIZED_BASES = ("int8", "fp8", "nf4")
+# The last block's modules whose output only feeds the discarded text stream (a mirror of
+# qwenimg_train.models.qwen_image.transformer.DISCARDED_TEXT_STREAM, which imports diffusers;
+# tests check they agree): the trainer freezes them (`freeze_discarded_text_stream`), so
+# their adapters are weights only: no gradient, no optimizer state.
+DISCARDED_TEXT_STREAM = ("attn.to_add_out", "attn.add_q_proj", "attn.norm_added_q", "txt_mlp")
 # lora_fit_table tries these in order and keeps the first that fits: the least lossy first.
 # The released weights are bf16, so an fp32 base adds no precision; fp8 stores 1 byte per
-# weight like int8 (with a smaller per-row scale), so it fits wherever int8 does.
+# weight like int8 (with a smaller per-row scale) but its dequantization makes fp32
+# temporaries (frozen_weight_copy_bytes): format_lora_fit_table says whether it fits
+# wherever int8 does.
 LORA_BASE_PREFERENCE = ("bf16", "int8", "nf4")
 NF4_BLOCK = 64  # bitsandbytes Params4bit blocksize (diffusers' BitsAndBytesConfig default)
 NF4_NESTED_BLOCK = 256  # bnb_4bit_use_double_quant: the absmax values quantized in blocks of 256
@@ -182,6 +204,19 @@ class TransformerSpec:
 
     def lora_params(self, rank: int) -> int:
         return sum(n for _, n in self.lora_tensors(rank))
+
+    def lora_frozen_tensors(self, rank: int) -> Iterator[tuple[str, int]]:
+        """The adapter tensors the trainer freezes: those on the last block's discarded text
+        stream (DISCARDED_TEXT_STREAM; `freeze_discarded_text_stream`)."""
+        prefix = f"transformer_blocks.{self.num_layers - 1}."
+        for name, numel in self.lora_tensors(rank):
+            inner = name[len(prefix):] if name.startswith(prefix) else None
+            if inner is not None and any(inner.startswith(m + ".") for m in DISCARDED_TEXT_STREAM):
+                yield name, numel
+
+    def lora_trained_params(self, rank: int) -> int:
+        """Adapter parameters that get a gradient and optimizer state (all but the frozen ones)."""
+        return self.lora_params(rank) - sum(n for _, n in self.lora_frozen_tensors(rank))
 
     def lora_token_linears(self) -> list[tuple[str, int, int]]:
         """One block's adapted Linears that run on tokens, both streams (12 by default)."""
@@ -506,6 +541,11 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
     first backward node, measured), when the forward's outputs that full fine-tuning
     saves anyway are alive beside the saved set: the MLP output, the gated output and
     the new residual, 3 per token.
+
+    Also returned, for the phases around this peak (`plan`): `forward_end`, what is alive
+    at the end of the forward (the saved tensors of every block, or with checkpointing
+    every block's input, and those outside the blocks), and `freed_per_block`, what each
+    block's backward frees (its saved tensors, or its checkpointed input).
     """
     d, h = spec.width, spec.num_attention_heads
     tokens = batch * (image_len + text_len)
@@ -520,10 +560,13 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
     working = tokens * d * dtype_bytes + (tokens * spec.mlp_width * 4 if adapter_casts else 0)
     if checkpointing:
         recompute_live = 3 * tokens * d * dtype_bytes if lora_rank else 0
-        saved = spec.num_layers * tokens * d * dtype_bytes + per_block + recompute_live
+        freed = tokens * d * dtype_bytes
+        saved = spec.num_layers * freed + per_block + recompute_live
     else:
+        freed = per_block
         saved = spec.num_layers * per_block
-    return {"blocks": saved, "outside_blocks": outer, "working_set": working, "total": saved + outer + working}
+    return {"blocks": saved, "outside_blocks": outer, "working_set": working, "total": saved + outer + working,
+            "forward_end": spec.num_layers * freed + outer, "freed_per_block": freed}
 
 
 def transformer_forward_flops(spec: TransformerSpec, *, image_len: int, text_len: int,
@@ -577,8 +620,9 @@ def base_weight_bytes(spec: TransformerSpec, base_dtype: str, *, nf4_double_quan
     `quantization_config` convert the weight of every `nn.Linear` (modulation included,
     `TransformerSpec.linears`); biases and norm weights stay bf16. Per quantized Linear of
     out rows × in columns:
-      int8 (torchao Int8WeightOnlyConfig, per-channel symmetric): 1 byte per weight, and
-        per output row a bf16 scale plus an int64 zero point: out·in + 10·out;
+      int8 (torchao Int8WeightOnlyConfig(version=2), what qwenimg_train.models.quantize
+        asks for: an Int8Tensor, per-channel symmetric): 1 byte per weight, and per output
+        row an fp32 scale plus an int8 zero point: out·in + 5·out;
       fp8 (torchao Float8WeightOnlyConfig, e4m3, per row): out·in + 4·out (fp32 scale);
       nf4 (bitsandbytes Linear4bit, blocksize 64): 4 bits per weight plus one fp32 absmax
         per 64 weights, 0.5 + 4/64 = 0.5625 bytes per weight; with double quantization the
@@ -594,7 +638,7 @@ def base_weight_bytes(spec: TransformerSpec, base_dtype: str, *, nf4_double_quan
         n = fan_in * fan_out
         linear_params += n
         if base_dtype == "int8":
-            total += n + fan_out * (2 + 8)
+            total += n + fan_out * (4 + 1)
         elif base_dtype == "fp8":
             total += n + fan_out * 4
         elif base_dtype == "nf4":
@@ -612,19 +656,32 @@ def frozen_weight_copy_bytes(spec: TransformerSpec, *, base_dtype: str, precisio
     A frozen Linear's input still needs its gradient, for which `mm` saves the weight it
     multiplied by. When that weight is a temporary bf16 tensor, autograd keeps it until the
     backward: autocast's cast of an fp32 base (autocast caches only weights that require
-    grad) and torchao's dequantized int8 / fp8 weight (its weight-only linear is
-    `mm(x, w.to(x.dtype))`). That is every token Linear's weight in bf16, or one block's with
-    checkpointing. bitsandbytes' nf4 matmul (MatMul4Bit) saves the packed weight and
-    dequantizes again in the backward: one Linear's bf16 copy at a time. A bf16 base (or
-    fp32 under fp32) is multiplied as stored: nothing.
+    grad) and torchao's bf16 int8 / fp8 weight (Int8Tensor's weight-only linear is
+    `mm(x, qdata.t().to(x.dtype))`, scaling the output; Float8Tensor's is
+    `matmul(x, w.dequantize())`). That is every token Linear's weight in bf16, or one
+    block's with checkpointing.
+
+    fp8 adds a transient: torchao's `Float8Tensor.dequantize` (`_dequantize_affine_float8`)
+    makes `qdata.to(float32)` and its product with the scale, two fp32 tensors of the
+    weight, alive while the bf16 cast is made: 4 + 4 bytes per weight above the copy
+    (int8's dequantization works in bf16). It peaks on the block's largest token Linear,
+    an MLP's, which runs last, when the block's other copies are alive: 8 bytes × its
+    weights on top of the copies. (A modulation Linear is larger but runs first, before
+    any of the block's copies exist, and its input needs no gradient, so its copy is not
+    kept: 10·6D² bytes then, under the 2·24D² + 8·4D² at the MLP.)
+
+    bitsandbytes' nf4 matmul (MatMul4Bit) saves the packed weight and dequantizes again in
+    the backward; each bf16 copy is freed right after its matmul, so none is alive at the
+    peak (measured: nf4's peak equals bf16's): nothing. A bf16 base (or fp32 under fp32) is
+    multiplied as stored: nothing.
     """
     base_dtype = planner_base_dtype(base_dtype)
     block = sum(fan_in * fan_out for _, fan_in, fan_out in spec.token_linears())
-    largest = max(fan_in * fan_out for _, fan_in, fan_out in spec.linears())
-    if base_dtype == "nf4":
-        return 2 * largest
     if base_dtype in ("int8", "fp8") or (base_dtype == "fp32" and precision == "bf16-mixed"):
-        return 2 * block * (1 if checkpointing else spec.num_layers)
+        copies = 2 * block * (1 if checkpointing else spec.num_layers)
+        if base_dtype == "fp8":
+            copies += 8 * max(fan_in * fan_out for _, fan_in, fan_out in spec.token_linears())
+        return copies
     return 0
 
 
@@ -654,6 +711,17 @@ class Plan:
     """Per GPU per step: transformer forward / backward / recompute, encoder forward, total."""
     step_time_s: float
     images_per_day: float
+    phases: dict[str, str] = field(default_factory=lambda: dict(PHASES))
+    """The phase of each memory component: PHASES, but for LoRA under DDP the adapter's
+    gradients belong to the optimizer step (see the module docstring)."""
+
+    @property
+    def phase_bytes(self) -> dict[str, int]:
+        """Bytes per phase: static, training, encoder, step (peak = static + the largest other)."""
+        sums = {"static": 0, "training": 0, "encoder": 0, "step": 0}
+        for name, value in self.memory.items():
+            sums[self.phases[name]] += value
+        return sums
 
     @property
     def fits(self) -> bool:
@@ -682,7 +750,7 @@ class Plan:
             "",
             f"{'memory per GPU':<34}{'GiB':>10}  phase",
         ]
-        for name, phase in PHASES.items():
+        for name, phase in self.phases.items():
             value = self.memory.get(name, 0)
             if value or name in ("parameters", "gradients", "optimizer_states", "activations"):
                 lines.append(f"  {name:<32}{value / GiB:>10.2f}  {phase}")
@@ -714,6 +782,7 @@ PHASES = {
     "zero3_live_params": "training",
     "autocast_weight_cache": "training",
     "frozen_weight_copies": "training",
+    "gradients_in_training": "training",
     "encoder_workspace": "encoder",
     "optimizer_step_workspace": "step",
 }
@@ -725,8 +794,11 @@ def plan(config: PlanConfig) -> Plan:
     n = c.world_size
     P = spec.num_params()
     lora = c.finetune == "lora"
-    # T: the trainable parameters, all P or the LoRA adapter (the base P is then frozen)
+    # T: the trainable parameters, all P or the LoRA adapter (the base P is then frozen);
+    # G: those that get a gradient and optimizer state, the adapter less the last block's
+    # discarded text stream's, which the trainer freezes (freeze_discarded_text_stream)
     T = spec.lora_params(c.lora_rank) if lora else P
+    G = spec.lora_trained_params(c.lora_rank) if lora else P
     bf16 = c.precision == "bf16-mixed"
     act_bytes = 2 if bf16 else 4
     memory: dict[str, float] = {}
@@ -740,23 +812,25 @@ def plan(config: PlanConfig) -> Plan:
         # the reducer's buckets hold a second copy of the gradients (gradient_as_bucket_view
         # off; only parameters that require grad are bucketed); autocast caches a bf16 copy
         # of each trainable weight for the forward + backward. A LoRA base is stored as
-        # base_dtype, its adapter in fp32.
+        # base_dtype, its adapter in fp32; the adapter's frozen tensors (discarded text
+        # stream) are weights only, and their bf16 casts are saved for the backward like
+        # the cached ones: 2 bytes for every adapter weight.
         if lora:
             memory["base_weights"] = base_weight_bytes(spec, c.base_dtype, nf4_double_quant=c.nf4_double_quant)
         memory["parameters"] = 4 * T
-        memory["gradients"] = 4 * T
-        memory["optimizer_states"] = 8 * T
-        memory["comm_buffers"] = 4 * T if n > 1 else 0
+        memory["gradients"] = 4 * G
+        memory["optimizer_states"] = 8 * G
+        memory["comm_buffers"] = 4 * G if n > 1 else 0
         memory["autocast_weight_cache"] = 2 * T if bf16 else 0
-        memory["optimizer_step_workspace"] = 4 * T  # foreach AdamW: sqrt(v) for every trainable parameter
+        memory["optimizer_step_workspace"] = 4 * G  # foreach AdamW: sqrt(v) for every parameter it steps
     else:
         # DeepSpeed casts the whole module (a LoRA base and adapter alike) to the model dtype.
         model_bytes = 2 if bf16 else 4
         # DeepSpeed keeps a separate fp32 master in stages 1-2 always, in stage 3 only under
         # bf16 (this project's CPUDeepSpeedStrategy / DeepSpeed#7651 alias it in fp32).
         master = 4 if (bf16 or c.zero_stage < 3) else 0
-        optimizer = (master + 8) * T / n
-        grads = model_bytes * T / (n if c.zero_stage >= 2 else 1)  # grad_accum_dtype = model dtype
+        optimizer = (master + 8) * G / n
+        grads = model_bytes * G / (n if c.zero_stage >= 2 else 1)  # grad_accum_dtype = model dtype
         threshold = z.param_persistence_threshold
 
         def held(count: float, persistent: float) -> float:
@@ -781,14 +855,14 @@ def plan(config: PlanConfig) -> Plan:
             cpu += model_bytes * (P + T if lora else P) / n
         if c.offload_optimizer:
             # the fp32 gradient partitions live with the optimizer on the host
-            cpu += optimizer + 4 * T / n
+            cpu += optimizer + 4 * G / n
             optimizer = 0
             if c.zero_stage >= 2:
                 grads = 0
             step_ws = 0
         else:
             # one sub-group at a time: its fp32 gradient copy + the AdamW sqrt(v) temporary
-            step_ws = 8 * min(z.sub_group_size, math.ceil(T / n))
+            step_ws = 8 * min(z.sub_group_size, math.ceil(G / n))
         memory["parameters"] = params
         memory["gradients"] = grads
         memory["optimizer_states"] = optimizer
@@ -800,9 +874,29 @@ def plan(config: PlanConfig) -> Plan:
                               dtype_bytes=act_bytes, checkpointing=c.activation_checkpointing, lora_rank=rank,
                               adapter_casts=lora and bf16 and c.zero_stage == 0)
     memory["activations"] = detail["total"]
+    phases = dict(PHASES)
     if lora:
-        memory["frozen_weight_copies"] = frozen_weight_copy_bytes(
-            spec, base_dtype=c.base_dtype, precision=c.precision, checkpointing=c.activation_checkpointing)
+        copies = frozen_weight_copy_bytes(spec, base_dtype=c.base_dtype, precision=c.precision,
+                                          checkpointing=c.activation_checkpointing)
+        memory["frozen_weight_copies"] = copies
+    if lora and c.zero_stage == 0:
+        # Lightning's closure (accumulate_grad_batches=1): forward, zero_grad(set_to_none),
+        # backward, then the optimizer's update. The adapter's gradients belong to the
+        # optimizer step, and to the forward + backward only where they outgrow the
+        # activation peak (the backward's start, when none exists): at the end of the
+        # forward, the previous step's gradients beside what the forward saved (and, without
+        # checkpointing, the frozen weight copies; with it, the forward keeps none); when the
+        # backward reaches the first block, the other blocks' saved tensors (or
+        # checkpointed inputs) freed and their adapters' gradients (fp32) made.
+        grads = memory["gradients"]
+        first = "transformer_blocks.0."
+        first_trained = (sum(k for name, k in spec.lora_tensors(c.lora_rank) if name.startswith(first))
+                         - sum(k for name, k in spec.lora_frozen_tensors(c.lora_rank) if name.startswith(first)))
+        peak_bwd = detail["total"] + copies
+        forward_end = detail["forward_end"] + grads + (0 if c.activation_checkpointing else copies)
+        first_block = peak_bwd - (spec.num_layers - 1) * detail["freed_per_block"] + 4 * (G - first_trained)
+        memory["gradients_in_training"] = max(0, forward_end - peak_bwd, first_block - peak_bwd)
+        phases["gradients"] = "step"
     if c.encoder == "resident":
         memory["encoder_weights"] = 2 * enc.params  # bf16 (configs/model/qwen_image.yaml encoder_dtype)
         memory["encoder_workspace"] = encoder_workspace_bytes(enc, batch=c.micro_batch, height=c.height,
@@ -812,7 +906,7 @@ def plan(config: PlanConfig) -> Plan:
     memory = {k: int(round(v)) for k, v in memory.items()}
     phase_sum: dict[str, int] = {}
     for name, value in memory.items():
-        phase_sum[PHASES[name]] = phase_sum.get(PHASES[name], 0) + value
+        phase_sum[phases[name]] = phase_sum.get(phases[name], 0) + value
     peak = phase_sum.get("static", 0) + max(phase_sum.get(p, 0) for p in ("training", "encoder", "step"))
 
     f = transformer_forward_flops(spec, image_len=image_len, text_len=c.prompt_length, lora_rank=rank)
@@ -830,7 +924,7 @@ def plan(config: PlanConfig) -> Plan:
     return Plan(config=c, spec=spec, encoder_spec=enc, params=T, frozen_params=P if lora else 0,
                 image_tokens=image_len, text_tokens=c.prompt_length, memory=memory, activation_detail=detail,
                 peak_bytes=int(peak), capacity_bytes=int(c.gpu_memory_gb * GiB), cpu_bytes=int(cpu), flops=flops,
-                step_time_s=step, images_per_day=SECONDS_PER_DAY / step * c.micro_batch * n)
+                step_time_s=step, images_per_day=SECONDS_PER_DAY / step * c.micro_batch * n, phases=phases)
 
 
 def min_nodes(config: PlanConfig, *, max_nodes: int = 1024) -> int | None:
@@ -909,6 +1003,16 @@ class LoraFitRow:
         return self.base_dtype is not None
 
 
+def _lora_cell(base: PlanConfig, model: str, task: str, encoder: str, resolution: int, memory: float,
+               dtype: str) -> PlanConfig:
+    """One cell of the LoRA fit table with one base: `base` on one GPU, checkpointing on, micro-batch 1."""
+    return dataclasses.replace(
+        base, model=model, task=task, encoder=encoder, resolution=resolution, gpu_memory_gb=float(memory),
+        finetune="lora", base_dtype=dtype, nf4_double_quant=base.nf4_double_quant and dtype == "nf4",
+        gpus_per_node=1, nodes=1, zero_stage=0, offload_optimizer=False, offload_params=False,
+        activation_checkpointing=True, micro_batch=1)
+
+
 def lora_fit_table(base: PlanConfig, *, gpu_memory_gb: tuple[float, ...] = (24.0, 40.0, 48.0, 80.0, 141.0),
                    resolutions: tuple[int, ...] = (512, 1024, 1328),
                    tasks: dict[str, str] | None = None) -> list[LoraFitRow]:
@@ -924,13 +1028,7 @@ def lora_fit_table(base: PlanConfig, *, gpu_memory_gb: tuple[float, ...] = (24.0
                 for encoder in ENCODER_MODES:
                     chosen, peak = None, math.inf
                     for dtype in LORA_BASE_PREFERENCE:
-                        cfg = dataclasses.replace(
-                            base, model=model, task=task, encoder=encoder, resolution=resolution,
-                            gpu_memory_gb=float(memory), finetune="lora", base_dtype=dtype,
-                            nf4_double_quant=base.nf4_double_quant and dtype == "nf4", gpus_per_node=1, nodes=1,
-                            zero_stage=0, offload_optimizer=False, offload_params=False,
-                            activation_checkpointing=True, micro_batch=1)
-                        result = plan(cfg)
+                        result = plan(_lora_cell(base, model, task, encoder, resolution, memory, dtype))
                         peak = result.peak_gib
                         if result.fits:
                             chosen = dtype
@@ -945,10 +1043,17 @@ def format_lora_fit_table(base: PlanConfig, rows: list[LoraFitRow]) -> str:
                                  offload_params=False))
     models = ", ".join(dict.fromkeys(f"{r.task}: {r.model}" for r in rows))
     adapter = p.memory["parameters"] + p.memory["gradients"] + p.memory["optimizer_states"]
+    # fp8 stores what int8 does but dequantizes through fp32 temporaries: does it fit every int8 cell?
+    int8_rows = [r for r in rows if r.base_dtype == "int8"]
+    fp8_misses = sum(not plan(_lora_cell(base, r.model, r.task, r.encoder, r.resolution, r.gpu_memory_gb,
+                                         "fp8")).fits for r in int8_rows)
+    fp8 = ("fp8 fits wherever int8 does here" if not fp8_misses else
+           f"fp8 does not fit {fp8_misses} of the {len(int8_rows)} int8 cells: its dequantization's fp32 "
+           "temporaries")
     lines = [f"LoRA on one GPU ({models}): rank {cfg.lora_rank}, {p.params / 1e6:.1f}M adapter parameters (fp32 "
              f"weights, gradients and AdamW: {adapter / GiB:.2f} GiB), {base.precision}, activation checkpointing on, "
              f"micro-batch 1, prompt {base.prompt_length} tokens, overhead {base.overhead_gb:g} GiB",
-             f"base: the first of {' > '.join(LORA_BASE_PREFERENCE)} that fits (fp8 fits wherever int8 does); "
+             f"base: the first of {' > '.join(LORA_BASE_PREFERENCE)} that fits ({fp8}); "
              f"'no fit': none does ({LORA_BASE_PREFERENCE[-1]}'s peak shown)"
              + ("; nf4 with double quantization" if base.nf4_double_quant else ""),
              "",
