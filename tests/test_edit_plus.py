@@ -183,3 +183,68 @@ def test_a_lora_adapter_loads_with_load_lora_weights(tmp_path, shard_sources):
     pipe = QwenImageEditPlusPipeline.from_pretrained(base, processor=get_family("qwen_image_edit_plus").load_processor(base))
     pipe.load_lora_weights(adapter)
     assert pipe.transformer.peft_config
+
+
+def _multi_source_shards(folder, shard_sources):
+    """A copy of the edit shards where each pair carries 1, 2 or 3 sources in turn
+    (src2 / src3 members, extra.edit.num_sources), and one pair claims 2 but lacks src2."""
+    import json
+
+    from data_pipelines.core.shards import AtomicShardWriter, iter_tar_samples
+    from qwenimg_train.data.loader import SourceShards
+
+    src = SourceShards.from_folder("edit", shard_sources["edit"])
+    folder.mkdir()
+    counts = []
+    for url in src.urls:
+        name = url.rsplit("/", 1)[1]
+        writer = AtomicShardWriter(folder / name)
+        for j, sample in enumerate(iter_tar_samples(url)):
+            fields = {k: v for k, v in sample.items() if k != "__key__"}
+            meta = json.loads(fields["json"])
+            n = 1 + j % 3
+            ext = "jpg" if "jpg" in fields else "png"
+            for k in range(2, n + 1):
+                fields[f"src{k}.{ext}"] = fields[ext]  # any same-size picture will do
+            if j == 4:  # claims two sources, holds one: a counted skip
+                fields.pop(f"src2.{ext}")
+            meta.setdefault("extra", {}).setdefault("edit", {})["num_sources"] = n
+            fields["json"] = json.dumps(meta).encode()
+            writer.write(sample["__key__"], fields)
+            counts.append(n)
+        writer.commit()
+    (folder / "manifest.json").write_text(json.dumps(src.manifest))
+    return SourceShards.from_folder("edit", folder), counts
+
+
+def test_the_loader_mixes_one_two_and_three_source_edits(tmp_path, shard_sources):
+    import itertools
+
+    from qwenimg_train.data.curriculum import Stage
+    from qwenimg_train.data.loader import SourceShards, StageStream
+
+    edit, counts = _multi_source_shards(tmp_path / "edit", shard_sources)
+    assert set(counts) == {1, 2, 3}
+    sources = {"edit": edit, "design": SourceShards.from_folder("design", shard_sources["design"])}
+    stage = Stage(name="s", fraction=1.0, resolution=32, text_classes=["none", "simple", "complex"],
+                  source_weights={"design": 1.0}, task_mix={"t2i": 0.25, "ti2i": 0.5, "i2i": 0.25}, caption_dropout=0.0)
+    stream = StageStream(stage=stage, stage_index=0, sources=sources, batch_size=8, seed=3, max_sources=3,
+                         max_skip_fraction=0.5)
+    batches = list(itertools.islice(iter(stream), 6))
+    seen = set()
+    for batch in batches:
+        if batch.num_sources is None:
+            continue
+        assert batch.extra_sources_bkchw.shape[:2] == (8, int(batch.num_sources.max()) - 1)
+        assert torch.equal(batch.num_sources > 0, batch.has_source)
+        for i, n in enumerate(batch.num_sources.tolist()):
+            seen.add(n)
+            # a sample's missing extra sources are zeros; present ones are its pictures
+            assert all(bool(batch.extra_sources_bkchw[i, k].any()) == (k < n - 1)
+                       for k in range(batch.extra_sources_bkchw.shape[1]))
+    assert {0, 1, 2, 3} <= seen  # T2I and 1-, 2- and 3-source edits share batches
+    assert batches[-1].skipped.get("missing_member", 0) >= 1
+    # a single-source family filters the multi-source pairs out (no skip: they are not bad input)
+    single = StageStream(stage=stage, stage_index=0, sources=sources, batch_size=8, seed=3, max_sources=1)
+    got = list(itertools.islice(iter(single), 4))
+    assert all(b.num_sources is None for b in got) and any(b.has_source.any() for b in got)

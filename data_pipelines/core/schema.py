@@ -11,6 +11,11 @@ their metadata's `extra["edit"]` holds the edit type, instruction, changed regio
 the source's lines; precomputed samples (later) add latents and encoder outputs. The
 three members above are present in every sample.
 
+Multi-image edits (up to `MAX_SOURCES` sources, "Picture 1..3" / "图1..3" in the
+instruction) add `<key>.src2.jpg` and `<key>.src3.jpg` (`EXTRA_SOURCE_PREFIXES`), all
+sources the target's pixel size; `extra["edit"]["num_sources"]` counts the sources,
+`<key>.src.jpg` included (readers treat a missing value as 1).
+
 Text classes are computed from the per-line metadata by `classify_text`, once, when
 the sample is written; the curriculum filters on the stored value. Thresholds are
 the module constants below, documented in docs/data.md.
@@ -36,6 +41,10 @@ META_EXTENSION = "json"
 # WebDataset as field "src.jpg").
 SOURCE_IMAGE_PREFIX = "src"
 INSTRUCTION_EXTENSION = "instruction.txt"
+# A multi-image edit's second and third sources ("Picture 2", "Picture 3"): members
+# `<key>.src2.jpg`, `<key>.src3.jpg`, present as `extra["edit"]["num_sources"]` says.
+EXTRA_SOURCE_PREFIXES = ("src2", "src3")
+MAX_SOURCES = 1 + len(EXTRA_SOURCE_PREFIXES)  # 3: what Qwen-Image-Edit-2509/2511 take
 
 # Keys become tar member names `<key>.<ext>`: WebDataset splits a member name at its
 # first dot, so a key must not contain one. A key is one or more segments of ASCII

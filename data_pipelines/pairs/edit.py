@@ -14,6 +14,15 @@ change is; the pair records that region. Edit types:
     background    the background replaced (the region is the whole image)
     reconstruct   I2I: target = source, a fixed (or empty) instruction
 
+Multi-image edits (data_pipelines.pairs.multi) take the scene as Picture 1 and add
+one or two pictures of the same pixel size that the instruction names by number
+("Picture 2" / "图2"); the target is still Picture 1 with one change:
+
+    title_from_picture  a block's text replaced by the text shown in Picture 2
+    logo_onto_poster    the logo of Picture 2 placed at a named spot of Picture 1
+    style_from_picture  a block re-rendered in the colour and/or font of the text in
+                        Picture 2 (3 sources: colour from Picture 2, font from Picture 3)
+
 Instructions come from Chinese and English templates quoting the old and new text
 exactly, e.g. 把标题“夏日特卖”改为“冬季清仓” / Change the title “Summer Sale” to
 “Winter Clearance”.
@@ -22,6 +31,7 @@ exactly, e.g. 把标题“夏日特卖”改为“冬季清仓” / Change the t
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,9 +43,12 @@ from data_pipelines.text.captions import color_name, quote
 from data_pipelines.sources.render import Block, Scene, SyntheticRenderer
 from data_pipelines.core.schema import Direction
 
-EDIT_TYPES = (
+SINGLE_SOURCE_EDIT_TYPES = (
     "replace_text", "recolor", "resize", "reweight", "move", "add_line", "remove_line", "background", "reconstruct",
 )
+MULTI_SOURCE_EDIT_TYPES = ("title_from_picture", "logo_onto_poster", "style_from_picture")
+"""Edit types whose instruction refers to a second (and third) source picture."""
+EDIT_TYPES = SINGLE_SOURCE_EDIT_TYPES + MULTI_SOURCE_EDIT_TYPES
 
 _ROLE_NAMES = {  # (en, zh)
     "title": ("title", "标题"),
@@ -55,6 +68,13 @@ class Edit:
     instruction: str
     region: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels: all changes lie inside
     details: dict[str, Any] = field(default_factory=dict)  # old/new text, colours, direction...
+    # Multi-image edits: Picture 2 (and 3), scenes of the source's size drawn by the same
+    # renderer; `scene` (Picture 1) and `target` are as for every edit.
+    sources: list[Scene] = field(default_factory=list)
+
+    @property
+    def num_sources(self) -> int:
+        return 1 + len(self.sources)
 
 
 def _copy_scene(scene: Scene) -> Scene:
@@ -89,6 +109,11 @@ class EditMaker:
             "background": self.background,
             "reconstruct": self.reconstruct,
         }
+        from data_pipelines.pairs.multi import MULTI_OPS  # imports this module: bound here
+
+        for name, op in MULTI_OPS.items():
+            self.ops[name] = functools.partial(op, self)
+        assert tuple(self.ops) == EDIT_TYPES, tuple(self.ops)
 
     # --- geometry ----------------------------------------------------------------
 
@@ -112,6 +137,21 @@ class EditMaker:
         if scene.picture and _overlaps(box, scene.picture["box"]):
             return False
         return not any(_overlaps(box, self.region(o)) for o in others)
+
+    def fits_as_before(self, scene: Scene, i: int, new: Block) -> bool:
+        """Whether block `i` laid out again as `new` stays on the canvas and touches
+        nothing (other blocks, the picture) that the old block did not touch: a laxer
+        test than `_fits`, whose clearance from everything blocks stacked a line apart
+        never have. The multi-image edits use it."""
+        w, h = scene.size
+        old_box, new_box = self.region(scene.blocks[i]), self.region(new)
+        if (new_box[0] < min(0, old_box[0]) or new_box[1] < min(0, old_box[1])
+                or new_box[2] > max(w, old_box[2]) or new_box[3] > max(h, old_box[3])):
+            return False
+        boxes = [self.region(b) for k, b in enumerate(scene.blocks) if k != i]
+        if scene.picture:
+            boxes.append(tuple(scene.picture["box"]))
+        return not any(_overlaps(new_box, b) and not _overlaps(old_box, b) for b in boxes)
 
     def _pick(self, scene: Scene, rng: random.Random, *, max_lines: int = 99) -> int | None:
         candidates = [
@@ -138,10 +178,12 @@ class EditMaker:
 
     # --- edit types --------------------------------------------------------------
 
-    def replace_text(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
-        i = self._pick(scene, rng, max_lines=2)
-        if i is None:
-            return None
+    def replacement(self, scene: Scene, rng: random.Random, i: int, *, relaxed: bool = False
+                    ) -> tuple[Scene, Block, str] | None:
+        """Block `i`'s text replaced by another string of its language, laid out in the
+        same place, face and colour: (target scene, new block, the new string without
+        the block's prefix), or None when nothing fitted in 6 tries (`_fits`, or with
+        `relaxed` `fits_as_before`)."""
         old = scene.blocks[i]
         sampler = self.renderer.text
         for _ in range(6):
@@ -157,22 +199,31 @@ class EditMaker:
             others = scene.blocks[:i] + scene.blocks[i + 1:]
             target = _copy_scene(scene)
             target.blocks[i] = new
-            if not self._fits(scene, new, others):
+            if not (self.fits_as_before(scene, i, new) if relaxed else self._fits(scene, new, others)):
                 continue
-            role_en, role_zh = _ROLE_NAMES.get(old.role, ("text", "文字"))
-            instruction = (
-                f"把{role_zh}{quote(old.text)}改为{quote(new.text)}" if zh
-                else f"Change the {role_en} {quote(old.text)} to {quote(new.text)}"
-            )
-            region = _union(self.region(old), self.region(new))
-            return Edit("replace_text", target, instruction, self._clip(scene, region), {"old": old.text, "new": new.text})
+            return target, new, new_text
         return None
 
-    def recolor(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
-        i = self._pick(scene, rng)
+    def replace_text(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
+        i = self._pick(scene, rng, max_lines=2)
         if i is None:
             return None
-        block = scene.blocks[i]
+        found = self.replacement(scene, rng, i)
+        if found is None:
+            return None
+        target, new, _ = found
+        old = scene.blocks[i]
+        role_en, role_zh = _ROLE_NAMES.get(old.role, ("text", "文字"))
+        instruction = (
+            f"把{role_zh}{quote(old.text)}改为{quote(new.text)}" if zh
+            else f"Change the {role_en} {quote(old.text)} to {quote(new.text)}"
+        )
+        region = _union(self.region(old), self.region(new))
+        return Edit("replace_text", target, instruction, self._clip(scene, region), {"old": old.text, "new": new.text})
+
+    def new_colour(self, scene: Scene, block: Block, rng: random.Random) -> RGB | None:
+        """A text colour for `block` that keeps `min_contrast` with what lies beneath it
+        (its plate, or the scene without a plate) and has another name than its own."""
         old = block.colour
         assert old is not None
         beneath = [block.plate] if block.plate is not None else None
@@ -191,15 +242,27 @@ class EditMaker:
                 colour = _random_contrasting(rng, beneath[0], self.renderer.config.min_contrast)
             if colour is None or color_name(colour, False) == color_name(old, False):
                 continue
-            target = _copy_scene(scene)
-            target.blocks[i].colour = colour
-            name = color_name(colour, zh)
-            instruction = (
-                f"把{quote(block.text)}的颜色改为{name}" if zh else f"Change the color of {quote(block.text)} to {name}"
-            )
-            return Edit("recolor", target, instruction, self._clip(scene, self.region(block)),
-                        {"text": block.text, "old": list(old), "new": list(colour)})
+            return colour
         return None
+
+    def recolor(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
+        i = self._pick(scene, rng)
+        if i is None:
+            return None
+        block = scene.blocks[i]
+        old = block.colour
+        assert old is not None
+        colour = self.new_colour(scene, block, rng)
+        if colour is None:
+            return None
+        target = _copy_scene(scene)
+        target.blocks[i].colour = colour
+        name = color_name(colour, zh)
+        instruction = (
+            f"把{quote(block.text)}的颜色改为{name}" if zh else f"Change the color of {quote(block.text)} to {name}"
+        )
+        return Edit("recolor", target, instruction, self._clip(scene, self.region(block)),
+                    {"text": block.text, "old": list(old), "new": list(colour)})
 
     def resize(self, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
         i = self._pick(scene, rng, max_lines=2)

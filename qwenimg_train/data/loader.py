@@ -55,12 +55,8 @@ import webdataset as wds
 from data_pipelines.core.images import decode_image, nearest_bucket
 from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
 from data_pipelines.core.precomputed import from_bytes, tensor_key
-from data_pipelines.core.schema import (CAPTION_EXTENSION, IMAGE_EXTENSIONS, INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX,
-                                        Task)
-
-# A multi-image edit's second and third sources (`<key>.src2.jpg`, `<key>.src3.jpg`); its
-# metadata's extra["edit"]["num_sources"] counts them all (missing: 1).
-EXTRA_SOURCE_PREFIXES = ("src2", "src3")
+from data_pipelines.core.schema import (CAPTION_EXTENSION, EXTRA_SOURCE_PREFIXES, IMAGE_EXTENSIONS,
+                                        INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX, Task)
 from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, check_meta_fields, load_json_object
 from qwenimg_train.data.curriculum import EDIT_SOURCE, SOURCES, Stage
@@ -272,9 +268,16 @@ class StageStream(torch.utils.data.IterableDataset):
         self.max_image_pixels = max_image_pixels
         if not 1 <= max_sources <= 1 + len(EXTRA_SOURCE_PREFIXES):
             raise ValueError(f"max_sources = {max_sources} must lie in [1, {1 + len(EXTRA_SOURCE_PREFIXES)}]")
-        # Edits with more source images than the model family takes are skipped (counted:
-        # `too_many_sources`): a one-source editor cannot be shown "Picture 2".
+        # Edits with more source images than the model family takes are filtered out (`_fits`).
         self.max_sources = max_sources
+
+    def _fits(self, meta: Mapping) -> bool:
+        """Whether an edit pair's source count is one the model family takes (a malformed
+        count passes here and is skipped as bad_meta when the sample is read)."""
+        count = ((meta.get("extra") or {}).get("edit") or {}).get("num_sources", 1)
+        # The precompute job encodes one source per pair: multi-image edits are not precomputed.
+        most = 1 if self.precomputed else self.max_sources
+        return not (isinstance(count, int) and count > most)
 
     def _worker(self) -> tuple[int, int]:
         """(role, workers): this loader worker's place in the stage's stream. The
@@ -362,11 +365,15 @@ class StageStream(torch.utils.data.IterableDataset):
         for k, name in enumerate(n for n in SOURCES if stage.source_weights.get(n, 0) > 0):
             streams[name] = self._samples(name, derive_seed(seed, "source", k), skips)
         if stage.task_mix.get(Task.TI2I, 0) > 0:
+            # Edits with more source images than the model family takes are filtered out
+            # (a one-image editor cannot be shown "Picture 2"), like reconstructions here.
             streams[Task.TI2I.value] = self._samples(EDIT_SOURCE, derive_seed(seed, Task.TI2I.value), skips,
-                                            select=lambda m: m.get("extra", {}).get("edit", {}).get("type") != "reconstruct")
+                                            select=lambda m: m.get("extra", {}).get("edit", {}).get("type") != "reconstruct"
+                                            and self._fits(m))
         if stage.task_mix.get(Task.I2I, 0) > 0:
             streams[Task.I2I.value] = self._samples(EDIT_SOURCE, derive_seed(seed, Task.I2I.value), skips,
-                                           select=lambda m: m.get("extra", {}).get("edit", {}).get("type") == "reconstruct")
+                                           select=lambda m: m.get("extra", {}).get("edit", {}).get("type") == "reconstruct"
+                                           and self._fits(m))
         tasks = Interleave(stage.task_mix, rng)
         t2i_sources = Interleave(stage.source_weights, rng)
         sizes = stage.sizes()
@@ -415,11 +422,6 @@ class StageStream(torch.utils.data.IterableDataset):
             # width and height are positive ints: `admit` checked them.
             size = nearest_bucket(meta["width"], meta["height"], sizes)
             count = source_count(meta) if pair else 0
-            if count > self.max_sources:
-                raise BadSample("too_many_sources", f"{count} source images; this model family takes "
-                                                    f"{self.max_sources}")
-            if count > 1 and self.precomputed:
-                raise BadSample("multi_source_precomputed", "multi-image edits are not precomputed (yet)")
             members = [INSTRUCTION_EXTENSION if pair else CAPTION_EXTENSION]
             if self.precomputed:
                 members.append(PRECOMPUTED_MEMBER)
@@ -502,7 +504,7 @@ def source_count(meta: Mapping) -> int:
     edit = (meta.get("extra") or {}).get("edit") or {}
     count = edit.get("num_sources", 1)
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1 + len(EXTRA_SOURCE_PREFIXES):
-        raise BadSample("bad_num_sources", f"num_sources = {count!r}")
+        raise BadSample("bad_meta", f"extra.edit.num_sources = {count!r}")
     return count
 
 
