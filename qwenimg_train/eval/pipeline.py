@@ -98,6 +98,8 @@ def load_pipelines(folder: str | Path, *, device: str = "auto", dtype: str = "au
     quiet_loading()
     if base_dtype is not None:
         parts["transformer"] = load_quantized(family.transformer_class(), folder / "transformer", base_dtype, {})
+    if family.processor_in_t2i:  # one pipeline for every task reads condition images through its processor
+        parts["processor"] = family.load_processor(folder)
     t2i_class, _ = family.pipeline_classes()
     t2i = t2i_class.from_pretrained(folder, dtype=torch_dtype, **parts).to(device)
     if adapter is not None:

@@ -34,7 +34,9 @@ class ModelFamily(Protocol):
     max_sequence_length: int
     """The longest prompt (tokens after the template prefix) its pipelines encode."""
     max_sources: int
-    """Source images one edit may have (1: single-image editing; the loader skips edits with more)."""
+    """Source images one edit may have (1: single-image editing; the loader filters edits with more out)."""
+    processor_in_t2i: bool
+    """Whether its text-to-image pipeline takes the processor too (one pipeline for every task)."""
 
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""
@@ -90,7 +92,14 @@ def _qwen_image_edit_plus() -> ModelFamily:
     return QwenImageEditPlusFamily()
 
 
+def _qwen_image_21() -> ModelFamily:
+    from qwenimg_train.models.qwen_image_21 import QwenImage21Family
+
+    return QwenImage21Family()
+
+
 FAMILIES: dict[str, Callable[[], ModelFamily]] = {
     "qwen_image": _qwen_image,
     "qwen_image_edit_plus": _qwen_image_edit_plus,
+    "qwen_image_21": _qwen_image_21,
 }

@@ -97,10 +97,9 @@ class QwenImageModule(pl.LightningModule):
             mask = buckets == k
             metrics[f"train/loss/sigma_{name}"] = losses[mask].mean() if mask.any() else nan
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
-        source_tokens = int(inputs.source_mask_bm.sum()) if inputs.source_mask_bm is not None else 0
         self.last_step_stats = {
             "stage": batch.stage, "by_task": by_task, "loss": float(loss.detach()), "samples": n,
-            "tokens": int(inputs.target_mask_bn.sum()) + source_tokens + int(inputs.text_mask_bt.sum()),
+            "tokens": inputs.token_count(),
         }
 
     def configure_optimizers(self):

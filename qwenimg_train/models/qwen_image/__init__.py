@@ -29,7 +29,8 @@ class QwenImageFamily:
     tiny_default_variant = "QwenImageEditPipeline"
     tiny_worlds = TINY_WORLDS
     edit_style = "single"  # encoding.PromptEncoder: one source in the edit template
-    max_sources = 1  # source images an edit sample may have (the loader skips edits with more)
+    max_sources = 1  # source images an edit sample may have (the loader filters edits with more out)
+    processor_in_t2i = False  # QwenImagePipeline has no processor; the edit pipelines take it
 
     @property
     def max_sequence_length(self) -> int:

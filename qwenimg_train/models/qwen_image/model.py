@@ -92,6 +92,11 @@ class ModelInputs:
         """Image tokens of each sample's target (what the dynamic shift μ depends on)."""
         return self.target_mask_bn.sum(dim=1)
 
+    def token_count(self) -> int:
+        """Tokens the transformer reads in this batch (target, sources and text; no padding)."""
+        source = int(self.source_mask_bm.sum()) if self.source_mask_bm is not None else 0
+        return int(self.target_mask_bn.sum()) + source + int(self.text_mask_bt.sum())
+
 
 def assemble_inputs(target_bzhw: torch.Tensor, source_kzhw: torch.Tensor | None, has_source: torch.Tensor | None,
                     text_btd: torch.Tensor, text_mask_bt: torch.Tensor,

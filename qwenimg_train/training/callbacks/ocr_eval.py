@@ -96,7 +96,8 @@ class OcrEvalCallback(pl.Callback):
         model, enc = pl_module.model, pl_module.model.encoders
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.scheduler_dir)
         t2i, edit = pipelines_around(self.family, scheduler=scheduler, vae=enc.vae, text_encoder=enc.text_encoder,
-                                     tokenizer=enc.tokenizer, transformer=model.transformer, processor=enc.processor)
+                                     tokenizer=getattr(enc, "tokenizer", None), transformer=model.transformer,
+                                     processor=enc.processor)
         return PipelineGenerator(t2i=t2i, edit=edit, steps=self.steps, guidance=self.guidance,
                                  resolution=self.resolution, edit_source_area=self.edit_source_area)
 

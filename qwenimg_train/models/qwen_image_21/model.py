@@ -1,0 +1,253 @@
+"""Qwen-Image-2.1's trainable model: `QwenImage21Transformer2DModel` around its frozen
+Qwen3-VL encoder and `AutoencoderKLQwenImage21`.
+
+One model generates and edits: a prompt with condition images is the edit (TI2I), the
+same prompt with the target as its condition is reconstruction (I2I), a prompt alone is
+T2I. Each sample is encoded as `QwenImage21Pipeline` encodes it alone:
+
+- the prompt, with its condition images spliced into the Qwen3-VL sequence at the image
+  slots (`encoding.PromptEncoder21`, equal to the pipeline's `encode_prompt`);
+- target and conditions through the VAE as RGBA (the loader's images are opaque: alpha
+  1), normalised per channel, flattened unpatched to [h·w, 64] (one token per 16×16
+  pixels);
+- `img_shapes`: the conditions, then the target; `img_mask`: the VL sequence's image
+  slots plus one slot per 2×2 group of target tokens.
+
+diffusers' forward requires every sample of a batch to share one layout (it reads the
+layout from row 0), and a training batch mixes tasks, prompt lengths and condition
+counts. `denoise` therefore runs the forward once per sample with that sample's own
+embeddings (no padding), latents, `img_shapes` and `img_mask`: each sample's output is
+diffusers' own forward on that sample alone, and the state dict is the diffusers
+model's, so an export loads in `QwenImage21Pipeline` unchanged. The cost is batch
+parallelism inside one forward (a GPU runs B small forwards instead of one); batching
+samples of one layout together is the obvious next step.
+
+RGBA targets (2.1's transparency) are not trained: the loader's samples are RGB and
+get an opaque alpha channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from data_pipelines.core.images import to_unit_range
+
+IMG_TOKENS_PER_SLOT = 4  # a VL image slot stands for 2×2 latent tokens (the transformer's `_IMG_TOKENS_PER_SLOT`)
+
+
+@dataclass
+class Inputs21:
+    """One batch, encoded per sample (layouts differ between samples)."""
+
+    target_bnc: torch.Tensor  # clean target latents [B, N, 64] (one bucket: every sample has N tokens)
+    target_mask_bn: torch.Tensor  # bool [B, N]: all True (no padding within a bucket)
+    text: list[torch.Tensor]  # per sample [T_i, D]: Qwen3-VL hidden states, system prefix dropped, no padding
+    slots: list[torch.Tensor]  # per sample bool [T_i]: the condition images' slots in that sequence
+    conditions: list[torch.Tensor | None]  # per sample [M_i, 64]: condition latents in order (None: T2I)
+    condition_shapes: list[list[tuple[int, int, int]]]  # per sample (1, h, w) of each condition
+    target_shape: tuple[int, int, int]  # (1, h, w) of the target latents
+
+    @property
+    def target_tokens_b(self) -> torch.Tensor:
+        return self.target_mask_bn.sum(dim=1)
+
+    def token_count(self) -> int:
+        """Tokens the transformer reads (target, conditions and text of every sample)."""
+        conditions = sum(c.shape[0] for c in self.conditions if c is not None)
+        return int(self.target_mask_bn.sum()) + conditions + sum(t.shape[0] for t in self.text)
+
+
+def flatten_latents(latents_bczhw: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, h, w] -> [B, h·w, C]: 2.1 consumes latents unpatched (the pipeline's `_pack_latents`)."""
+    b, c, _, h, w = latents_bczhw.shape
+    return latents_bczhw.reshape(b, c, h * w).transpose(1, 2)
+
+
+class LatentCodec21:
+    """The frozen 2.1 VAE: RGBA images in [-1, 1] to normalised latents (posterior mode),
+    as the pipeline's `_encode_vae_image`."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        z = vae.config.z_dim
+        self.mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, rgba_bchw: torch.Tensor) -> torch.Tensor:
+        """[B, 4, H, W] in [-1, 1] -> [B, z, 1, H/16, W/16]."""
+        dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode(rgba_bchw.to(dtype).unsqueeze(2)).latent_dist.mode()
+        return (latents - self.mean.to(latents)) / self.std.to(latents)
+
+
+def opaque_rgba(images_bchw: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> RGBA in [-1, 1] with alpha 1 (what the pipeline's
+    `convert("RGBA")` gives an opaque image)."""
+    rgb = to_unit_range(images_bchw)
+    return torch.cat([rgb, torch.ones_like(rgb[:, :1])], dim=1)
+
+
+@dataclass
+class FrozenEncoders21:
+    """The 2.1 VAE and Qwen3-VL (with its processor): inference only."""
+
+    vae: nn.Module
+    text_encoder: nn.Module
+    processor: Any
+
+    def __post_init__(self) -> None:
+        from qwenimg_train.models.qwen_image_21.encoding import PromptEncoder21
+
+        for module in (self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+        self.codec = LatentCodec21(self.vae)
+        self.prompts = PromptEncoder21(self.text_encoder, self.processor)
+
+    def to(self, device) -> "FrozenEncoders21":
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    def conditions(self, images: Sequence[torch.Tensor], resolution: int) -> list:
+        """uint8 CHW sources -> the pipeline's prepared condition images (RGBA PIL at about
+        resolution², sides multiples of 32): what both Qwen3-VL and the VAE read."""
+        from qwenimg_train.models.qwen_image_21.encoding import condition_image
+
+        return [condition_image(im.cpu(), resolution) for im in images]
+
+    def encode_prompt(self, prompt: str, conditions: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt with its prepared conditions: ([T, D] embeddings, bool [T] image slots), no padding."""
+        encoded = self.prompts.encode([prompt], [conditions] if conditions else None, resize=False)
+        valid = encoded.mask[0].bool()
+        return encoded.embeds[0][valid], encoded.image_pad_mask[0][valid]
+
+
+def rgba_tensor(images: list) -> torch.Tensor:
+    """RGBA PIL images of one size -> [n, 4, H, W] in [-1, 1] (the pipeline's `preprocess`)."""
+    import numpy as np
+
+    array = np.stack([np.asarray(im.convert("RGBA")) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_encoders(path, *, dtype: str = "float32") -> FrozenEncoders21:
+    from diffusers import AutoencoderKLQwenImage21
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwenimg_train.models.qwen_image_21.tiny import load_processor
+    from qwenimg_train.models.weights import DTYPES, quiet_loading
+
+    from pathlib import Path
+
+    path = Path(path)
+    quiet_loading()
+    return FrozenEncoders21(
+        vae=AutoencoderKLQwenImage21.from_pretrained(path / "vae", dtype=DTYPES[dtype]),
+        text_encoder=Qwen3VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=DTYPES[dtype]),
+        processor=load_processor(path),
+    )
+
+
+class QwenImage21Model(nn.Module):
+    """The trainable transformer plus the frozen encoders (a plain attribute: not submodules,
+    so no optimizer, checkpoint or sharding strategy sees them)."""
+
+    def __init__(self, transformer: nn.Module, encoders: Any | None, *, gradient_checkpointing: bool = False,
+                 lora=None):
+        super().__init__()
+        from qwenimg_train.models.lora import apply_lora
+
+        self.transformer = transformer.train()
+        if lora is not None:
+            apply_lora(transformer, lora)
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(transformer, torch.float32)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.encoders = encoders
+        self.fusion = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.encoders is not None:
+            probe = fn(torch.zeros(()))
+            if probe.device != next(self.encoders.vae.parameters()).device:
+                self.encoders.to(probe.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, *, target_bchw: torch.Tensor, prompts: Sequence[str], source_bchw: torch.Tensor | None = None,
+               has_source: torch.Tensor | None = None, extra_sources_bkchw: torch.Tensor | None = None,
+               num_sources: torch.Tensor | None = None) -> Inputs21:
+        """uint8 RGB images (the loader's `Batch`) and prompts -> `Inputs21`; a sample's
+        sources (1 to 3) are its condition images, in order."""
+        enc = self.encoders
+        if enc is None:
+            raise ValueError("this model was built without encoders: it cannot encode images")
+        batch = target_bchw.shape[0]
+        height, width = target_bchw.shape[2:]
+        if height % 32 or width % 32:
+            raise ValueError(f"Qwen-Image-2.1 trains on sides that are multiples of 32 (one Qwen3-VL image slot is "
+                             f"2x2 latent tokens of 16 px); got {width}x{height}: use such buckets")
+        target = enc.codec.encode(opaque_rgba(target_bchw))
+        _, _, _, h, w = target.shape
+        resolution = round(math.sqrt(height * width))
+        counts = [0] * batch
+        if has_source is not None:
+            counts = (num_sources.tolist() if num_sources is not None
+                      else [int(bool(s)) for s in has_source.tolist()])
+        text, slots, conditions, shapes = [], [], [], []
+        for i in range(batch):
+            images = []
+            if counts[i]:
+                images = [source_bchw[i]] + [extra_sources_bkchw[i, k] for k in range(counts[i] - 1)]
+            prepared = enc.conditions(images, resolution)
+            embeds, slot_mask = enc.encode_prompt(prompts[i], prepared)
+            text.append(embeds)
+            slots.append(slot_mask)
+            if prepared:
+                latents = enc.codec.encode(rgba_tensor(prepared).to(target_bchw.device))  # [n, z, 1, h', w']
+                conditions.append(flatten_latents(latents).reshape(-1, latents.shape[1]))
+                shapes.append([(1, latents.shape[3], latents.shape[4])] * len(prepared))
+            else:
+                conditions.append(None)
+                shapes.append([])
+        target_bnc = flatten_latents(target)
+        mask = torch.ones(target_bnc.shape[:2], dtype=torch.bool, device=target_bnc.device)
+        return Inputs21(target_bnc, mask, text, slots, conditions, shapes, (1, h, w))
+
+    def encode_batch(self, batch) -> Inputs21:
+        if batch.encoded is not None:
+            raise ValueError("Qwen-Image-2.1 does not train on precomputed shards yet: set data.precomputed=false")
+        return self.encode(target_bchw=batch.target_bchw, prompts=batch.prompt, source_bchw=batch.source_bchw,
+                           has_source=batch.has_source, extra_sources_bkchw=batch.extra_sources_bkchw,
+                           num_sources=batch.num_sources)
+
+    def forward_one(self, noisy_target_nc: torch.Tensor, sigma: torch.Tensor, inputs: Inputs21, i: int) -> torch.Tensor:
+        """diffusers' forward on sample `i` alone: the velocity for its target tokens [N, 64]."""
+        dtype = next(p for p in self.transformer.parameters() if p.dtype.is_floating_point).dtype
+        condition = inputs.conditions[i]
+        hidden = noisy_target_nc if condition is None else torch.cat([condition.to(noisy_target_nc), noisy_target_nc])
+        n = noisy_target_nc.shape[0]
+        slots = inputs.slots[i]
+        img_mask = torch.cat([slots, slots.new_ones(n // IMG_TOKENS_PER_SLOT)])[None]
+        out = self.transformer(
+            hidden_states=hidden[None].to(dtype), encoder_hidden_states=inputs.text[i][None].to(dtype),
+            timestep=sigma.reshape(1).to(dtype), img_shapes=[[*inputs.condition_shapes[i], inputs.target_shape]],
+            img_mask=img_mask, encoder_hidden_states_mask=None, return_dict=False,
+        )[0]
+        return out[0, -n:]
+
+    def denoise(self, noisy_target_bnc: torch.Tensor, sigmas_b: torch.Tensor, inputs: Inputs21) -> torch.Tensor:
+        """Velocity prediction for the target tokens: [B, N, 64], one forward per sample."""
+        if math.prod(inputs.target_shape) != noisy_target_bnc.shape[1]:
+            raise ValueError(f"target shape {inputs.target_shape} does not match {noisy_target_bnc.shape[1]} tokens")
+        return torch.stack([self.forward_one(noisy_target_bnc[i], sigmas_b[i], inputs, i)
+                            for i in range(noisy_target_bnc.shape[0])]).float()
