@@ -37,7 +37,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("strategy,model", [("ddp", "tiny"), ("deepspeed_zero3", "tiny"),
-                                            ("deepspeed_zero3", "tiny_edit_plus")])
+                                            ("deepspeed_zero3", "tiny_edit_plus"), ("deepspeed_zero3", "tiny_21")])
 def test_two_ranks_resume_exactly(strategy, model, tmp_path, shard_sources):
     """A run stopped after step 3 and resumed gives the per-step losses of an
     uninterrupted run (fp32, CPU); for each model family."""

@@ -288,11 +288,14 @@ def test_full_finetune_of_the_edit_model_starts_from_the_folder(tmp_path, shard_
     assert 0 < max(diffs) < 1e-4, max(diffs)
 
 
-@pytest.mark.parametrize("experiment", ["finetune_full", "finetune_lora", "finetune_edit_lora", "finetune_edit_plus_lora"])
+@pytest.mark.parametrize("experiment", ["finetune_full", "finetune_lora", "finetune_edit_lora", "finetune_edit_plus_lora",
+                                        "finetune_21_lora", "finetune_21_full"])
 def test_released_experiments_require_a_folder(experiment):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"])
     assert OmegaConf.is_missing(cfg.model, "pretrained_path")
     assert cfg.model.build_tiny is False and cfg.optim.schedule == "constant"
-    assert (cfg.model.lora is None) == (experiment == "finetune_full")
-    assert cfg.model.family == ("qwen_image_edit_plus" if experiment == "finetune_edit_plus_lora" else "qwen_image")
+    assert (cfg.model.lora is None) == experiment.endswith("_full")
+    families = {"finetune_edit_plus_lora": "qwen_image_edit_plus", "finetune_21_lora": "qwen_image_21",
+                "finetune_21_full": "qwen_image_21"}
+    assert cfg.model.family == families.get(experiment, "qwen_image")
