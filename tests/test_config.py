@@ -65,7 +65,7 @@ def test_composed_config_builds_every_section():
     ("+callbacks.ocr_eval.limt=1", r"unknown config key\(s\) callbacks\.ocr_eval\.limt; known keys: .*limit"),
     ("+trainer.max_step=3", r"trainer: unknown key\(s\) \['max_step'\]"),
     ("callbacks.ema.decay=1.5", r"callbacks\.ema\.decay = 1\.5 must lie in \[0, 1\)"),
-    ("model.family=flux", r"model\.family = 'flux'; use one of \['qwen_image', 'qwen_image_edit_plus'\]"),
+    ("model.family=flux", r"model\.family = 'flux'; use one of \['qwen_image', 'qwen_image_21', 'qwen_image_edit_plus'\]"),
     ("+typo=1", r"unknown top-level config key\(s\) \['typo'\]"),
 ])
 def test_every_mistake_is_one_error_naming_the_key(override, message):

@@ -87,3 +87,22 @@ def test_per_sample_loss_ignores_masked_tokens():
     pred2 = pred.clone()
     pred2[0, 3:] = 1e3
     assert torch.allclose(obj.per_sample_loss(pred2, target, mask), loss)
+
+
+def test_the_dynamic_shift_follows_the_model_folders_scheduler():
+    """objective.shift_line null: the line comes from the model's scheduler config, so a
+    Qwen-Image-2.1 run shifts σ over 256 -> 4096 tokens, 0.5 -> 1.15 (its pipeline's),
+    a first-generation run over 256 -> 8192, 0.5 -> 0.9."""
+    from qwenimg_train.objectives.flow_matching import FlowMatching, compute_mu, shift_sigmas
+
+    line21 = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    objective = FlowMatching(density="uniform").with_scheduler_line(line21)
+    assert objective.shift_line == (256, 4096, 0.5, 1.15)
+    tokens = torch.full((4,), 4096.0)
+    got = objective.sample_sigmas(tokens, generator=torch.Generator().manual_seed(0))
+    u = FlowMatching(density="uniform", shift=1.0).sample_sigmas(tokens, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, shift_sigmas(u, mu=torch.tensor(1.15)))
+    assert FlowMatching().with_scheduler_line({}).shift_line == (256, 8192, 0.5, 0.9)
+    pinned = FlowMatching(shift_line=(256, 1024, 0.1, 0.2))
+    assert pinned.with_scheduler_line(line21) is pinned  # a configured line wins
+    assert float(compute_mu(256.0)) == 0.5

@@ -166,6 +166,10 @@ class FlowMatching:
     """Per-sample loss weight: none, sigma_sqrt or cosmap (SD3)."""
     sigma_buckets: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Edges of the σ buckets that `train/loss/sigma_<lo>-<hi>` is logged over."""
+    shift_line: tuple[float, float, float, float] | None = None
+    """The dynamic shift's line (base_image_seq_len, max_image_seq_len, base_shift, max_shift); null:
+    the model folder's scheduler config (`with_scheduler_line`; Qwen-Image 256 -> 8192 tokens,
+    0.5 -> 0.9; Qwen-Image-2.1 256 -> 4096, 0.5 -> 1.15), or those Qwen-Image values."""
 
     def __post_init__(self) -> None:
         if self.density not in DENSITIES:
@@ -182,6 +186,24 @@ class FlowMatching:
         if list(edges) != sorted(edges) or any(not 0 < e < 1 for e in edges):
             raise ValueError(f"objective.sigma_buckets = {list(self.sigma_buckets)} must increase inside (0, 1)")
         self.sigma_buckets = edges
+        if self.shift_line is not None:
+            line = tuple(float(v) for v in self.shift_line)
+            if len(line) != 4 or not 0 < line[0] < line[1]:
+                raise ValueError(f"objective.shift_line = {list(self.shift_line)}: use [base_image_seq_len, "
+                                 "max_image_seq_len, base_shift, max_shift] with 0 < base < max sequence length")
+            self.shift_line = line
+
+    def with_scheduler_line(self, scheduler_config: dict) -> "FlowMatching":
+        """This objective with `shift_line` read from a scheduler config when it is unset
+        (the model's own scheduler decides how sampling shifts, so training shifts alike)."""
+        if self.shift_line is not None:
+            return self
+        import dataclasses
+
+        line = (scheduler_config.get("base_image_seq_len", BASE_IMAGE_SEQ_LEN),
+                scheduler_config.get("max_image_seq_len", MAX_IMAGE_SEQ_LEN),
+                scheduler_config.get("base_shift", BASE_SHIFT), scheduler_config.get("max_shift", MAX_SHIFT))
+        return dataclasses.replace(self, shift_line=line)
 
     def sample_sigmas(self, image_tokens_b: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """σ per sample: density, then the fixed or resolution-dependent shift."""
@@ -189,7 +211,11 @@ class FlowMatching:
                            logit_std=self.logit_std, mode_scale=self.mode_scale, generator=generator,
                            device=image_tokens_b.device)
         if self.shift == "dynamic":
-            return shift_sigmas(u, mu=compute_mu(image_tokens_b.to(u.dtype)))
+            base_len, max_len, base_shift, max_shift = self.shift_line or (
+                BASE_IMAGE_SEQ_LEN, MAX_IMAGE_SEQ_LEN, BASE_SHIFT, MAX_SHIFT)
+            mu = compute_mu(image_tokens_b.to(u.dtype), base_seq_len=base_len, max_seq_len=max_len,
+                            base_shift=base_shift, max_shift=max_shift)
+            return shift_sigmas(u, mu=mu)
         return shift_sigmas(u, shift=float(self.shift))
 
     def weights(self, sigmas_b: torch.Tensor) -> torch.Tensor | None:

@@ -204,7 +204,9 @@ def build_loggers(cfg: TrainConfig, saved: dict[str, Any]) -> list:
 def build_module(cfg: TrainConfig, encoders, datamodule: CurriculumDataModule, saved: dict[str, Any]):
     from qwenimg_train.training.module import QwenImageModule
 
-    return QwenImageModule(model=lambda rank: build_model(cfg.model, encoders, rank), objective=cfg.objective,
+    scheduler = Path(cfg.model.pretrained_path) / "scheduler" / "scheduler_config.json"
+    objective = cfg.objective.with_scheduler_line(json.loads(scheduler.read_text()) if scheduler.is_file() else {})
+    return QwenImageModule(model=lambda rank: build_model(cfg.model, encoders, rank), objective=objective,
                            optim=cfg.optim, lr_scale=datamodule.lr_scale_at, config=saved, seed=cfg.seed)
 
 
