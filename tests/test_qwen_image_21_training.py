@@ -136,3 +136,26 @@ def test_a_lora_adapter_loads_with_load_lora_weights(tmp_path, shard_sources):
     pipe = QwenImage21Pipeline.from_pretrained(base, processor=get_family("qwen_image_21").load_processor(base))
     pipe.load_lora_weights(adapter)
     assert pipe.transformer.peft_config
+
+
+def test_precomputed_inputs_are_refused_clearly(tmp_path, shard_sources):
+    from conftest import compose_debug
+    from data_pipelines.jobs.precompute import PrecomputeJob
+    from qwenimg_train.config.schema import TrainConfig
+
+    with pytest.raises(ValueError, match="no precomputed inputs yet"):
+        TrainConfig.from_mapping(compose_debug(shard_sources, "model=tiny_21", "data.precomputed=true",
+                                               out=tmp_path / "t", models=tmp_path / "m"))
+    with pytest.raises(ValueError, match="no precomputed inputs yet"):
+        PrecomputeJob(in_dir=str(tmp_path / "a"), out_dir=str(tmp_path / "b"), pretrained_path="x",
+                      family="qwen_image_21")
+
+
+def test_qwenimg_sample_draws_t2i_and_edits(folder, tmp_path):
+    from qwenimg_train.tools.sample import SampleJob, sample
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (32, 32), "red").save(source)
+    result = sample(SampleJob(checkpoint_dir=str(folder), out_dir=str(tmp_path / "out"), prompts=["a sign", "make it blue"],
+                              source_images=[None, str(source)], steps=2, resolution=32, guidance=1.0, progress=False))
+    assert [r["task"] for r in result["samples"]] == ["t2i", "edit"] and all(r["finite"] for r in result["samples"])

@@ -104,6 +104,9 @@ class PrecomputeJob:
             raise ValueError(f"family = {self.family!r}; use one of {sorted(FAMILIES)} (the run's model.family)")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(ENCODER_DTYPES)}")
+        if not get_family(self.family).supports_precompute:
+            raise ValueError(f"family = {self.family!r} has no precomputed inputs yet: train it on image shards "
+                             "(data.precomputed=false)")
         cap = get_family(self.family).max_sequence_length
         if not 1 <= self.max_sequence_length <= cap:
             raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {cap}]")
@@ -257,7 +260,7 @@ def run(job: PrecomputeJob) -> dict[str, Any]:
 
     family = get_family(job.family)
     if job.build_tiny:
-        family.build_tiny(job.pretrained_path, variant="QwenImageEditPipeline", world=job.tiny_world)
+        family.build_tiny(job.pretrained_path, world=job.tiny_world)
     family.check_folder(job.pretrained_path)
     prefix, paths = input_shards(job.in_dir)
     tag = job_tag(job)

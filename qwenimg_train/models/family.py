@@ -37,6 +37,8 @@ class ModelFamily(Protocol):
     """Source images one edit may have (1: single-image editing; the loader filters edits with more out)."""
     processor_in_t2i: bool
     """Whether its text-to-image pipeline takes the processor too (one pipeline for every task)."""
+    supports_precompute: bool
+    """Whether the precompute job can encode its inputs ahead (`data.precomputed=true`)."""
 
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""

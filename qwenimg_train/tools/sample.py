@@ -196,11 +196,17 @@ def load_items(job: SampleJob) -> list[Item]:
 
 
 def _check_folder(checkpoint_dir: str, *, edits: bool, steps: int) -> Path:
+    from qwenimg_train.eval.pipeline import family_of_folder
+
     path = Path(checkpoint_dir)
     if not (path / "model_index.json").is_file():
         raise ValueError(f"checkpoint_dir = {checkpoint_dir!r} is not a diffusers folder (no model_index.json): pass "
                          "a `qwenimg-export` output or a released checkpoint folder")
-    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+    try:
+        family_of_folder(path).check_folder(path)  # the parts its family's folders hold
+    except ValueError as exc:
+        raise ValueError(f"checkpoint_dir = {checkpoint_dir!r}: {exc}") from None
+    for part in ("transformer", "vae", "text_encoder", "scheduler"):
         if not (path / part).is_dir():
             raise ValueError(f"checkpoint_dir = {checkpoint_dir!r} lacks {part}/: an incomplete export or download")
     scheduler = path / "scheduler" / "scheduler_config.json"

@@ -31,6 +31,7 @@ class QwenImageFamily:
     edit_style = "single"  # encoding.PromptEncoder: one source in the edit template
     max_sources = 1  # source images an edit sample may have (the loader filters edits with more out)
     processor_in_t2i = False  # QwenImagePipeline has no processor; the edit pipelines take it
+    supports_precompute = True  # single-source edits only (the loader filters multi-source pairs out)
 
     @property
     def max_sequence_length(self) -> int:

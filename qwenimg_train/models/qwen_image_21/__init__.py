@@ -45,12 +45,13 @@ class QwenImage21Family:
     """Qwen-Image-2.1: one `QwenImage21Pipeline` for generation and editing (1-3 condition images)."""
 
     name = "qwen_image_21"
-    planner_preset = None  # the planner models the first generation's MMDiT only
+    planner_preset = "qwen_image_21"
     tiny_variants = ("QwenImage21Pipeline",)
     tiny_default_variant = "QwenImage21Pipeline"
     tiny_worlds = ("random",)
     max_sources = 3
     processor_in_t2i = True
+    supports_precompute = False  # its per-sample encodings are not written by the precompute job yet
     max_sequence_length = 1024  # not a pipeline cap (2.1 does not truncate); the config's upper bound
 
     def check_folder(self, path: str | Path) -> Path:
