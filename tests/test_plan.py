@@ -604,3 +604,192 @@ def test_torchao_tensors_match_the_planners_bytes():
         assert (peak - output) / (fan_in * fan_out) == pytest.approx(peak_per_weight, abs=0.2)
         assert (running - output) / (fan_in * fan_out) == pytest.approx(2, abs=0.05)  # the bf16 copy, kept
         del out  # its graph (the saved copy) must not be freed inside the next profile
+
+
+# ------------------------------------------------------------------ Qwen-Image-2.1 (single-stream)
+
+TINY_21_KW = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, context_in_dim=32, mlp_ratio=3, axes_dims_rope=(4, 6, 6))
+# Width 256, 4 blocks: 4.3M parameters, activations of tens of MiB at 256² (256 target tokens).
+MEASURED_21_KW = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=4, attention_head_dim=64,
+                      num_attention_heads=4, context_in_dim=64, mlp_ratio=3, axes_dims_rope=(16, 24, 24))
+
+
+def test_qwen_image_21_preset_is_the_released_architecture():
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from qwenimg_train.tools.plan import QWEN3_VL_8B, SingleStreamSpec
+
+    spec, encoder = PRESETS["qwen_image_21"]
+    assert isinstance(spec, SingleStreamSpec) and spec == SingleStreamSpec()
+    assert (spec.num_layers, spec.width, spec.mlp_width, spec.in_channels, spec.out_channels) == (
+        32, 4096, 12288, 64, 64)
+    with torch.device("meta"):
+        transformer = QwenImage21Transformer2DModel()  # the class defaults are the released configuration
+        vae = AutoencoderKLQwenImage21()
+        vl = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+            vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                               num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+            tie_word_embeddings=False))
+    assert dict(spec.parameter_tensors()) == {n: p.numel() for n, p in transformer.named_parameters()}
+    assert spec.num_params() == 7_115_124_736  # ≈ 7.1B
+    vision = sum(p.numel() for n, p in vl.named_parameters() if n.startswith("model.visual."))
+    assert (sum(p.numel() for p in vl.parameters()), vision) == (8_767_123_696, 576_388_336)
+    assert vl.get_input_embeddings().weight.numel() == QWEN3_VL_8B.lm_embedding_params
+    assert encoder.params == 8_767_123_696 + sum(p.numel() for p in vae.parameters()) == 8_767_123_696 + 337_740_404
+    assert (encoder.lm_params, encoder.vision_params) == (8_767_123_696 - vision, vision)
+
+
+def test_qwen_image_21_tensors_linears_and_lora_match_diffusers_and_peft(tmp_path):
+    """Every parameter and nn.Linear of a tiny 2.1 transformer, every adapter tensor peft
+    creates with the trainer's 2.1 targets, and load_spec on its config.json."""
+    import yaml
+    from diffusers import QwenImage21Transformer2DModel
+
+    from qwenimg_train.models.lora import LoraSettings, apply_lora
+    from qwenimg_train.tools.plan import QWEN_IMAGE_21_LORA_TARGETS, SingleStreamSpec
+
+    experiment = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "finetune_21_lora.yaml"
+    assert tuple(yaml.safe_load(experiment.read_text())["model"]["lora"]["target_modules"]) == \
+        QWEN_IMAGE_21_LORA_TARGETS
+    torch.manual_seed(0)
+    model = QwenImage21Transformer2DModel(**TINY_21_KW)
+    spec = SingleStreamSpec.from_config(TINY_21_KW)
+    assert dict(spec.parameter_tensors()) == {n: p.numel() for n, p in model.named_parameters()}
+    assert spec.num_params() == sum(p.numel() for p in model.parameters())
+    assert list(spec.linears()) == [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+                                    if isinstance(m, torch.nn.Linear)]
+    model.save_config(tmp_path / "transformer")
+    for path in (tmp_path, tmp_path / "transformer", tmp_path / "transformer" / "config.json"):
+        assert load_spec(str(path))[0] == spec
+    assert load_spec(str(tmp_path))[1] is not PRESETS["qwen_image_21"][1]  # a tiny width: not Qwen3-VL-8B
+    apply_lora(model, LoraSettings(rank=4, target_modules=list(QWEN_IMAGE_21_LORA_TARGETS)))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert dict(spec.lora_tensors(4)) == trainable
+    # rank·(in + out): 4 D×D projections and the SwiGLU's D→3D, D→3D, 3D→D per block; nothing frozen
+    d = spec.width
+    assert spec.lora_trained_params(4) == spec.lora_params(4) == spec.num_layers * 4 * (8 * d + 12 * d)
+    assert spec.lora_linears_per_token() == 7 and not list(spec.lora_frozen_tensors(4))
+
+
+def test_the_21_family_names_the_21_preset():
+    from qwenimg_train.models.qwen_image_21 import QwenImage21Family
+
+    assert QwenImage21Family.planner_preset == "qwen_image_21" and QwenImage21Family.planner_preset in PRESETS
+
+
+def test_load_spec_refuses_other_transformers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "num_layers": 19}))
+    with pytest.raises(ValueError, match="FluxTransformer2DModel.*QwenImage21Transformer2DModel"):
+        load_spec(str(tmp_path))
+
+
+def test_qwen_image_21_needs_sides_in_multiples_of_32():
+    with pytest.raises(ValueError, match="multiples of 32.*resolution=1024x992"):
+        plan(PlanConfig(model="qwen_image_21", resolution="1024x1008"))
+    assert plan(PlanConfig(model="qwen_image_21", resolution="1024x992")).image_tokens == 64 * 62
+
+
+def _measure_21_step(transformer, *, batch: int, rows: int, cols: int, text_len: int, checkpointing: bool,
+                     lora=None):
+    """`plan_memory.measure_step` for 2.1: one warm-up and one measured step through the
+    trainer's own forward (QwenImage21Model.denoise: a diffusers forward per sample), T2I,
+    random text states and latents, an MSE loss, AdamW (foreach)."""
+    from qwenimg_train.models.qwen_image_21.model import Inputs21, QwenImage21Model
+    from qwenimg_train.tools.plan_memory import MeasuredStep, peak_allocated
+
+    model = QwenImage21Model(transformer, None, gradient_checkpointing=checkpointing, lora=lora)
+    config = transformer.config
+    n = rows * cols
+    g = torch.Generator().manual_seed(0)
+    inputs = Inputs21(target_bnc=torch.randn(batch, n, config.in_channels, generator=g),
+                      target_mask_bn=torch.ones(batch, n, dtype=torch.bool),
+                      text=[torch.randn(text_len, config.context_in_dim, generator=g) for _ in range(batch)],
+                      slots=[torch.zeros(text_len, dtype=torch.bool) for _ in range(batch)],
+                      conditions=[None] * batch, condition_shapes=[[] for _ in range(batch)],
+                      target_shape=(1, rows, cols))
+    noisy, sigmas = torch.randn(batch, n, config.in_channels, generator=g), torch.rand(batch, generator=g)
+
+    def forward_backward():
+        (model.denoise(noisy, sigmas, inputs) - 1).pow(2).mean().backward()
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    forward_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in measure_step
+    activations, _ = peak_allocated(forward_backward)
+    step_peak, _ = peak_allocated(optimizer.step)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    return MeasuredStep(parameters=nbytes(transformer.parameters()), gradients=nbytes(p.grad for p in params),
+                        optimizer_states=nbytes(v for s in optimizer.state.values() for v in s.values()),
+                        activations=activations, optimizer_step_workspace=step_peak, step_seconds=0.0)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
+def test_qwen_image_21_memory_model_matches_measured_cpu_step(tmp_path, checkpointing, lora):
+    """The 2.1 activation and parameter model against a real QwenImage21Transformer2DModel's
+    fp32 step on CPU (the first generation's check, mirrored): parameters, gradients and AdamW
+    states exactly (a 4-byte step per tensor aside), activations and the total within 20%."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from qwenimg_train.models.lora import LoraSettings
+    from qwenimg_train.tools.plan import QWEN_IMAGE_21_LORA_TARGETS
+
+    torch.manual_seed(0)
+    transformer = QwenImage21Transformer2DModel(**MEASURED_21_KW)
+    transformer.save_config(tmp_path)
+    settings = LoraSettings(rank=4, target_modules=list(QWEN_IMAGE_21_LORA_TARGETS)) if lora else None
+    # micro-batch 1: the trainer runs one forward per sample, so a batch's backward walks one
+    # sample's chain at a time (docs/planner.md, Qwen-Image-2.1: what micro_batch > 1 changes)
+    measured = _measure_21_step(transformer, batch=1, rows=16, cols=16, text_len=32, checkpointing=checkpointing,
+                                lora=settings)
+    extra = dict(finetune="lora", lora_rank=4, base_dtype="fp32") if lora else {}
+    predicted = plan(PlanConfig(model=str(tmp_path), resolution=256, micro_batch=1, gpus_per_node=1, nodes=1,
+                                zero_stage=0, precision="fp32", activation_checkpointing=checkpointing,
+                                prompt_length=32, overhead_gb=0, **extra))
+    m = predicted.memory
+    assert m.get("base_weights", 0) + m["parameters"] == measured.parameters
+    assert m["gradients"] == measured.gradients
+    assert measured.optimizer_states == pytest.approx(m["optimizer_states"], rel=0.01)
+    assert measured.activations > 3 * 2**20  # above allocator noise
+    print(f"2.1 {'lora' if lora else 'full'} ckpt={checkpointing}: activations predicted "
+          f"{m['activations'] / 2**20:.2f} MiB, measured {measured.activations / 2**20:.2f} MiB")
+    assert m["activations"] == pytest.approx(measured.activations, rel=0.2)
+    if not lora:
+        assert predicted.peak_bytes == pytest.approx(measured.total, rel=0.2)
+
+
+def test_qwen_image_21_plans_by_hand():
+    """The 1024² numbers docs/planner.md writes out: ZeRO-3 states over 8 GPUs, the LoRA
+    adapter and bases, FLOPs per token."""
+    spec = PRESETS["qwen_image_21"][0]
+    P, d = spec.num_params(), 4096
+    # per block 4·D² attention + 3·D·3D SwiGLU; outside: time embed, txt_in, img_in, modulation, norm_out, proj_out
+    assert P == 32 * 13 * d * d + 32 * 2 * 128 + (256 * d + d * d) + (d + 2 * d * d) + 64 * d + 4 * d * d \
+        + d * d + 64 * d
+    z3 = plan(PlanConfig(model="qwen_image_21"))
+    assert z3.image_tokens == 4096 and z3.fits
+    assert z3.memory["optimizer_states"] == pytest.approx(12 * P / 8, rel=1e-6)
+    assert z3.memory["gradients"] == pytest.approx(2 * P / 8, rel=1e-6)
+    lora = plan(PlanConfig(model="qwen_image_21", finetune="lora", gpus_per_node=1, zero_stage=0))
+    assert lora.params == spec.lora_params(16) == 32 * 16 * 20 * d
+    assert lora.memory["base_weights"] == 2 * P
+    f = transformer_forward_flops(spec, image_len=4096, text_len=1024)
+    assert f["attention"] == 32 * 4 * d * (1024**2 + 4096 * 5120)
+    assert f["linear"] == pytest.approx(26 * d * d * 32 * 5120, rel=0.01)
+    edit = plan(PlanConfig(model="qwen_image_21", task="edit", encoder="resident"))
+    assert edit.image_tokens == 8192 and edit.memory["encoder_weights"] == 2 * PRESETS["qwen_image_21"][1].params
+    with pytest.raises(ValueError, match="names no linear layer"):
+        from qwenimg_train.models.lora import LoraSettings, apply_lora
+        from diffusers import QwenImage21Transformer2DModel
+
+        apply_lora(QwenImage21Transformer2DModel(**TINY_21_KW), LoraSettings(rank=4))  # the 20B defaults: not 2.1's

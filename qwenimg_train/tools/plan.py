@@ -3,6 +3,7 @@
     qwenimg-plan                                     the released 20B, 1024², 8×80 GB, ZeRO-3
     qwenimg-plan model=qwen_image resolution=1328 gpus_per_node=8 nodes=4 gpu_memory_gb=40 zero_stage=3
     qwenimg-plan model=/data/Qwen-Image             any diffusers folder (transformer/config.json)
+    qwenimg-plan model=qwen_image_21                 Qwen-Image-2.1 (7.1B single-stream, Qwen3-VL-8B)
     qwenimg-plan mode=fit_table                      the 20B fit table (docs/planner.md)
     qwenimg-plan finetune=lora base_dtype=nf4 gpus_per_node=1 zero_stage=0 gpu_memory_gb=24
     qwenimg-plan mode=lora_fit_table                 one GPU: the least lossy LoRA base that fits
@@ -68,6 +69,11 @@ QUANTIZED_BASES = ("int8", "fp8", "nf4")
 # tests check they agree): the trainer freezes them (`freeze_discarded_text_stream`), so
 # their adapters are weights only: no gradient, no optimizer state.
 DISCARDED_TEXT_STREAM = ("attn.to_add_out", "attn.add_q_proj", "attn.norm_added_q", "txt_mlp")
+# Qwen-Image-2.1's LoRA targets: every Linear of a single-stream block (attention and SwiGLU
+# MLP), as configs/experiment/finetune_21_lora.yaml sets model.lora.target_modules (the
+# first generation's DEFAULT_TARGET_MODULES name add_*_proj and *_mlp.net.*, absent in 2.1).
+QWEN_IMAGE_21_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
+                              "img_mlp.out")
 # lora_fit_table tries these in order and keeps the first that fits: the least lossy first.
 # The released weights are bf16, so an fp32 base adds no precision; fp8 stores 1 byte per
 # weight like int8 (with a smaller per-row scale) but its dequantization makes fp32
@@ -89,7 +95,11 @@ SECONDS_PER_DAY = 86_400
 
 @dataclass(frozen=True)
 class TransformerSpec:
-    """The fields of a diffusers `QwenImageTransformer2DModel` config that set sizes."""
+    """The fields of a diffusers `QwenImageTransformer2DModel` config that set sizes: the
+    first generation's dual-stream MMDiT."""
+
+    kind = "mmdit"  # class attributes, not config fields
+    lora_target_modules = DEFAULT_TARGET_MODULES
 
     num_layers: int = 60
     num_attention_heads: int = 24
@@ -198,7 +208,7 @@ class TransformerSpec:
         lora_A [rank, in] and lora_B [out, rank], rank·(in + out) per Linear
         (qwenimg_train.models.lora; tests compare with peft's)."""
         for name, fan_in, fan_out in self.linears():
-            if _is_lora_target(name):
+            if _is_lora_target(name, self.lora_target_modules):
                 yield f"{name}.lora_A.{ADAPTER_NAME}.weight", rank * fan_in
                 yield f"{name}.lora_B.{ADAPTER_NAME}.weight", fan_out * rank
 
@@ -220,7 +230,7 @@ class TransformerSpec:
 
     def lora_token_linears(self) -> list[tuple[str, int, int]]:
         """One block's adapted Linears that run on tokens, both streams (12 by default)."""
-        return [linear for linear in self.token_linears() if _is_lora_target(linear[0])]
+        return [linear for linear in self.token_linears() if _is_lora_target(linear[0], self.lora_target_modules)]
 
     def lora_linears_per_token(self) -> int:
         """Adapted Linears a token passes in one block: its own stream's half (6 by default)."""
@@ -233,6 +243,130 @@ class TransformerSpec:
         """Parameters in tensors of at most `threshold` elements (ZeRO-3 keeps these whole on
         every rank: stage3_param_persistence_threshold)."""
         return sum(n for _, n in self.parameter_tensors() if n <= threshold)
+
+
+@dataclass(frozen=True)
+class SingleStreamSpec:
+    """The fields of a diffusers `QwenImage21Transformer2DModel` config that set sizes:
+    Qwen-Image-2.1's single-stream, block-causal transformer (transformer_qwenimage21.py,
+    diffusers 0.42.1). Text (with each condition image's latents in its Qwen3-VL slots,
+    4 latent tokens per slot) and the appended target tokens form one sequence through every
+    block: one attention (to_q/k/v/out, no bias, RMSNorm on q and k per head) and a SwiGLU
+    MLP (proj, gate_layer: D -> mlp_ratio·D; out: back) per block, one `modulation` Linear
+    (D -> 4D) shared by all blocks, no bias anywhere. The same interface as TransformerSpec
+    (what `plan` and the formulas read); the defaults are the release (the class defaults)."""
+
+    kind = "single_stream"  # class attributes, not config fields
+    lora_target_modules = QWEN_IMAGE_21_LORA_TARGETS
+
+    num_layers: int = 32
+    num_attention_heads: int = 32
+    attention_head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 64
+    patch_size: int = 1
+    context_in_dim: int = 4096
+    mlp_ratio: int = 3
+    causal_condition: bool = True
+    """Text and condition tokens modulate from t = 0: per-token scale/gate tensors (like zero_cond_t)."""
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_ratio * self.width  # 12,288 for the release
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str = "config") -> "SingleStreamSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        if kwargs.get("out_channels") is None:
+            kwargs["out_channels"] = config.get("in_channels", cls.in_channels)
+        return cls(**kwargs)
+
+    def parameter_tensors(self) -> Iterator[tuple[str, int]]:
+        """(name, numel) of every parameter, diffusers' naming (tests compare with the real module)."""
+        d, c, f, hd = self.width, self.context_in_dim, self.mlp_width, self.attention_head_dim
+        yield "time_text_embed.timestep_embedder.linear_1.weight", d * 256
+        yield "time_text_embed.timestep_embedder.linear_2.weight", d * d
+        yield "txt_in.text_norm.weight", c
+        yield "txt_in.in_layer.weight", c * d
+        yield "txt_in.out_layer.weight", d * d
+        yield "img_in.weight", self.in_channels * self.patch_size**2 * d
+        yield "modulation.1.weight", d * 4 * d
+        for i in range(self.num_layers):
+            p = f"transformer_blocks.{i}."
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                yield p + f"attn.{proj}.weight", d * d
+            for norm in ("norm_q", "norm_k"):
+                yield p + f"attn.{norm}.weight", hd
+            yield p + "img_mlp.proj.weight", d * f
+            yield p + "img_mlp.out.weight", f * d
+            yield p + "img_mlp.gate_layer.weight", d * f
+        yield "norm_out.linear.weight", d * d
+        yield "proj_out.weight", d * self.patch_size**2 * self.out_channels
+
+    def linears(self) -> Iterator[tuple[str, int, int]]:
+        """(module name, in_features, out_features) of every `nn.Linear`, in diffusers' order."""
+        d, c, f = self.width, self.context_in_dim, self.mlp_width
+        yield "time_text_embed.timestep_embedder.linear_1", 256, d
+        yield "time_text_embed.timestep_embedder.linear_2", d, d
+        yield "txt_in.in_layer", c, d
+        yield "txt_in.out_layer", d, d
+        yield "img_in", self.in_channels * self.patch_size**2, d
+        yield "modulation.1", d, 4 * d
+        for i in range(self.num_layers):
+            p = f"transformer_blocks.{i}."
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                yield p + f"attn.{proj}", d, d
+            yield p + "img_mlp.proj", d, f
+            yield p + "img_mlp.out", f, d
+            yield p + "img_mlp.gate_layer", d, f
+        yield "norm_out.linear", d, d
+        yield "proj_out", d, self.patch_size**2 * self.out_channels
+
+    def num_params(self) -> int:
+        return sum(n for _, n in self.parameter_tensors())
+
+    def token_linears(self) -> list[tuple[str, int, int]]:
+        """One block's Linears, all of which every token passes (no per-block modulation)."""
+        return [linear for linear in self.linears() if linear[0].startswith("transformer_blocks.0.")]
+
+    def lora_tensors(self, rank: int) -> Iterator[tuple[str, int]]:
+        """The peft adapter on every Linear QWEN_IMAGE_21_LORA_TARGETS names: rank·(in + out) each."""
+        for name, fan_in, fan_out in self.linears():
+            if _is_lora_target(name, self.lora_target_modules):
+                yield f"{name}.lora_A.{ADAPTER_NAME}.weight", rank * fan_in
+                yield f"{name}.lora_B.{ADAPTER_NAME}.weight", fan_out * rank
+
+    def lora_params(self, rank: int) -> int:
+        return sum(n for _, n in self.lora_tensors(rank))
+
+    def lora_frozen_tensors(self, rank: int) -> Iterator[tuple[str, int]]:
+        """None: 2.1 has no discarded text stream (the text tokens' outputs are dropped after
+        proj_out, but every block's weights serve the target tokens too)."""
+        return iter(())
+
+    def lora_trained_params(self, rank: int) -> int:
+        return self.lora_params(rank)
+
+    def lora_token_linears(self) -> list[tuple[str, int, int]]:
+        return [linear for linear in self.token_linears() if _is_lora_target(linear[0], self.lora_target_modules)]
+
+    def lora_linears_per_token(self) -> int:
+        """Adapted Linears a token passes in one block: all of them (one stream; 7 by default)."""
+        return len(self.lora_token_linears())
+
+    def block_params(self) -> int:
+        return sum(n for name, n in self.parameter_tensors() if name.startswith("transformer_blocks.0."))
+
+    def small_params(self, threshold: float) -> int:
+        return sum(n for _, n in self.parameter_tensors() if n <= threshold)
+
+
+Spec = TransformerSpec | SingleStreamSpec
 
 
 @dataclass(frozen=True)
@@ -255,7 +389,15 @@ class EncoderSpec:
     vae_encode_flops_per_pixel: float
     """FLOPs of one VAE encode per input pixel (torch.utils.flop_counter, measured)."""
     vae_attention_dim: int
-    """Width of the VAE's mid-block spatial attention (over (H/8)(W/8) tokens)."""
+    """Width of the VAE's mid-block spatial attention (over (H/f)(W/f) tokens, f = vae_downsample)."""
+    vae_downsample: int = 8
+    vision_patch: int = 14
+    """Pixels per side of one vision patch; 2x2 patches merge into one LM token."""
+    condition_area: int | None = EDIT_VL_AREA
+    """Pixels of the edit source the vision tower reads: ~384² (the first generation's
+    pipelines), or None: the target's area (2.1 conditions at the output resolution)."""
+    template_tokens: tuple[int, int] = (T2I_DROP, EDIT_DROP)
+    """(t2i, edit) tokens the LM reads beyond prompt_length (the dropped template)."""
 
     @property
     def params(self) -> int:
@@ -272,6 +414,24 @@ QWEN25_VL_7B = EncoderSpec(
     vision_hidden=1280, vae_params=126_892_531, vae_base_dim=96, vae_encode_flops_per_pixel=6_656_864.0,
     vae_attention_dim=384,
 )
+# Qwen-Image-2.1's encoders. Qwen3-VL-8B-Instruct, assumed to be the released text encoder's
+# architecture (text: 36 layers × 4096, MLP 12288, 32 heads / 8 KV heads, head_dim 128, vocab
+# 151936, untied lm_head; vision: 27 blocks × 1152, MLP 4304, 16 px patches, 2x2 merge,
+# deepstack at 8/16/24; Qwen/Qwen3-VL-8B-Instruct's config.json): 8,767,123,696 parameters,
+# 576,388,336 of them the vision tower, 622,329,856 the input embedding, counted from
+# transformers' Qwen3VLForConditionalGeneration built on the meta device. The whole model is
+# resident (bf16), lm_head included, as the first generation's Qwen2.5-VL is counted, although
+# 2.1 reads a hidden state and never the logits. The VAE: AutoencoderKLQwenImage21's class
+# defaults (taken as the release: z_dim 64, 16x, base_dim 96), 337,740,404 parameters on the
+# meta device; its encode measured at 2,963,072 FLOPs per pixel (torch.utils.flop_counter,
+# RGBA 128² and 256² alike); mid-block attention at 96·8 = 768 channels over (H/16)(W/16).
+# The encoder sees the system turn the pipeline then drops (~12 tokens, an estimate).
+QWEN3_VL_8B = EncoderSpec(
+    name="Qwen3-VL-8B + 2.1 VAE", lm_params=8_767_123_696 - 576_388_336, lm_embedding_params=622_329_856,
+    lm_layers=36, lm_hidden=4096, vocab_size=151_936, vision_params=576_388_336, vision_depth=27,
+    vision_hidden=1152, vae_params=337_740_404, vae_base_dim=96, vae_encode_flops_per_pixel=2_963_072.0,
+    vae_attention_dim=768, vae_downsample=16, vision_patch=16, condition_area=None, template_tokens=(12, 12),
+)
 # qwenimg_train.models.qwen_image.tiny's encoders (TinySpec defaults), measured the same way.
 TINY_ENCODERS = EncoderSpec(
     name="tiny Qwen2.5-VL + VAE", lm_params=130_976 - 79_488, lm_embedding_params=16_384, lm_layers=2,
@@ -281,20 +441,22 @@ TINY_ENCODERS = EncoderSpec(
 
 TINY = TransformerSpec(num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=4,
                        joint_attention_dim=32)  # qwenimg_train.models.qwen_image.tiny.TinySpec defaults
-PRESETS: dict[str, tuple[TransformerSpec, EncoderSpec]] = {
+PRESETS: dict[str, tuple[Spec, EncoderSpec]] = {
     "qwen_image": (TransformerSpec(), QWEN25_VL_7B),
     "qwen_image_edit": (TransformerSpec(), QWEN25_VL_7B),
     "qwen_image_edit_2511": (TransformerSpec(zero_cond_t=True), QWEN25_VL_7B),
+    "qwen_image_21": (SingleStreamSpec(), QWEN3_VL_8B),
     "tiny": (TINY, TINY_ENCODERS),
 }
+SPEC_CLASSES = {"QwenImageTransformer2DModel": TransformerSpec, "QwenImage21Transformer2DModel": SingleStreamSpec}
 
 
-def _is_lora_target(module_name: str) -> bool:
+def _is_lora_target(module_name: str, targets: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> bool:
     # peft's rule for a list of target_modules: the full name, or a suffix after a dot
-    return any(module_name == t or module_name.endswith("." + t) for t in DEFAULT_TARGET_MODULES)
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
-def load_spec(model: str) -> tuple[TransformerSpec, EncoderSpec]:
+def load_spec(model: str) -> tuple[Spec, EncoderSpec]:
     """A preset name, a diffusers config.json, or a folder holding config.json or transformer/config.json."""
     if model in PRESETS:
         return PRESETS[model]
@@ -306,11 +468,15 @@ def load_spec(model: str) -> tuple[TransformerSpec, EncoderSpec]:
                 config = json.loads(candidate.read_text())
             except json.JSONDecodeError as exc:
                 raise ValueError(f"model = {model!r}: {candidate} is not JSON ({exc})") from None
-            if config.get("_class_name", "QwenImageTransformer2DModel") != "QwenImageTransformer2DModel":
-                raise ValueError(f"model = {model!r}: {candidate} describes a {config['_class_name']}, "
-                                 "not a QwenImageTransformer2DModel; point at the transformer's config.json")
-            spec = TransformerSpec.from_config(config, where=str(candidate))
-            # The released encoder's width is 3584; anything else is a tiny/test build.
+            class_name = config.get("_class_name", "QwenImageTransformer2DModel")
+            if class_name not in SPEC_CLASSES:
+                raise ValueError(f"model = {model!r}: {candidate} describes a {class_name}, not a "
+                                 f"{' or '.join(SPEC_CLASSES)}; point at the transformer's config.json")
+            spec = SPEC_CLASSES[class_name].from_config(config, where=str(candidate))
+            # The released encoders' widths are 3584 (Qwen2.5-VL-7B) and 4096 (Qwen3-VL-8B);
+            # anything else is a tiny/test build (planned with the first generation's tiny encoders).
+            if isinstance(spec, SingleStreamSpec):
+                return spec, (QWEN3_VL_8B if spec.context_in_dim == QWEN3_VL_8B.lm_hidden else TINY_ENCODERS)
             return spec, (QWEN25_VL_7B if spec.joint_attention_dim == QWEN25_VL_7B.lm_hidden else TINY_ENCODERS)
     raise ValueError(f"model = {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / diffusers "
                      "folder with transformer/config.json; use e.g. model=qwen_image or model=/data/Qwen-Image")
@@ -354,8 +520,9 @@ class PlanConfig:
     """One training setup. Memory is in GiB (2**30 bytes; an "80 GB" A100 holds 80 GiB)."""
 
     model: str = "qwen_image"
-    """A preset (qwen_image, qwen_image_edit, qwen_image_edit_2511, tiny), a transformer
-    config.json, or a diffusers folder."""
+    """A preset (qwen_image, qwen_image_edit, qwen_image_edit_2511, qwen_image_21, tiny), a
+    transformer config.json (QwenImageTransformer2DModel or QwenImage21Transformer2DModel),
+    or a diffusers folder."""
     resolution: Any = 1024
     """Square side in pixels, or "HxW" (e.g. "1328x800"); multiples of 16."""
     micro_batch: int = 1
@@ -379,10 +546,14 @@ class PlanConfig:
     precision: str = "bf16-mixed"
     """bf16-mixed: bf16 weights/activations, fp32 master + fp32 Adam; fp32: everything fp32."""
     prompt_length: int = 1024
-    """Text tokens after the template drop (the pipelines cap it at 1024)."""
+    """Text tokens after the template drop (the pipelines cap it at 1024). For 2.1: the text
+    tokens of the Qwen3-VL sequence the transformer reads (the user/assistant template turns
+    stay in it), the condition's image slots not included."""
     task: str = "t2i"
     """t2i, or edit: the source image's latents double the image tokens (and a ~384² image
-    goes through Qwen2.5-VL when the encoder is resident)."""
+    goes through Qwen2.5-VL when the encoder is resident; for 2.1 one condition image at the
+    output resolution, through Qwen3-VL at a slot per 32x32 px and into the transformer at
+    4 latent tokens per slot)."""
     encoder: str = "precomputed"
     """precomputed (latents and text states from shards: nothing on the GPU) or resident
     (frozen Qwen2.5-VL + VAE in bf16 on every GPU)."""
@@ -504,7 +675,7 @@ class PlanConfig:
 # ------------------------------------------------------------------ the model
 
 
-def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_len: int, dtype_bytes: int,
+def activation_bytes(spec: Spec, *, batch: int, image_len: int, text_len: int, dtype_bytes: int,
                      checkpointing: bool, lora_rank: int = 0, adapter_casts: bool = False) -> dict[str, int]:
     """Peak bytes of the transformer's forward + backward, derived from what autograd saves.
 
@@ -546,7 +717,16 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
     at the end of the forward (the saved tensors of every block, or with checkpointing
     every block's input, and those outside the blocks), and `freed_per_block`, what each
     block's backward frees (its saved tensors, or its checkpointed input).
+
+    Qwen-Image-2.1 (SingleStreamSpec): `_single_stream_saved`.
     """
+    if isinstance(spec, SingleStreamSpec):
+        per_block, outer = _single_stream_saved(spec, batch=batch, image_len=image_len, text_len=text_len,
+                                                dtype_bytes=dtype_bytes, lora_rank=lora_rank,
+                                                adapter_casts=adapter_casts)
+        return _activation_totals(spec, per_block=per_block, outer=outer, tokens=batch * (image_len + text_len),
+                                  dtype_bytes=dtype_bytes, checkpointing=checkpointing, lora_rank=lora_rank,
+                                  adapter_casts=adapter_casts)
     d, h = spec.width, spec.num_attention_heads
     tokens = batch * (image_len + text_len)
     image = batch * image_len
@@ -557,6 +737,14 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
     if spec.zero_cond_t:
         per_block += image * d * 4 * dtype_bytes
     outer = image * d * (1 if lora_rank else 3) * dtype_bytes
+    return _activation_totals(spec, per_block=per_block, outer=outer, tokens=tokens, dtype_bytes=dtype_bytes,
+                              checkpointing=checkpointing, lora_rank=lora_rank, adapter_casts=adapter_casts)
+
+
+def _activation_totals(spec: Spec, *, per_block: int, outer: int, tokens: int, dtype_bytes: int,
+                       checkpointing: bool, lora_rank: int, adapter_casts: bool) -> dict[str, int]:
+    """The peak from one block's saved bytes and those outside the blocks (both generations)."""
+    d = spec.width
     working = tokens * d * dtype_bytes + (tokens * spec.mlp_width * 4 if adapter_casts else 0)
     if checkpointing:
         recompute_live = 3 * tokens * d * dtype_bytes if lora_rank else 0
@@ -569,13 +757,101 @@ def activation_bytes(spec: TransformerSpec, *, batch: int, image_len: int, text_
             "forward_end": spec.num_layers * freed + outer, "freed_per_block": freed}
 
 
-def transformer_forward_flops(spec: TransformerSpec, *, image_len: int, text_len: int,
-                              lora_rank: int = 0) -> dict[str, float]:
+def _single_stream_saved(spec: SingleStreamSpec, *, batch: int, image_len: int, text_len: int, dtype_bytes: int,
+                         lora_rank: int, adapter_casts: bool) -> tuple[int, int]:
+    """(one block's saved bytes, those outside the blocks) of Qwen-Image-2.1's forward, from
+    what autograd saves in diffusers 0.42.1's QwenImage21TransformerBlock with its default
+    QwenImage21AttnProcessor (SDPA per prefix segment plus one for the target).
+
+    Per block and token of the joint sequence (text, condition and target tokens alike),
+    in elements of width D: norm1 input 1, normed 1 (saved by the scale multiply),
+    modulated 1 (saved by to_q/k/v), q and k before RMSNorm 2 and after its rsqrt 2 (saved
+    by the weight multiply; RoPE saves only its frequencies), q, k, v after RoPE and the
+    attention output 4 (SDPA without an S² tensor), the segments' outputs concatenated 1
+    (saved by to_out), to_out's output 1 (saved by the gate multiply), the residual norm2
+    reads 1, normed 1, modulated 1 (saved by proj and gate_layer), SwiGLU gate_layer output
+    (SiLU's input), SiLU output, proj output, their product (saved by out): 4 · mlp_ratio,
+    MLP output 1: 17 + 4·mlp_ratio = 29 at mlp_ratio 3. causal_condition (the release)
+    selects per token between the sample's and the t = 0 modulation (torch.where): the two
+    (1 + scale) and the two tanh(gate) tensors are per token and saved, 4 more.
+    bf16 adds RMSNorm's fp32 copies of q and k (2 fp32); fp32 per token: LayerNorm mean/rstd
+    (2 norms × 2), RMSNorm rstd per head (q, k), attention log-sum-exp per head.
+
+    LoRA (the base frozen: the modulation too): the multiplies that save an operand only for
+    a frozen tensor's gradient save nothing: both normed (the scale is frozen), to_out's and
+    the MLP's outputs (the gates are frozen), q and k after the rsqrt (RMSNorm's weight is
+    frozen): 6 fewer. lora_B saves lora_A's output, rank per adapted Linear (7: every token
+    passes all). adapter_casts (fp32 adapter under autocast): a bf16 copy of the input per
+    adapted Linear, 3 more (q/k/v share one input, proj/gate_layer another).
+
+    Outside the blocks, per joint token (norm_out and proj_out run over the whole sequence;
+    the loss reads the target rows): norm_out's input 1, its output 1 (saved by the scale
+    multiply) and proj_out's input 1, plus the per-token (1 + scale) under causal_condition;
+    under LoRA only its input and (1 + scale). Per text token, txt_in (full fine-tuning
+    only; it is frozen under LoRA, and the encoder states need no gradient): the zero-centred
+    RMSNorm's normalised states in fp32 (for its weight's gradient; context_in_dim), their
+    cast to the model dtype (in_layer's input; the same tensor in fp32), GELU's input and
+    output (D each). Per image token, img_in's input (in_channels, full fine-tuning only).
+    """
+    d, h, c = spec.width, spec.num_attention_heads, spec.context_in_dim
+    tokens = batch * (image_len + text_len)
+    text, image = batch * text_len, batch * image_len
+    lora = bool(lora_rank)
+    modulation = 4 if spec.causal_condition else 0
+    saved = 17 + 4 * spec.mlp_ratio + modulation - (6 if lora else 0) + (3 if adapter_casts else 0)
+    per_block = tokens * d * (saved * dtype_bytes + (2 * 4 if dtype_bytes < 4 else 0))
+    per_block += tokens * 4 * (2 * 2 + 2 * h + h)
+    per_block += tokens * lora_rank * spec.lora_linears_per_token() * dtype_bytes
+    causal = 1 if spec.causal_condition else 0
+    outer = tokens * d * ((1 + causal) if lora else (3 + causal)) * dtype_bytes
+    if not lora:
+        outer += text * (c * 4 + (c * dtype_bytes if dtype_bytes < 4 else 0) + 2 * d * dtype_bytes)
+        outer += image * spec.in_channels * spec.patch_size**2 * dtype_bytes
+    return per_block, outer
+
+
+def attention_pairs(spec: Spec, *, image_len: int, text_len: int, condition_len: int = 0) -> int:
+    """(query, key) pairs the attention computes per head-channel, one sample: S² for the
+    first generation's joint attention; for 2.1's block-causal attention as its default
+    processor computes it, one SDPA per prefix segment over the keys up to its end (the text
+    segment's causal triangle computed in full, masked) and one for the target over all S:
+    text T, condition C, target N give T² + C·T + C² + N·S whichever of text and condition
+    comes first (a flex BlockMask on GPU skips most of the masked half of T²)."""
+    s = image_len + text_len
+    if not isinstance(spec, SingleStreamSpec):
+        return s * s
+    t, cond = text_len, condition_len
+    target = image_len - cond
+    return t * t + cond * t + cond * cond + target * s
+
+
+def transformer_forward_flops(spec: Spec, *, image_len: int, text_len: int,
+                              lora_rank: int = 0, condition_len: int = 0) -> dict[str, float]:
     """Forward FLOPs of one sample (2 per multiply-add), split into linear layers and the
     attention's quadratic term. Per block over S = image + text tokens: q, k, v, out
     projections 8·S·D², MLP 2·2·S·D·4D = 16·S·D², attention QKᵀ and AV 4·S²·D; the adaLN
     modulation is per sample (2 streams × 2·D·6D). LoRA adds 2·rank·(in + out) per token
-    and adapted Linear of its stream (36·rank·D per token and block by default)."""
+    and adapted Linear of its stream (36·rank·D per token and block by default).
+
+    Qwen-Image-2.1 (SingleStreamSpec; `condition_len` of the image tokens are condition
+    latents): per block q, k, v, out 8·S·D² and the SwiGLU 3 · 2·S·D·(mlp_ratio·D) = 18·S·D²,
+    26·S·D² in all; attention 4·D per pair (`attention_pairs`); outside the blocks txt_in
+    per text token (context_in_dim·D + D²), img_in per image token, proj_out over all S, and
+    per sample the shared modulation (D·4D), the time embedding and norm_out's Linear, for
+    2 rows under causal_condition (the sample's t and t = 0). LoRA: every token passes every
+    adapted Linear, 2·rank·(in + out) each (40·rank·D per token and block by default)."""
+    if isinstance(spec, SingleStreamSpec):
+        d, s, f = spec.width, image_len + text_len, spec.mlp_width
+        rows = 2 if spec.causal_condition else 1
+        linear = spec.num_layers * s * (8 * d * d + 6 * d * f)
+        linear += 2 * rows * (d * 4 * d + 256 * d + d * d + d * d)
+        linear += 2 * text_len * (spec.context_in_dim * d + d * d) + 2 * image_len * spec.in_channels * d
+        linear += 2 * s * d * spec.patch_size**2 * spec.out_channels
+        attention = spec.num_layers * 4 * d * attention_pairs(spec, image_len=image_len, text_len=text_len,
+                                                               condition_len=condition_len)
+        adapter = spec.num_layers * s * sum(2 * lora_rank * (i + o) for _, i, o in spec.lora_token_linears())
+        return {"linear": float(linear), "attention": float(attention), "adapter": float(adapter),
+                "total": float(linear + attention + adapter)}
     d, s = spec.width, image_len + text_len
     linear = spec.num_layers * (24 * s * d * d + 2 * 2 * d * 6 * d)
     linear += 2 * image_len * spec.in_channels * d + 2 * text_len * spec.joint_attention_dim * d
@@ -590,13 +866,16 @@ def transformer_forward_flops(spec: TransformerSpec, *, image_len: int, text_len
 def encoder_forward_flops(enc: EncoderSpec, *, height: int, width: int, prompt_length: int, task: str) -> float:
     """One sample through the resident encoders: Qwen2.5-VL over template + prompt (+ the
     edit source's ~384² image tokens through the vision tower), and VAE encodes of the target
-    (and source)."""
-    vision_patches = EDIT_VL_AREA // (14 * 14) if task == "edit" else 0
-    text = prompt_length + (EDIT_DROP if task == "edit" else T2I_DROP) + vision_patches // 4
+    (and source). For 2.1 (QWEN3_VL_8B): Qwen3-VL-8B, the source at the target's area
+    (16 px patches, a slot per 2x2), and the 16x VAE."""
+    edit = task == "edit"
+    area = (enc.condition_area or height * width) if edit else 0
+    vision_patches = area // enc.vision_patch**2
+    text = prompt_length + enc.template_tokens[edit] + vision_patches // 4
     lm = 2 * (enc.lm_params - enc.lm_embedding_params) * text + 4 * enc.lm_layers * text * text * enc.lm_hidden
     vision = 2 * enc.vision_params * vision_patches + 4 * enc.vision_depth * vision_patches**2 * enc.vision_hidden
-    images = 2 if task == "edit" else 1
-    vae_tokens = (height // 8) * (width // 8)
+    images = 2 if edit else 1
+    vae_tokens = (height // enc.vae_downsample) * (width // enc.vae_downsample)
     vae = enc.vae_encode_flops_per_pixel * height * width + 4 * vae_tokens**2 * enc.vae_attention_dim
     return float(lm + vision + images * vae)
 
@@ -607,7 +886,8 @@ def encoder_workspace_bytes(enc: EncoderSpec, *, batch: int, height: int, width:
     Qwen2.5-VL keeps every layer's hidden state (output_hidden_states=True) and the logits;
     the VAE's first level holds a few full-resolution maps of base_dim channels."""
     edit = task == "edit"
-    text = prompt_length + (EDIT_DROP if edit else T2I_DROP) + (EDIT_VL_AREA // (28 * 28) if edit else 0)
+    area = (enc.condition_area or height * width) if edit else 0
+    text = prompt_length + enc.template_tokens[edit] + area // (2 * enc.vision_patch) ** 2
     lm = batch * text * ((enc.lm_layers + 1) * enc.lm_hidden + enc.vocab_size) * 2
     vae = 4 * batch * enc.vae_base_dim * height * width * 2
     return int(max(lm, vae))
@@ -691,7 +971,7 @@ def frozen_weight_copy_bytes(spec: TransformerSpec, *, base_dtype: str, precisio
 @dataclass
 class Plan:
     config: PlanConfig
-    spec: TransformerSpec
+    spec: Spec
     encoder_spec: EncoderSpec
     params: int
     """Trainable transformer parameters (the LoRA adapter's under finetune=lora)."""
@@ -736,7 +1016,8 @@ class Plan:
         total = self.frozen_params or self.params
         lines = [
             f"model {c.model}: {total / 1e9:.3f}B transformer parameters "
-            f"({self.spec.num_layers} blocks, width {self.spec.width}, {self.spec.num_attention_heads} heads)",
+            f"({self.spec.num_layers} {'single-stream' if self.spec.kind == 'single_stream' else 'dual-stream'} "
+            f"blocks, width {self.spec.width}, {self.spec.num_attention_heads} heads)",
             f"setup: {c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {c.world_size}, {c.gpu_memory_gb:g} GiB each, "
             f"ZeRO stage {c.zero_stage}"
             + (" (DDP)" if c.zero_stage == 0 else "")
@@ -868,7 +1149,15 @@ def plan(config: PlanConfig) -> Plan:
         memory["optimizer_states"] = optimizer
         memory["optimizer_step_workspace"] = step_ws
 
-    image_len = image_tokens(c.height, c.width) * (2 if c.task == "edit" else 1)
+    if isinstance(spec, SingleStreamSpec) and (c.height % 32 or c.width % 32):
+        fix = "x".join(str(max(32, side // 32 * 32)) for side in (c.height, c.width))
+        raise ValueError(f"resolution = {c.resolution!r}: Qwen-Image-2.1 needs sides that are multiples of 32 (one "
+                         f"Qwen3-VL image slot is 2x2 latent tokens of 16 px); use e.g. resolution={fix}")
+    # edit: one source latent grid the target's size (2.1: its condition, prepared at the
+    # output resolution², in its Qwen3-VL slots at 4 latent tokens each)
+    target_len = image_tokens(c.height, c.width)
+    condition_len = target_len if c.task == "edit" else 0
+    image_len = target_len + condition_len
     rank = c.lora_rank if lora else 0
     detail = activation_bytes(spec, batch=c.micro_batch, image_len=image_len, text_len=c.prompt_length,
                               dtype_bytes=act_bytes, checkpointing=c.activation_checkpointing, lora_rank=rank,
@@ -909,7 +1198,8 @@ def plan(config: PlanConfig) -> Plan:
         phase_sum[phases[name]] = phase_sum.get(phases[name], 0) + value
     peak = phase_sum.get("static", 0) + max(phase_sum.get(p, 0) for p in ("training", "encoder", "step"))
 
-    f = transformer_forward_flops(spec, image_len=image_len, text_len=c.prompt_length, lora_rank=rank)
+    f = transformer_forward_flops(spec, image_len=image_len, text_len=c.prompt_length, lora_rank=rank,
+                                  condition_len=condition_len)
     fwd = f["total"] * c.micro_batch
     # Backward: input and weight gradients, 2x the forward. A frozen base computes input
     # gradients only: 1x its linear layers, 2x attention (no weights) and the adapter.

@@ -29,8 +29,8 @@ Here now:
 
 Not here yet: batching samples of one layout into one forward, the flex attention
 path on GPU (the diffusers processor the transformer is built with is used as is),
-precomputed shards, RGBA targets, the glyph world, and a planner preset (the planner
-models the dual-stream MMDiT only).
+precomputed shards, RGBA targets and the glyph world. The planner's preset is
+`qwen_image_21` (qwenimg_train/tools/plan.py, `SingleStreamSpec`).
 """
 
 from __future__ import annotations
