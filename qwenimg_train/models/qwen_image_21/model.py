@@ -172,7 +172,6 @@ class QwenImage21Model(nn.Module):
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.encoders = encoders
-        self.fusion = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
