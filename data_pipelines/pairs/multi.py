@@ -34,13 +34,13 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from data_pipelines.core.schema import Direction
-from data_pipelines.pairs.edit import _ROLE_NAMES, MULTI_SOURCE_EDIT_TYPES, Edit, _copy_scene, _overlaps, _union
+from data_pipelines.pairs.common import _ROLE_NAMES, MULTI_SOURCE_EDIT_TYPES, Edit, _copy_scene, _overlaps, _union
 from data_pipelines.sources import background as bgmod
 from data_pipelines.sources.render import Block, Scene, Shape
 from data_pipelines.text.captions import quote
@@ -48,8 +48,9 @@ from data_pipelines.text.color import RGB, contrast_ratio, pick_text_color, rand
 from data_pipelines.text.fonts import _REGION_SUFFIX, FontFace, snap_size
 from data_pipelines.text.linebreak import units
 
-if TYPE_CHECKING:
-    from data_pipelines.pairs.edit import EditMaker
+# The ops below take the `EditMaker` (data_pipelines.pairs.edit) that binds them; edit.py
+# imports this module, so it is not imported here (no cycle) and typed loosely.
+Maker = Any
 
 _STAT_REDUCE = 4  # background statistics from a 4x nearest-neighbour subsample, as the renderer does
 
@@ -69,13 +70,13 @@ def _role(block: Block) -> tuple[str, str]:
     return _ROLE_NAMES.get(block.role, ("text", "文字"))
 
 
-def _has_text_source(maker: "EditMaker", language: str) -> bool:
+def _has_text_source(maker: Maker, language: str) -> bool:
     sources = maker.renderer.text.sources
     return all(sources.get(lang) for lang in language.split("+"))
 
 
 def _candidates(scene: Scene, rng: random.Random, *, max_lines: int, prefer: str = "", tries: int = 3) -> list[int]:
-    """Up to `tries` blocks an op may change (what `EditMaker._pick` picks from), in a
+    """Up to `tries` blocks an op may change (what `Maker._pick` picks from), in a
     seeded order, blocks of role `prefer` first: the op takes the first that works."""
     found = [
         i for i, b in enumerate(scene.blocks)
@@ -88,7 +89,7 @@ def _candidates(scene: Scene, rng: random.Random, *, max_lines: int, prefer: str
 # --- pictures 2 and 3 ----------------------------------------------------------------
 
 
-def _background_for(maker: "EditMaker", rng: random.Random, size: tuple[int, int], colour: RGB | None,
+def _background_for(maker: Maker, rng: random.Random, size: tuple[int, int], colour: RGB | None,
                     kinds=("solid", "gradient", "texture")) -> tuple[Image.Image, str]:
     """A background; with `colour`, one on which that colour keeps `min_contrast`
     everywhere (after 12 tries, plain white or black, whichever contrasts more: one of
@@ -106,7 +107,7 @@ def _background_for(maker: "EditMaker", rng: random.Random, size: tuple[int, int
     return bgmod._solid(size, plain), "solid"  # type: ignore[arg-type]
 
 
-def text_picture(maker: "EditMaker", scene: Scene, rng: random.Random, text: str, language: str, *,
+def text_picture(maker: Maker, scene: Scene, rng: random.Random, text: str, language: str, *,
                  face: FontFace | None = None, colour: RGB | None = None) -> Scene | None:
     """A picture of Picture 1's size that shows `text` alone, on one line, large: in
     `face` (else a random face covering it) and `colour` (else one chosen against the
@@ -140,7 +141,7 @@ def text_picture(maker: "EditMaker", scene: Scene, rng: random.Random, text: str
 # --- title_from_picture ------------------------------------------------------------------
 
 
-def title_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
+def title_from_picture(maker: Maker, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
     for i in _candidates(scene, rng, max_lines=2, prefer="title"):
         edit = _title_from_picture(maker, scene, rng, zh, i)
         if edit is not None:
@@ -148,7 +149,7 @@ def title_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh:
     return None
 
 
-def _title_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh: bool, i: int) -> Edit | None:
+def _title_from_picture(maker: Maker, scene: Scene, rng: random.Random, zh: bool, i: int) -> Edit | None:
     old = scene.blocks[i]
     if not _has_text_source(maker, old.language):
         return None
@@ -197,7 +198,7 @@ class Logo:
                 "font": self.face.name if self.face else ""}
 
 
-def _logo_text(maker: "EditMaker", scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+def _logo_text(maker: Maker, scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     sampler = maker.renderer.text
     languages = [b.language for b in scene.blocks if "+" not in b.language and _has_text_source(maker, b.language)]
     language = languages[0] if languages else next((lang for lang in ("en", *sampler.sources) if sampler.sources.get(lang)), None)
@@ -211,12 +212,12 @@ def _logo_text(maker: "EditMaker", scene: Scene, rng: random.Random) -> tuple[st
     return None
 
 
-def _text_width(maker: "EditMaker", face: FontFace, size: int, text: str) -> float:
+def _text_width(maker: Maker, face: FontFace, size: int, text: str) -> float:
     measure = maker.renderer._measure(face, size)
     return sum(measure(u) for u in units(text))
 
 
-def make_logo(maker: "EditMaker", scene: Scene, rng: random.Random) -> Logo | None:
+def make_logo(maker: Maker, scene: Scene, rng: random.Random) -> Logo | None:
     r = maker.renderer
     variant = rng.choice(LOGO_VARIANTS)
     fill = random_color(rng, saturation=(0.4, 1.0), value=(0.3, 0.95))
@@ -241,7 +242,7 @@ def make_logo(maker: "EditMaker", scene: Scene, rng: random.Random) -> Logo | No
     return Logo("wordmark", "", "", fill, fill, text, language, face, aspect=aspect)
 
 
-def logo_parts(maker: "EditMaker", logo: Logo, box, rng: random.Random) -> tuple[list[Shape], list[Block]] | None:
+def logo_parts(maker: Maker, logo: Logo, box, rng: random.Random) -> tuple[list[Shape], list[Block]] | None:
     """The logo's shapes and text block drawn into `box` (x0, y0, x1, y1); None when its
     text fits at no legible size."""
     r = maker.renderer
@@ -268,7 +269,7 @@ def logo_parts(maker: "EditMaker", logo: Logo, box, rng: random.Random) -> tuple
     return None
 
 
-def _extent(maker: "EditMaker", box, blocks: list[Block]) -> tuple[float, float, float, float]:
+def _extent(maker: Maker, box, blocks: list[Block]) -> tuple[float, float, float, float]:
     """Every pixel the logo may change: its box (+2 px for the shapes' outlines) and its text."""
     region = (box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2)
     for block in blocks:
@@ -283,7 +284,7 @@ def _spot_box(spot: str, w: int, h: int, lw: float, lh: float, m: float) -> tupl
     return (x, y, x + round(lw), y + round(lh))
 
 
-def logo_onto_poster(maker: "EditMaker", scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
+def logo_onto_poster(maker: Maker, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
     r = maker.renderer
     w, h = scene.size
     logo = make_logo(maker, scene, rng)
@@ -344,7 +345,7 @@ def logo_onto_poster(maker: "EditMaker", scene: Scene, rng: random.Random, zh: b
     return Edit("logo_onto_poster", target, instruction, maker._clip(scene, region), details, sources=[picture])
 
 
-def logo_picture(maker: "EditMaker", scene: Scene, rng: random.Random, logo: Logo) -> Scene | None:
+def logo_picture(maker: Maker, scene: Scene, rng: random.Random, logo: Logo) -> Scene | None:
     """Picture 2 of `logo_onto_poster`: the logo, large, on a plain background."""
     w, h = scene.size
     if logo.variant == "wordmark":
@@ -390,7 +391,7 @@ def _look(face: FontFace) -> tuple[str, str, int]:
     return (_REGION_SUFFIX.sub("", face.family), face.style.lower(), face.weight)
 
 
-def other_faces(maker: "EditMaker", block: Block) -> list[FontFace]:
+def other_faces(maker: Maker, block: Block) -> list[FontFace]:
     """One face per look other than the block's that covers its text (the language's
     region faces first, as the renderer prefers)."""
     fonts = maker.renderer.fonts
@@ -406,7 +407,7 @@ def other_faces(maker: "EditMaker", block: Block) -> list[FontFace]:
     return []
 
 
-def _reference_text(maker: "EditMaker", rng: random.Random, block: Block, face: FontFace | None) -> tuple[str, str] | None:
+def _reference_text(maker: Maker, rng: random.Random, block: Block, face: FontFace | None) -> tuple[str, str] | None:
     """Other text in the block's language (what a style reference shows)."""
     sampler = maker.renderer.text
     for _ in range(8):
@@ -419,7 +420,7 @@ def _reference_text(maker: "EditMaker", rng: random.Random, block: Block, face: 
     return None
 
 
-def style_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
+def style_from_picture(maker: Maker, scene: Scene, rng: random.Random, zh: bool) -> Edit | None:
     for i in _candidates(scene, rng, max_lines=2):
         edit = _style_from_picture(maker, scene, rng, zh, i)
         if edit is not None:
@@ -427,7 +428,7 @@ def style_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh:
     return None
 
 
-def _style_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh: bool, i: int) -> Edit | None:
+def _style_from_picture(maker: Maker, scene: Scene, rng: random.Random, zh: bool, i: int) -> Edit | None:
     block = scene.blocks[i]
     if not _has_text_source(maker, block.language):
         return None
@@ -491,7 +492,7 @@ def _style_from_picture(maker: "EditMaker", scene: Scene, rng: random.Random, zh
     return Edit("style_from_picture", target, instruction, maker._clip(scene, region), details, sources=pictures)
 
 
-MULTI_OPS: dict[str, Callable[["EditMaker", Scene, random.Random, bool], Edit | None]] = {
+MULTI_OPS: dict[str, Callable[[Maker, Scene, random.Random, bool], Edit | None]] = {
     "title_from_picture": title_from_picture,
     "logo_onto_poster": logo_onto_poster,
     "style_from_picture": style_from_picture,
