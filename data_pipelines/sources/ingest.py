@@ -18,6 +18,23 @@ Input formats (`IngestConfig.format`):
                      "annotations": [{"polygon": [[x, y], ...], "text": ..., "language":
                      "Chinese" | "Latin" | ..., "valid": true}, ...]}, ...]}
                 or a .jsonl of data_list items.
+    parquet     Parquet tables, one row an item (Hugging Face datasets, TextAtlas5M, ...):
+                `path` is one .parquet file, a folder (every *.parquet under it,
+                recursively, sorted by relative path) or a glob. Columns (settable):
+                `image_column` ("image") holds the image as bytes, as the Hugging Face
+                Image feature's struct {bytes, path} (bytes preferred; path read when
+                bytes are null), or as a path string; paths resolve against
+                `image_root` (default: the parquet file's folder). `caption_column`
+                ("caption"; null: every caption from `caption_template`) holds the
+                caption; a null or blank one skips the row ("NoCaption"), a null image
+                cell too ("NoImage"). `lines_column` (none by default) holds LINE
+                records (or AnyWord annotations), as a list of structs or a JSON string.
+                Rows are read row group by row group through
+                `ParquetFile.iter_batches`, only those columns, a shard reading just
+                the row groups its rows lie in; the listing is (file, rows per row
+                group) from the footers, no data. A file whose footer cannot be read
+                stops the listing with an error naming it; a row group that fails to
+                decode later skips its rows ("BadParquet").
 
     LINE = {"text": str, "polygon": [[x, y] x 4] | [[x, y] x n] | [x0, y0, x1, y1],
             "language": BCP 47 tag or AnyWord name (optional),
@@ -37,7 +54,8 @@ What a sample gets:
 - caption: the item's own, else `caption_template`.
 
 Determinism: items are listed in a fixed order (sorted paths; manifest order for
-JSONL / AnyWord; sorted shards and keys for tar input), shard i holds items
+JSONL / AnyWord; sorted shards and keys for tar input; sorted files, then row order,
+for parquet), shard i holds items
 [i*n, (i+1)*n) and its samples are keyed `<source>_<shard>_<position>`; kept images
 are the input bytes and re-encoded ones use fixed encoder options, so reruns give
 byte-identical shards (OCR boxes: on the same onnxruntime build). The resume
@@ -57,6 +75,7 @@ ignored.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import hashlib
@@ -69,6 +88,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -97,12 +117,18 @@ from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, split_member_name
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("folder", "jsonl", "webdataset", "anyword")
+FORMATS = ("folder", "jsonl", "webdataset", "anyword", "parquet")
 SOURCES = (Source.DESIGN.value, Source.NATURAL.value)
 INPUT_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Tar members that hold the image of an img2dataset sample, in order of preference.
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 JPEG_QUALITY = 95
+# Parquet rows decoded at a time (only the needed columns): bounds memory to a few
+# dozen images whatever the row group size.
+PARQUET_BATCH_ROWS = 64
+# The parquet columns' defaults; the fingerprint leaves out settings at their default,
+# so outputs made before these settings existed keep theirs.
+PARQUET_COLUMN_DEFAULTS = {"image_column": "image", "caption_column": "caption", "lines_column": None}
 # AnyWord-3M / MARIO-10M language names -> the schema's BCP 47 tags. Other names fall
 # back to the scripts of the text.
 LANGUAGE_NAMES = {"chinese": "zh-Hans", "latin": "en", "english": "en", "japanese": "ja", "korean": "ko"}
@@ -114,10 +140,11 @@ VERTICAL_ASPECT = 2.0
 @dataclass
 class IngestConfig:
     format: str
-    """folder | jsonl | webdataset | anyword (see the module docstring for each layout)."""
+    """folder | jsonl | webdataset | anyword | parquet (see the module docstring for each layout)."""
     path: str
     """folder: the image folder; jsonl: the .jsonl manifest; webdataset: a folder, .tar,
-    glob or brace pattern of tar shards; anyword: the annotation .json or .jsonl."""
+    glob or brace pattern of tar shards; anyword: the annotation .json or .jsonl;
+    parquet: a .parquet file, a folder of them (searched recursively) or a glob."""
     samples_per_shard: int = 1000
     """Input items per output shard (skipped items leave their shard short)."""
     min_side: int = 64
@@ -136,8 +163,17 @@ class IngestConfig:
     """Caption for items without one. Fields: {stem} (the file stem, or tar key, with _
     and - as spaces) and {source} (design | natural)."""
     image_root: str | None = None
-    """jsonl / anyword: folder that relative image paths resolve against (default: an
-    AnyWord file's data_root, else the manifest's folder)."""
+    """jsonl / anyword / parquet: folder that relative image paths resolve against
+    (default: an AnyWord file's data_root, else the manifest's or parquet file's folder)."""
+    image_column: str = "image"
+    """parquet: the image column: bytes, a {bytes, path} struct (Hugging Face Image
+    feature) or a path string."""
+    caption_column: str | None = "caption"
+    """parquet: the caption column (a string column); rows whose caption is null or
+    blank are skipped ("NoCaption"). null: no caption column, `caption_template` for all."""
+    lines_column: str | None = None
+    """parquet: a column of LINE records (or AnyWord annotations): a list of structs or
+    a JSON string of a list. null: no boxes given (OCR supplies them, see ocr_boxes)."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -163,7 +199,21 @@ class IngestConfig:
                 "its only fields are {stem} and {source}"
             ) from None
         if self.image_root is not None and self.format in ("folder", "webdataset"):
-            warnings.warn(f"image_root is ignored for format={self.format!r} (it applies to jsonl and anyword)", stacklevel=2)
+            warnings.warn(f"image_root is ignored for format={self.format!r} (it applies to jsonl, anyword and parquet)",
+                          stacklevel=2)
+        if not isinstance(self.image_column, str) or not self.image_column:
+            raise ValueError(f"image_column = {self.image_column!r} must be a non-empty column name")
+        for name in ("caption_column", "lines_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} = {value!r} must be a non-empty column name or null")
+        named = [c for c in (self.image_column, self.caption_column, self.lines_column) if c is not None]
+        if len(set(named)) != len(named):
+            raise ValueError(f"image_column, caption_column and lines_column name the same column ({named}); "
+                             "each needs its own")
+        changed = [k for k, v in PARQUET_COLUMN_DEFAULTS.items() if getattr(self, k) != v]
+        if changed and self.format != "parquet":
+            warnings.warn(f"{', '.join(changed)} ignored for format={self.format!r} (they apply to parquet)", stacklevel=2)
 
 
 # --- listing -----------------------------------------------------------------------
@@ -175,11 +225,12 @@ class Item:
 
     origin: str
     """Names the item in skip reports: the image path, "<manifest>:<line>" (jsonl and
-    anyword .jsonl, 1-based), "<manifest>:<index>" (anyword .json) or "<shard>.tar:<key>"."""
+    anyword .jsonl, 1-based), "<manifest>:<index>" (anyword .json), "<shard>.tar:<key>"
+    or "<file>.parquet:<row>" (0-based row of the file)."""
     path: str
     """The file to read: the image (folder), the manifest (jsonl, anyword), the tar shard."""
     offset: int = 0
-    """jsonl / anyword .jsonl: byte offset of the item's line."""
+    """jsonl / anyword .jsonl: byte offset of the item's line; parquet: the row in its file."""
     key: str = ""
     """webdataset: the sample's key in its tar shard."""
     members: tuple[tuple[str, int, int], ...] = ()
@@ -190,8 +241,12 @@ class Item:
     """jsonl / anyword: the folder relative image paths resolve against."""
 
 
-def list_items(config: IngestConfig) -> list[Item]:
-    """The input items in their fixed order (the same on every node and process)."""
+def list_items(config: IngestConfig) -> Sequence[Item]:
+    """The input items in their fixed order (the same on every node and process).
+
+    A list, except for parquet: a `ParquetListing` (rows are counted, not listed)."""
+    if config.format == "parquet":
+        return list_parquet(config)
     if config.format == "folder":
         return list_folder(config.path)
     if config.format == "jsonl":
@@ -292,8 +347,172 @@ def list_anyword(path: str, *, image_root: str | None) -> list[Item]:
     return [Item(origin=f"{path}:{i}", path=path, record=entry, root=root) for i, entry in enumerate(data["data_list"])]
 
 
+@dataclass(frozen=True)
+class ParquetListing(SequenceABC):
+    """The rows of parquet files as a sequence of items, held as row counts only.
+
+    `files` is ((path, rows of each row group), ...) in listing order; item k is the
+    k-th row over all files. It pickles small (workers get it, not millions of items);
+    the producer reads a shard's rows with `iter_rows`, row group by row group.
+    """
+
+    files: tuple[tuple[str, tuple[int, ...]], ...]
+    root: str | None = None
+    """image_root: relative image paths resolve against it, else against each file's folder."""
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """The global index of each file's first row, and the total at the end."""
+        starts = [0]
+        for _, groups in self.files:
+            starts.append(starts[-1] + sum(groups))
+        return starts
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        f = bisect.bisect_right(self._starts, index) - 1
+        path = self.files[f][0]
+        row = index - self._starts[f]
+        return Item(origin=f"{path}:{row}", path=path, offset=row, root=self.folder(path))
+
+    def folder(self, path: str) -> str:
+        return self.root if self.root is not None else str(Path(path).parent)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path, groups in self.files:
+            h.update(f"{path}\t{','.join(map(str, groups))}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()[:16]
+
+    def iter_rows(self, start: int, stop: int, columns: Sequence[str]) -> Iterator[tuple[str, str, int, dict[str, Any] | SkipItem]]:
+        """(origin, file, row, {column: value}) for rows [start, stop), in order; a row of a
+        row group that fails to decode comes as a SkipItem instead of its values."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stop = min(stop, len(self))
+        f = bisect.bisect_right(self._starts, start) - 1
+        while start < stop and f < len(self.files):
+            path, groups = self.files[f]
+            base = self._starts[f]
+            pf = None
+            try:
+                first = base
+                for g, rows in enumerate(groups):
+                    end = first + rows
+                    if end <= start or rows == 0:
+                        first = end
+                        continue
+                    if first >= stop:
+                        break
+                    lo, hi = max(start, first) - first, min(stop, end) - first  # rows of this group wanted
+                    row = 0
+                    try:
+                        if pf is None:
+                            pf = pq.ParquetFile(path)
+                        # Only this row group and these columns, a batch at a time: never the whole file.
+                        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g], columns=list(columns),
+                                                     use_threads=False):
+                            n = batch.num_rows
+                            if row + n <= lo:  # rows before this shard's first: read past
+                                row += n
+                                continue
+                            a, b = max(lo - row, 0), min(hi - row, n)
+                            values = {c: batch.column(c).slice(a, b - a).to_pylist() for c in columns}
+                            for k in range(b - a):
+                                r = first - base + row + a + k
+                                yield f"{path}:{r}", path, r, {c: values[c][k] for c in columns}
+                            row += n
+                            if row >= hi:
+                                break
+                        if row < hi:
+                            raise OSError(f"row group {g} holds {row} of the {rows} rows its footer claims")
+                    except (pa.ArrowException, OSError) as exc:
+                        # A damaged row group: its remaining rows of this shard are skipped, counted.
+                        reason = SkipItem(f"BadParquet: row group {g}: {describe(exc)}")
+                        for r in range(first - base + max(lo, row), first - base + hi):
+                            yield f"{path}:{r}", path, r, reason
+                    first = end
+            finally:
+                if pf is not None:
+                    pf.close()
+            start = max(start, self._starts[f + 1])
+            f += 1
+
+
+def _parquet_files(pattern: str) -> list[Path]:
+    base = Path(pattern)
+    if base.is_dir():
+        found = [Path(d, n) for d, _, names in os.walk(base) for n in names if n.endswith(".parquet")]
+        return sorted(found, key=lambda p: p.relative_to(base).as_posix())
+    if base.is_file():
+        return [base]
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+
+
+def _image_column_type_ok(tp) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(tp):
+        names = {tp.field(i).name for i in range(tp.num_fields)}
+        return bool(names & {"bytes", "path"})
+    return (pa.types.is_binary(tp) or pa.types.is_large_binary(tp) or pa.types.is_string(tp)
+            or pa.types.is_large_string(tp) or pa.types.is_fixed_size_binary(tp)
+            or getattr(pa.types, "is_binary_view", lambda t: False)(tp)
+            or getattr(pa.types, "is_string_view", lambda t: False)(tp))
+
+
+def list_parquet(config: IngestConfig) -> ParquetListing:
+    """The row counts of every row group of every file, from the footers only (no data read).
+
+    A file whose footer cannot be read, or that lacks a configured column, is an error
+    naming it: a half-downloaded file must not silently shrink the listing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(config.path)
+    if not files:
+        raise ValueError(f"path = {config.path!r}: no .parquet files found; give a .parquet file, a folder or a glob")
+    columns = {"image_column": config.image_column, "caption_column": config.caption_column,
+               "lines_column": config.lines_column}
+    listed = []
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path}: not a readable parquet file ({describe(exc)}); re-download it, or leave it out "
+                             "of path (a glob or a folder without it)") from None
+        try:
+            schema = pf.schema_arrow
+            for setting, name in columns.items():
+                if name is not None and schema.get_field_index(name) < 0:
+                    raise ValueError(f"{path}: no column {name!r} ({setting}); its columns: {', '.join(schema.names)}. "
+                                     f"Set input.{setting} to the right one"
+                                     + (" (or null to caption from caption_template)" if setting == "caption_column" else ""))
+            tp = schema.field(config.image_column).type
+            if not _image_column_type_ok(tp):
+                raise ValueError(f"{path}: image_column {config.image_column!r} is {tp}; it must hold bytes, a "
+                                 "{bytes, path} struct or path strings")
+            meta = pf.metadata
+            groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        finally:
+            pf.close()
+        listed.append((str(path), groups))
+    return ParquetListing(tuple(listed), root=config.image_root)
+
+
 def items_digest(items: Sequence[Item]) -> str:
     """A hash of the listing: part of the resume fingerprint."""
+    if isinstance(items, ParquetListing):
+        return items.digest()
     h = hashlib.sha256()
     for item in items:
         h.update(item.origin.encode("utf-8", "surrogateescape") + b"\n")
@@ -456,6 +675,54 @@ def load_webdataset_item(item: Item) -> RawItem:
         if isinstance(obj.get("url"), str):
             extra["url"] = obj["url"]  # provenance: img2dataset's source URL
     return RawItem(item.origin, data, key, caption, lines, extra)
+
+
+def parquet_columns(config: IngestConfig) -> list[str]:
+    """The columns a parquet row is read with (no others are decoded)."""
+    return [c for c in (config.image_column, config.caption_column, config.lines_column) if c is not None]
+
+
+def load_parquet_row(config: IngestConfig, origin: str, path: str, row: int, values: Mapping[str, Any], root: str) -> RawItem:
+    """A RawItem from one parquet row's values (`ParquetListing.iter_rows`)."""
+    cell = values[config.image_column]
+    data: bytes | None = None
+    image_path: str | None = None
+    if isinstance(cell, Mapping):  # the Hugging Face Image feature: {"bytes": ..., "path": ...}
+        data = cell.get("bytes")
+        image_path = cell.get("path") or None
+    elif isinstance(cell, str):
+        image_path = cell or None
+    elif cell is not None:
+        data = cell
+    if data is None and image_path is None:
+        raise SkipItem(f"NoImage: {config.image_column!r} is null", origin)
+    extra: dict[str, Any] = {"origin": origin}
+    stem = f"{Path(path).stem}_{row}"
+    name = origin
+    if image_path is not None:
+        stem = Path(image_path).stem or stem
+        extra["image_path"] = image_path  # provenance (the dataset's own file name)
+    caption = None
+    if config.caption_column is not None:
+        caption = _caption(values[config.caption_column], origin)
+        if caption is None:
+            raise SkipItem(f"NoCaption: {config.caption_column!r} is null or blank", origin)
+    lines = None
+    if config.lines_column is not None:
+        value = values[config.lines_column]
+        if isinstance(value, (str, bytes)):
+            try:
+                value = json.loads(value)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SkipItem(f"BadRecord: {config.lines_column!r} is not JSON ({exc})", origin) from None
+        lines = _lines(value, origin)
+    if data is None:
+        resolved = _resolve(root, image_path)
+        name = str(resolved)
+        data = _read_file(resolved)
+    elif not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SkipItem(f"BadRecord: image bytes are a {type(data).__name__}", origin)
+    return RawItem(name, bytes(data), stem, caption, lines, extra)
 
 
 LOADERS = {
@@ -703,6 +970,10 @@ def _check_source(source: str) -> None:
         raise ValueError(f"source = {source!r}; ingest writes one of {SOURCES}")
 
 
+def _raise(exc: BaseException):
+    raise exc
+
+
 class IngestProducer:
     """Turns shard `index`'s slice of the item list into samples (see the module docstring).
 
@@ -715,11 +986,11 @@ class IngestProducer:
         _check_source(source)
         self.config = config
         self.source = source
-        self._items = list(items) if items is not None else None
+        self._items = items if items is None or isinstance(items, ParquetListing) else list(items)
         self._ocr: OcrEngine | None = None
 
     @property
-    def items(self) -> list[Item]:
+    def items(self) -> Sequence[Item]:
         if self._items is None:
             self._items = list_items(self.config)
         return self._items
@@ -732,19 +1003,41 @@ class IngestProducer:
 
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
         n = self.config.samples_per_shard
-        for j, item in enumerate(self.items[index * n : (index + 1) * n]):
+        for j, (origin, load) in enumerate(self._loaders(index * n, (index + 1) * n)):
             # The key is the item's position, not a count of accepted samples: a key
             # always names the same input item, whatever else was skipped.
             key = f"{self.source}_{index:06d}_{j:06d}"
             try:
-                yield self.sample(item, key, tally)
+                yield self.sample_raw(load(), key, tally)
             except SkipItem as skip:
-                tally.skip(skip.item or item.origin, skip.reason)
+                tally.skip(skip.item or origin, skip.reason)
+
+    def _loaders(self, start: int, stop: int) -> Iterator[tuple[str, Any]]:
+        """(origin, a call giving the item's RawItem or raising SkipItem) for items [start, stop)."""
+        items = self.items
+        if isinstance(items, ParquetListing):
+            config = self.config
+            for origin, path, row, values in items.iter_rows(start, stop, parquet_columns(config)):
+                if isinstance(values, SkipItem):
+                    yield origin, functools.partial(_raise, values)
+                else:
+                    yield origin, functools.partial(load_parquet_row, config, origin, path, row, values, items.folder(path))
+            return
+        loader = LOADERS[self.config.format]
+        for item in items[start:stop]:
+            yield item.origin, functools.partial(loader, item)
 
     def sample(self, item: Item, key: str, tally: Tally) -> Produced:
-        """One sample, or SkipItem. OCR failures propagate: a broken engine must stop the job."""
+        """One sample, or SkipItem. OCR failures propagate: a broken engine must stop the job.
+
+        Not for parquet, whose rows are read a shard at a time (`produce`)."""
+        if self.config.format not in LOADERS:
+            raise TypeError(f"format={self.config.format!r} items are read a shard at a time: use produce()")
+        return self.sample_raw(LOADERS[self.config.format](item), key, tally)
+
+    def sample_raw(self, raw: RawItem, key: str, tally: Tally) -> Produced:
+        """The sample of a loaded item, or SkipItem (see `sample`)."""
         config = self.config
-        raw = LOADERS[config.format](item)
         try:
             prepared = prepare_image(raw.data, min_side=config.min_side, max_side=config.max_side,
                                      max_pixels=config.max_image_pixels)
@@ -830,6 +1123,9 @@ def run_ingest(
     ingest_settings = asdict(config)
     if config.max_image_pixels == MAX_IMAGE_PIXELS:  # only when changed: earlier outputs keep their fingerprint
         ingest_settings.pop("max_image_pixels")
+    for name, default in PARQUET_COLUMN_DEFAULTS.items():  # the same: settings added with format=parquet
+        if ingest_settings[name] == default:
+            ingest_settings.pop(name)
     settings = {"source": source, "ingest": ingest_settings, "num_items": len(items), "items_digest": items_digest(items)}
     job = ShardedJob(
         out_dir=out_dir,
@@ -857,7 +1153,7 @@ class SourceJob(JobSettings):
     num_shards: int = 4
     """Procedural mode only: ingest derives the shard count from the input."""
     input: IngestConfig | None = None
-    """Ingest existing images (folder, jsonl, webdataset, anyword) instead of generating."""
+    """Ingest existing images (folder, jsonl, webdataset, anyword, parquet) instead of generating."""
 
     RUN_ONLY = (*JobSettings.RUN_ONLY, "input")
 
