@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import uuid
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -67,3 +71,32 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
         if param.dtype.is_floating_point:
             return param.dtype
     raise ValueError(f"{type(module).__name__} has no floating-point parameter")
+
+
+def build_folder(path: Path, write: Callable[[Path], None], *, exist_ok: bool) -> Path:
+    """A diffusers folder at `path`, whole or not at all: `write(tmp)` fills a sibling
+    temporary folder, which is then renamed into place, so concurrent test workers or
+    ranks can race safely (if another process finished first, its folder is kept). A
+    folder holding model_index.json is kept when `exist_ok`, an error otherwise."""
+    def complete(folder: Path) -> bool:
+        return (folder / "model_index.json").is_file()
+
+    if complete(path):
+        if exist_ok:
+            return path
+        raise FileExistsError(f"{path} already holds a checkpoint; delete it to rebuild")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, path)  # atomic; replaces only an empty folder
+        except OSError:
+            if not complete(path):
+                raise
+            logging.getLogger(__name__).info("another process built %s first; keeping its folder", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -248,7 +248,7 @@ def load_processor(path: str | os.PathLike) -> ProcessorMixin:
 
     from transformers import Qwen2VLImageProcessorPil
 
-    return _image_only_processor_class()(
+    return image_only_processor_class()(
         image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
         tokenizer=Qwen2Tokenizer.from_pretrained(directory),
         video_processor=None,
@@ -256,17 +256,20 @@ def load_processor(path: str | os.PathLike) -> ProcessorMixin:
 
 
 @functools.cache
-def _image_only_processor_class():
-    from transformers import Qwen2VLProcessor
+def image_only_processor_class(base: type | None = None) -> type:
+    """`base` (default Qwen2VLProcessor; Qwen-Image-2.1 passes Qwen3VLProcessor) without
+    a video processor, so no torchvision is needed. Its image processor is the PIL
+    backend: pixel values differ from the torchvision backend's by resampling only (up
+    to ~0.03 after normalisation)."""
+    if base is None:
+        from transformers import Qwen2VLProcessor as base
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        """Qwen2VLProcessor without a video processor (no torchvision needed). Its
-        image processor is the PIL backend: pixel values differ from the torchvision
-        backend's by resampling only (up to ~0.03 after normalisation)."""
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return base.check_argument_for_proper_class(self, argument_name, argument)
 
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyQwen2VLProcessor
+    return type(f"ImageOnly{base.__name__}", (base,), {
+        "check_argument_for_proper_class": check_argument_for_proper_class,
+        "__doc__": f"{base.__name__} without a video processor (no torchvision needed).",
+    })

@@ -34,8 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -392,33 +390,13 @@ def ensure_tiny_checkpoint(
     return _build(Path(path), spec or TinySpec(), pipeline_class, seed, exist_ok=True)
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "model_index.json").is_file()
-
-
 def _build(path: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int, exist_ok: bool,
            vae: torch.nn.Module | None = None) -> Path:
     if pipeline_class not in ("QwenImagePipeline", *EDIT_PIPELINES):
         raise ValueError(f"pipeline_class must be QwenImagePipeline or one of {EDIT_PIPELINES}, got {pipeline_class!r}")
-    if _is_checkpoint(path):
-        if exist_ok:
-            return path
-        raise FileExistsError(f"{path} already holds a checkpoint; delete it to rebuild")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint(tmp, spec, pipeline_class, seed, vae)
-        try:
-            os.rename(tmp, path)  # atomic; replaces only an empty folder
-        except OSError:
-            if not _is_checkpoint(path):
-                raise
-            log.info("another process built %s first; keeping its folder", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    from qwenimg_train.models.weights import build_folder
+
+    return build_folder(path, lambda tmp: _write_checkpoint(tmp, spec, pipeline_class, seed, vae), exist_ok=exist_ok)
 
 
 __all__ = [

@@ -32,12 +32,9 @@ as Qwen3-VL's does.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,30 +360,10 @@ def ensure_tiny_checkpoint(path: str | os.PathLike, *, spec: TinySpec21 | None =
     return _build(Path(path), spec or TinySpec21(), seed, exist_ok=True)
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "model_index.json").is_file()
-
-
 def _build(path: Path, spec: TinySpec21, seed: int, exist_ok: bool) -> Path:
-    if _is_checkpoint(path):
-        if exist_ok:
-            return path
-        raise FileExistsError(f"{path} already holds a checkpoint; delete it to rebuild")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint(tmp, spec, seed)
-        try:
-            os.rename(tmp, path)  # atomic; replaces only an empty folder
-        except OSError:
-            if not _is_checkpoint(path):
-                raise
-            log.info("another process built %s first; keeping its folder", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    from qwenimg_train.models.weights import build_folder
+
+    return build_folder(path, lambda tmp: _write_checkpoint(tmp, spec, seed), exist_ok=exist_ok)
 
 
 def load_processor(path: str | os.PathLike):
@@ -401,7 +378,7 @@ def load_processor(path: str | os.PathLike):
     """
     from transformers import AutoTokenizer, Qwen3VLProcessor
 
-    from qwenimg_train.models.qwen_image.encoding import _torchvision_works
+    from qwenimg_train.models.qwen_image.encoding import _torchvision_works, image_only_processor_class
 
     path = Path(path)
     directory = path / "processor" if (path / "processor").is_dir() else path
@@ -415,29 +392,12 @@ def load_processor(path: str | os.PathLike):
         chat_template = (directory / "chat_template.jinja").read_text()
     elif (directory / "chat_template.json").is_file():
         chat_template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
-    return _image_only_processor_class()(
+    return image_only_processor_class(Qwen3VLProcessor)(
         image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
         tokenizer=AutoTokenizer.from_pretrained(directory),
         video_processor=None,
         chat_template=chat_template,
     )
-
-
-@functools.cache
-def _image_only_processor_class():
-    from transformers import Qwen3VLProcessor
-
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        """Qwen3VLProcessor without a video processor (no torchvision needed). Its image
-        processor is the PIL backend: pixel values differ from the torchvision backend's
-        by resampling only."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyQwen3VLProcessor
 
 
 __all__ = [
