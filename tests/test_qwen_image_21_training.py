@@ -93,6 +93,80 @@ def test_a_mixed_batch_gives_each_sample_its_own_loss(model):
             torch.testing.assert_close(together[i], loss[0], atol=1e-5, rtol=1e-5)
 
 
+def _repeated_layouts():
+    """Five samples, three layouts: two T2I with one prompt, two one-source edits with one
+    prompt (different images), one T2I with another prompt."""
+    return dict(target_bchw=torch.stack([_u8(i) for i in range(1, 6)]),
+                prompts=["a sign reading OPEN", "make it blue", "a sign reading OPEN", "make it blue", "a cat"],
+                source_bchw=torch.stack([_u8(i) for i in range(11, 16)]),
+                has_source=torch.tensor([False, True, False, True, False]),
+                num_sources=torch.tensor([0, 1, 0, 1, 0]))
+
+
+def test_samples_of_one_layout_share_a_forward_and_keep_their_own_loss(model):
+    batch = _repeated_layouts()
+    inputs = model.encode(**batch)
+    assert model.layout_groups(inputs) == [[0, 2], [1, 3], [4]]
+    calls = []
+    hook = model.transformer.register_forward_hook(lambda m, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
+                                                   with_kwargs=True)
+    noise = torch.randn(inputs.target_bnc.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])  # one group, different timesteps
+    try:
+        with torch.no_grad():
+            together = flow_matching_loss(lambda x, s: model.denoise(x, s, inputs), inputs.target_bnc, noise, sigmas,
+                                          inputs.target_mask_bn)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 1]
+    with torch.no_grad():
+        for i in range(5):
+            alone = model.encode(**{k: v[i : i + 1] for k, v in batch.items()})
+            loss = flow_matching_loss(lambda x, s: model.denoise(x, s, alone), alone.target_bnc, noise[i : i + 1],
+                                      sigmas[i : i + 1], alone.target_mask_bn)
+            torch.testing.assert_close(together[i], loss[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_flex_path_gives_the_sdpa_paths_output(folder):
+    """diffusers' flex processor (one flex_attention call over the block-causal BlockMask)
+    and its SDPA processor agree on a mixed batch. Uncompiled and forward only here: torch's
+    flex_attention has no backward on CPU, and on CUDA the model compiles it."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from qwenimg_train.models.qwen_image_21.model import QwenImage21Model, load_encoders, use_attention
+
+    model = QwenImage21Model(QwenImage21Transformer2DModel.from_pretrained(folder / "transformer"), load_encoders(folder),
+                             attention="sdpa")
+    inputs = model.encode(**_batch())
+    noise = torch.randn(inputs.target_bnc.shape, generator=torch.Generator().manual_seed(1))
+    sigmas = torch.tensor([0.2, 0.5, 0.8])
+    with torch.no_grad():
+        sdpa = model.denoise(noise, sigmas, inputs)
+        assert model.attention_path == "sdpa"
+        use_attention(model.transformer, "flex", torch.device("cpu"))
+        flex = torch.cat([model.forward_group(noise[i : i + 1], sigmas[i : i + 1], inputs, [i]) for i in range(3)])
+    torch.testing.assert_close(flex.float(), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_auto_is_flex_on_cuda_and_sdpa_elsewhere(tmp_path, shard_sources):
+    from conftest import compose_debug
+    from qwenimg_train.config.schema import TrainConfig
+    from qwenimg_train.models.qwen_image_21.model import attention_path_for, flex_available
+
+    assert flex_available()
+    assert attention_path_for("auto", torch.device("cpu")) == "sdpa"
+    assert attention_path_for("auto", torch.device("cuda")) == "flex"
+    assert attention_path_for("sdpa", torch.device("cuda")) == "sdpa"
+    with pytest.raises(ValueError, match="CUDA only"):
+        attention_path_for("flex", torch.device("cpu"))
+    with pytest.raises(ValueError, match="model.attention = 'flex'; model.family=qwen_image has auto, sdpa"):
+        TrainConfig.from_mapping(compose_debug(shard_sources, "model.attention=flex", out=tmp_path / "t",
+                                               models=tmp_path / "m"))
+    cfg = TrainConfig.from_mapping(compose_debug(shard_sources, "model=tiny_21", "model.attention=flex",
+                                                 out=tmp_path / "t", models=tmp_path / "m"))
+    assert cfg.model.options()["attention"] == "flex"
+
+
 def test_sides_must_be_multiples_of_32(model):
     with pytest.raises(ValueError, match="multiples of 32"):
         model.encode(target_bchw=torch.stack([_u8(1, 48)]), prompts=["x"])

@@ -69,6 +69,10 @@ class ModelConfig:
     """none (diffusers-compatible) or gated: a learned gate over the semantic/reconstruction streams."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass (applied by the strategy layer)."""
+    attention: str = "auto"
+    """How the transformer's attention runs (the family's `attention_paths`): auto picks the family's
+    best path on the training device; Qwen-Image-2.1 has sdpa (diffusers' exact multi-pass SDPA of its
+    block-causal mask, any device) and flex (one compiled flex_attention call per layer; CUDA)."""
     encoder_dtype: str = "float32"
     """dtype of the frozen VAE and vision-language encoder (bfloat16 on GPU halves their memory)."""
     max_sequence_length: int = 1024
@@ -96,6 +100,9 @@ class ModelConfig:
         if not 1 <= self.max_sequence_length <= family.max_sequence_length:
             raise ValueError(f"model.max_sequence_length = {self.max_sequence_length} must lie in "
                              f"[1, {family.max_sequence_length}]")
+        if self.attention not in family.attention_paths:
+            raise ValueError(f"model.attention = {self.attention!r}; model.family={self.family} has "
+                             f"{', '.join(family.attention_paths)}")
         variants = family.tiny_variants
         if self.pipeline_class is None:
             self.pipeline_class = family.tiny_default_variant
@@ -123,7 +130,7 @@ class ModelConfig:
     def options(self) -> dict[str, Any]:
         """What the family's `build_model` reads."""
         return {"zero_cond_t": self.zero_cond_t, "edit_fusion": self.edit_fusion, "lora": self.lora,
-                "base_dtype": self.frozen_base_dtype}
+                "base_dtype": self.frozen_base_dtype, "attention": self.attention}
 
 
 @dataclass
@@ -132,7 +139,8 @@ class DataConfig:
     Mixing weights, text classes, resolutions and task mix are per stage (configs/curriculum/)."""
 
     sources: dict[str, str]
-    """Shard folder (with manifest.json) per source name: synthetic, design, natural, edit."""
+    """Shard folder (with manifest.json) per source name: synthetic, design, natural, edit; or a
+    URL: https://host/prefix/, its manifest.json, s3://..., pipe:CMD {file} (docs/data.md, Remote sources)."""
     batch_size: int = 4
     """Samples per micro-batch and rank."""
     num_workers: int = 2
@@ -148,6 +156,11 @@ class DataConfig:
     encoders never load, and the folders' precompute tag must match the model folder and settings."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Larger images are skipped from their header (decompression bombs)."""
+    remote_retries: int = 3
+    """A remote source's manifest or shard that fails to open or read is tried this many more times..."""
+    remote_backoff_s: float = 2.0
+    """...waiting this long, then twice that, ... between tries; then the shard is skipped, counted as
+    data/skipped/unreachable_shard."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -160,6 +173,10 @@ class DataConfig:
             raise ValueError(f"data.max_skip_fraction = {self.max_skip_fraction} must lie in [0, 1]")
         if self.max_image_pixels < 1:
             raise ValueError(f"data.max_image_pixels = {self.max_image_pixels} must be >= 1")
+        if self.remote_retries < 0:
+            raise ValueError(f"data.remote_retries = {self.remote_retries} must be >= 0")
+        if self.remote_backoff_s < 0:
+            raise ValueError(f"data.remote_backoff_s = {self.remote_backoff_s} must be >= 0")
 
 
 @dataclass

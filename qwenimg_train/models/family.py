@@ -39,6 +39,8 @@ class ModelFamily(Protocol):
     """Whether its text-to-image pipeline takes the processor too (one pipeline for every task)."""
     supports_precompute: bool
     """Whether the precompute job can encode its inputs ahead (`data.precomputed=true`)."""
+    attention_paths: tuple[str, ...]
+    """The `model.attention` values it takes ("auto" first: the best path on the training device)."""
 
     def check_folder(self, path: str | Path) -> Path:
         """`path` if it is a complete diffusers folder of this family; a ValueError naming the fix otherwise."""

@@ -23,13 +23,12 @@ Here now:
 - `model`: `QwenImage21Model`, the trainable transformer around the frozen encoders:
   encoding per sample as the pipeline does it alone (conditions prepared, through
   Qwen3-VL and the VAE as RGBA, latents flattened unpatched) and a training forward run
-  once per sample with that sample's layout (exact: each output is diffusers' own
-  forward on the sample alone).
+  once per layout group (exact: each output is diffusers' own forward on the sample
+  alone); the block-causal attention through diffusers' SDPA processor, or its flex
+  processor with a compiled `flex_attention` on CUDA (`model.attention`).
 - `QwenImage21Family`: the family seam (`model.family: qwen_image_21`, `model=tiny_21`).
 
-Not here yet: batching samples of one layout into one forward, the flex attention
-path on GPU (the diffusers processor the transformer is built with is used as is),
-precomputed shards, RGBA targets and the glyph world. The planner's preset is
+Not here yet: RGBA targets and the glyph world. The planner's preset is
 `qwen_image_21` (qwenimg_train/tools/plan.py, `SingleStreamSpec`).
 """
 
@@ -52,6 +51,7 @@ class QwenImage21Family:
     max_sources = 3
     processor_in_t2i = True
     supports_precompute = False  # its per-sample encodings are not written by the precompute job yet
+    attention_paths = ("auto", "sdpa", "flex")  # model.attention_path_for: flex on CUDA, sdpa elsewhere
     max_sequence_length = 1024  # not a pipeline cap (2.1 does not truncate); the config's upper bound
 
     def check_folder(self, path: str | Path) -> Path:
@@ -95,7 +95,7 @@ class QwenImage21Family:
         extra = {} if base_dtype == "float32" else {"dtype": DTYPES.get(base_dtype, base_dtype)}
         transformer = load_transformer(self.transformer_class(), folder, {}, **extra)
         return QwenImage21Model(transformer, encoders, gradient_checkpointing=options.get("gradient_checkpointing", False),
-                                lora=options.get("lora"))
+                                lora=options.get("lora"), attention=options.get("attention", "auto"))
 
     def prompt_fingerprint(self) -> str:
         from qwenimg_train.models.qwen_image_21.encoding import IMAGE_SLOT, SYSTEM_PROMPT, T2I_TEMPLATE, TI2I_TEMPLATE

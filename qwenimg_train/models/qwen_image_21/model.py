@@ -15,12 +15,15 @@ T2I. Each sample is encoded as `QwenImage21Pipeline` encodes it alone:
 
 diffusers' forward requires every sample of a batch to share one layout (it reads the
 layout from row 0), and a training batch mixes tasks, prompt lengths and condition
-counts. `denoise` therefore runs the forward once per sample with that sample's own
-embeddings (no padding), latents, `img_shapes` and `img_mask`: each sample's output is
-diffusers' own forward on that sample alone, and the state dict is the diffusers
-model's, so an export loads in `QwenImage21Pipeline` unchanged. The cost is batch
-parallelism inside one forward (a GPU runs B small forwards instead of one); batching
-samples of one layout together is the obvious next step.
+counts. `denoise` therefore groups the batch by layout (prompt length, image-slot
+positions, condition shapes) and runs one forward per group with the group's own
+embeddings (no padding), latents, `img_shapes`, `img_mask` and per-sample timesteps:
+each sample's output is diffusers' own forward on that sample alone (padding would not
+be: 2.1's rotary positions count every token before an image, and a pad shifts the
+text's positions against the image's centred ones), and the state dict is the diffusers
+model's, so an export loads in `QwenImage21Pipeline` unchanged. Samples of one layout
+(fixed instruction templates, repeated prompts, reconstructions of one caption) share
+a forward; a batch of all-different prompt lengths runs B small forwards.
 
 RGBA targets (2.1's transparency) are not trained: the loader's samples are RGB and
 get an opaque alpha channel.
@@ -154,13 +157,63 @@ def load_encoders(path, *, dtype: str = "float32") -> FrozenEncoders21:
     )
 
 
+def flex_available() -> bool:
+    """Whether this torch has `torch.nn.attention.flex_attention` (diffusers' flex processor needs it)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def attention_path_for(requested: str, device: torch.device) -> str:
+    """`model.attention` on `device`: auto is flex on CUDA where torch has flex_attention
+    (one kernel per layer over the whole block-causal mask), sdpa elsewhere (diffusers'
+    exact multi-pass SDPA: one call per prefix segment plus one for the target)."""
+    if requested == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+    if requested == "flex" and not flex_available():
+        raise ValueError("model.attention = 'flex' needs torch.nn.attention.flex_attention, which this torch lacks: "
+                         "use model.attention=sdpa")
+    if requested == "flex" and device.type != "cuda":
+        raise ValueError(f"model.attention = 'flex' trains on CUDA only (torch's flex_attention has no backward on "
+                         f"{device.type}): use model.attention=sdpa or auto")
+    return requested
+
+
+def compile_flex_attention() -> None:
+    """Compile `flex_attention` once, where diffusers' dispatcher reads it (the module
+    attribute, as diffusers documents): uncompiled, flex materialises the whole fp32 score
+    matrix. torch.compile's automatic dynamic shapes: the second sequence length seen
+    recompiles it once with symbolic lengths, not once per length of a mixed stream."""
+    import torch.nn.attention.flex_attention as flex
+
+    if not hasattr(flex.flex_attention, "_torchdynamo_orig_callable"):
+        flex.flex_attention = torch.compile(flex.flex_attention)
+
+
+def use_attention(transformer: nn.Module, path: str, device: torch.device) -> None:
+    """Install diffusers' processor of `path` ("sdpa" or "flex") in every block; the
+    weights and state dict are untouched."""
+    from diffusers.models.transformers.transformer_qwenimage21 import (QwenImage21AttnProcessor,
+                                                                       QwenImage21FlexAttnProcessor)
+
+    if path == "flex" and device.type == "cuda":
+        compile_flex_attention()
+    processor = QwenImage21FlexAttnProcessor if path == "flex" else QwenImage21AttnProcessor
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(processor())
+
+
 class QwenImage21Model(nn.Module):
     """The trainable transformer plus the frozen encoders (a plain attribute: not submodules,
     so no optimizer, checkpoint or sharding strategy sees them)."""
 
     def __init__(self, transformer: nn.Module, encoders: Any | None, *, gradient_checkpointing: bool = False,
-                 lora=None):
+                 lora=None, attention: str = "auto"):
         super().__init__()
+        self.attention = attention
+        self.attention_path: str | None = None  # what runs, decided on the first forward's device
         from qwenimg_train.models.lora import apply_lora
 
         self.transformer = transformer.train()
@@ -229,24 +282,53 @@ class QwenImage21Model(nn.Module):
                            has_source=batch.has_source, extra_sources_bkchw=batch.extra_sources_bkchw,
                            num_sources=batch.num_sources)
 
-    def forward_one(self, noisy_target_nc: torch.Tensor, sigma: torch.Tensor, inputs: Inputs21, i: int) -> torch.Tensor:
-        """diffusers' forward on sample `i` alone: the velocity for its target tokens [N, 64]."""
+    def layout_groups(self, inputs: Inputs21) -> list[list[int]]:
+        """The batch's samples grouped by layout (prompt length, image-slot positions,
+        condition shapes), in order of first appearance: the samples of one group run in
+        one diffusers forward, which reads the layout from its first row."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (slots, shapes) in enumerate(zip(inputs.slots, inputs.condition_shapes)):
+            key = (slots.shape[0], tuple(slots.nonzero().flatten().tolist()), tuple(shapes))
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def forward_group(self, noisy_target_gnc: torch.Tensor, sigmas_g: torch.Tensor, inputs: Inputs21,
+                      members: Sequence[int]) -> torch.Tensor:
+        """diffusers' forward on samples `members`, which share one layout: the velocity
+        for their target tokens [G, N, 64]. Each row is that sample's forward alone."""
         dtype = next(p for p in self.transformer.parameters() if p.dtype.is_floating_point).dtype
-        condition = inputs.conditions[i]
-        hidden = noisy_target_nc if condition is None else torch.cat([condition.to(noisy_target_nc), noisy_target_nc])
-        n = noisy_target_nc.shape[0]
-        slots = inputs.slots[i]
-        img_mask = torch.cat([slots, slots.new_ones(n // IMG_TOKENS_PER_SLOT)])[None]
+        first = members[0]
+        hidden = noisy_target_gnc
+        if inputs.conditions[first] is not None:
+            conditions = torch.stack([inputs.conditions[i] for i in members]).to(hidden)
+            hidden = torch.cat([conditions, hidden], dim=1)
+        g, n = noisy_target_gnc.shape[:2]
+        slots = inputs.slots[first]
+        img_mask = torch.cat([slots, slots.new_ones(n // IMG_TOKENS_PER_SLOT)])[None].expand(g, -1)
+        text = torch.stack([inputs.text[i] for i in members])
+        shapes = [*inputs.condition_shapes[first], inputs.target_shape]
         out = self.transformer(
-            hidden_states=hidden[None].to(dtype), encoder_hidden_states=inputs.text[i][None].to(dtype),
-            timestep=sigma.reshape(1).to(dtype), img_shapes=[[*inputs.condition_shapes[i], inputs.target_shape]],
+            hidden_states=hidden.to(dtype), encoder_hidden_states=text.to(dtype),
+            timestep=sigmas_g.to(dtype), img_shapes=[shapes] * g,
             img_mask=img_mask, encoder_hidden_states_mask=None, return_dict=False,
         )[0]
-        return out[0, -n:]
+        return out[:, -n:]
+
+    def _attention_on(self, device: torch.device) -> None:
+        path = attention_path_for(self.attention, device)
+        if path != self.attention_path:
+            use_attention(self.transformer, path, device)
+            self.attention_path = path
 
     def denoise(self, noisy_target_bnc: torch.Tensor, sigmas_b: torch.Tensor, inputs: Inputs21) -> torch.Tensor:
-        """Velocity prediction for the target tokens: [B, N, 64], one forward per sample."""
+        """Velocity prediction for the target tokens: [B, N, 64], one forward per layout group."""
+        self._attention_on(noisy_target_bnc.device)
         if math.prod(inputs.target_shape) != noisy_target_bnc.shape[1]:
             raise ValueError(f"target shape {inputs.target_shape} does not match {noisy_target_bnc.shape[1]} tokens")
-        return torch.stack([self.forward_one(noisy_target_bnc[i], sigmas_b[i], inputs, i)
-                            for i in range(noisy_target_bnc.shape[0])]).float()
+        out = [None] * noisy_target_bnc.shape[0]
+        for members in self.layout_groups(inputs):
+            index = torch.tensor(members, device=noisy_target_bnc.device)
+            velocity = self.forward_group(noisy_target_bnc[index], sigmas_b[index], inputs, members)
+            for row, i in enumerate(members):
+                out[i] = velocity[row]
+        return torch.stack(out).float()
