@@ -185,9 +185,9 @@ def test_a_lora_adapter_loads_with_load_lora_weights(tmp_path, shard_sources):
     assert pipe.transformer.peft_config
 
 
-def _multi_source_shards(folder, shard_sources):
+def _multi_source_shards(folder, shard_sources, bad: bool = True):
     """A copy of the edit shards where each pair carries 1, 2 or 3 sources in turn
-    (src2 / src3 members, extra.edit.num_sources), and one pair claims 2 but lacks src2."""
+    (src2 / src3 members, extra.edit.num_sources), and (`bad`) one pair claims 2 but lacks src2."""
     import json
 
     from data_pipelines.core.shards import AtomicShardWriter, iter_tar_samples
@@ -206,7 +206,7 @@ def _multi_source_shards(folder, shard_sources):
             ext = "jpg" if "jpg" in fields else "png"
             for k in range(2, n + 1):
                 fields[f"src{k}.{ext}"] = fields[ext]  # any same-size picture will do
-            if j == 4:  # claims two sources, holds one: a counted skip
+            if bad and j == 4:  # claims two sources, holds one: a counted skip
                 fields.pop(f"src2.{ext}")
             meta.setdefault("extra", {}).setdefault("edit", {})["num_sources"] = n
             fields["json"] = json.dumps(meta).encode()

@@ -212,19 +212,6 @@ def test_a_lora_adapter_loads_with_load_lora_weights(tmp_path, shard_sources):
     assert pipe.transformer.peft_config
 
 
-def test_precomputed_inputs_are_refused_clearly(tmp_path, shard_sources):
-    from conftest import compose_debug
-    from data_pipelines.jobs.precompute import PrecomputeJob
-    from qwenimg_train.config.schema import TrainConfig
-
-    with pytest.raises(ValueError, match="no precomputed inputs yet"):
-        TrainConfig.from_mapping(compose_debug(shard_sources, "model=tiny_21", "data.precomputed=true",
-                                               out=tmp_path / "t", models=tmp_path / "m"))
-    with pytest.raises(ValueError, match="no precomputed inputs yet"):
-        PrecomputeJob(in_dir=str(tmp_path / "a"), out_dir=str(tmp_path / "b"), pretrained_path="x",
-                      family="qwen_image_21")
-
-
 def test_qwenimg_sample_draws_t2i_and_edits(folder, tmp_path):
     from qwenimg_train.tools.sample import SampleJob, sample
 

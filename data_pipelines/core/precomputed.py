@@ -8,20 +8,27 @@ model's own infrastructure works this way (producers encode, trainers train:
 Qwen-Image report, §4).
 
 Each sample gains one member, `<key>.pre.safetensors` (safetensors: no pickle, so a
-shard cannot run code), holding for every bucket set `b` of the job:
+shard cannot run code), holding what the model family's encoders give for the sample
+alone (`encode_ahead` of the family's frozen encoders), for every bucket set `b` of the
+job. Its keys are `<kind>@<W>x<H>`, the bucket the loader would pick for the sample in
+that bucket set (the nearest aspect ratio, `data_pipelines.core.images.nearest_bucket`),
+or `<kind>` alone for what does not depend on the bucket. The kinds (`KINDS`):
 
-    target@<W>x<H>    normalised VAE latents of the target at the sample's bucket   [z, H/8, W/8]
-    source@<W>x<H>    the same for the source image (edit and reconstruction pairs)  [z, H/8, W/8]
-    text@<W>x<H>      Qwen2.5-VL last hidden states, template prefix dropped         [T, D]
-    null@<W>x<H>      the same for the empty prompt (caption dropout)               [T0, D]
+    target       normalised VAE latents of the target                     every family
+    text         the prompt's encoder hidden states, real tokens only      every family
+    null         the same for the empty prompt (caption dropout)            every family
+    source       VAE latents of the (first) source image                   Qwen-Image, Edit(-Plus)
+    source2/3    of the second and third source (multi-image edits)        Edit-Plus
+    slots        bool: the condition images' slots in `text`               Qwen-Image-2.1
+    nullslots    the same in `null`                                        Qwen-Image-2.1
+    conditions   the condition images' latents, in order, [M, C]           Qwen-Image-2.1
+    condshapes   int [k, 3]: (frame, h, w) of each condition               Qwen-Image-2.1
 
-keyed by the bucket the loader would pick for the sample in that bucket set (the
-nearest aspect ratio, `data_pipelines.core.images.nearest_bucket`). T2I samples carry
-no source, and their text does not depend on the bucket, so it is stored once, under
-`text` / `null`. Edit samples' text does (the source image goes through the vision
-tower at the bucket size), hence the per-bucket keys (`tensor_key` names them all).
-Text rows hold only real tokens; the loader pads and masks them, as the online
-encoder does.
+T2I samples' text does not depend on the bucket, so it is stored once, under `text` /
+`null`; an edit's does (its sources go through the vision tower at the bucket size),
+hence per-bucket keys. `for_bucket` picks one sample's tensors for a bucket, the empty
+prompt's in place of the prompt's when the caption is dropped; the family's model
+collates them (text rows unpadded: it pads and masks them as its online encoder does).
 
 The tag (`PrecomputeTag`) names what made the tensors: content fingerprints of the
 text encoder (with its tokenizer and processor) and of the VAE, the model family's
@@ -52,8 +59,10 @@ TAG_FORMAT = 1
 _SMALL_FILE = 64 << 20
 _SAMPLES = 16
 _SAMPLE_BYTES = 1 << 16
-# What a stored tensor holds (the key's part before "@").
-KINDS = ("target", "source", "text", "null")
+# What a stored tensor holds (the key's part before "@"); the module docstring says which family stores which.
+KINDS = ("target", "text", "null", "source", "source2", "source3", "slots", "nullslots", "conditions", "condshapes")
+# A dropped caption reads these in place of the prompt's.
+NULL_KINDS = {"text": "null", "slots": "nullslots"}
 
 
 def size_name(size: tuple[int, int]) -> str:
@@ -61,10 +70,52 @@ def size_name(size: tuple[int, int]) -> str:
 
 
 def tensor_key(kind: str, size: tuple[int, int] | None = None) -> str:
-    """The key of a stored tensor: `kind` (target, source, text, null) at the bucket
-    `size`, or without a bucket (the text and null rows of a T2I sample)."""
+    """The key of a stored tensor: `kind` (`KINDS`) at the bucket `size`, or without a
+    bucket (the text and null rows of a T2I sample)."""
     assert kind in KINDS, kind
     return kind if size is None else f"{kind}@{size_name(size)}"
+
+
+def for_bucket(stored: Mapping[str, "torch.Tensor"], size: tuple[int, int], *, dropped: bool) -> dict[str, "torch.Tensor"]:
+    """One sample's tensors for bucket `size`, by kind: those stored at `size` or without a
+    bucket; with `dropped` (caption dropout) the empty prompt's (`null`, `nullslots`) under
+    the prompt's names. A KeyError names a missing target or text (a shard that does not
+    match its manifest's tag)."""
+    at = size_name(size)
+    chosen: dict[str, "torch.Tensor"] = {}
+    for key, tensor in stored.items():
+        kind, _, bucket = key.partition("@")
+        if not bucket or bucket == at:
+            chosen[kind] = tensor
+    for kind, null in NULL_KINDS.items():
+        if dropped and null not in chosen and kind in chosen:
+            raise KeyError(tensor_key(null, size))
+        replacement = chosen.pop(null, None)
+        if dropped:
+            chosen[kind] = replacement
+    for kind in ("target", "text"):
+        if chosen.get(kind) is None:
+            raise KeyError(tensor_key(kind, size))
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+@dataclass
+class AheadSample:
+    """One sample as the precompute job hands it to a family's `encode_ahead`."""
+
+    prompt: str
+    images: dict[tuple[int, int], list["torch.Tensor"]]
+    """Per bucket: uint8 CHW images decoded as the loader would, the target first, then the
+    sources in picture order (none for T2I)."""
+
+    @property
+    def num_sources(self) -> int:
+        return len(next(iter(self.images.values()))) - 1
+
+
+def rows(embeds_btd: "torch.Tensor", mask_bt: "torch.Tensor") -> list["torch.Tensor"]:
+    """Padded encoder output -> each row's real tokens [T_i, D] (right padding)."""
+    return [e[: int(m.sum())] for e, m in zip(embeds_btd, mask_bt)]
 
 
 def _file_digest(path: Path, h) -> None:

@@ -36,11 +36,12 @@ from typing import Any, Iterator
 import torch
 
 from data_pipelines.core.geometry import bucket_name, check_size, parse_bucket
-from data_pipelines.core.images import decode_image, nearest_bucket, to_unit_range
-from data_pipelines.core.precomputed import ENCODER_DTYPES, MEMBER, PrecomputeTag, tensor_key, to_bytes
+from data_pipelines.core.images import decode_image, nearest_bucket
+from data_pipelines.core.precomputed import ENCODER_DTYPES, MEMBER, AheadSample, PrecomputeTag, to_bytes
 from data_pipelines.core.sharded import Produced, ShardedJob, Tally, run_sharded
 from data_pipelines.core.schema import (
     CAPTION_EXTENSION,
+    EXTRA_SOURCE_PREFIXES,
     IMAGE_EXTENSIONS,
     INSTRUCTION_EXTENSION,
     META_EXTENSION,
@@ -104,9 +105,6 @@ class PrecomputeJob:
             raise ValueError(f"family = {self.family!r}; use one of {sorted(FAMILIES)} (the run's model.family)")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype = {self.encoder_dtype!r}; use one of {sorted(ENCODER_DTYPES)}")
-        if not get_family(self.family).supports_precompute:
-            raise ValueError(f"family = {self.family!r} has no precomputed inputs yet: train it on image shards "
-                             "(data.precomputed=false)")
         cap = get_family(self.family).max_sequence_length
         if not 1 <= self.max_sequence_length <= cap:
             raise ValueError(f"max_sequence_length = {self.max_sequence_length} must lie in [1, {cap}]")
@@ -135,19 +133,11 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _rows(embeds_btd: torch.Tensor, mask_bt: torch.Tensor) -> list[torch.Tensor]:
-    """Padded encoder output -> each row's real tokens [T_i, D]."""
-    return [e[: int(m.sum())] for e, m in zip(embeds_btd, mask_bt)]
-
-
 @dataclass
 class _Item:
     raw: dict[str, Any]
     meta: SampleMeta
-    prompt: str
-    edit: bool
-    images: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]]  # size -> (target, source) uint8 CHW
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample: AheadSample
 
 
 class PrecomputeProducer:
@@ -186,6 +176,15 @@ class PrecomputeProducer:
                 raise BadSample("missing_member", "image or json member missing")
             meta = parse_meta(raw[META_EXTENSION])
             edit = f"{SOURCE_IMAGE_PREFIX}.{ext}" in raw and INSTRUCTION_EXTENSION in raw
+            members = [ext]  # the target, then the sources in picture order (as the loader reads them)
+            if edit:
+                count = ((meta.extra or {}).get("edit") or {}).get("num_sources", 1)
+                if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1 + len(EXTRA_SOURCE_PREFIXES):
+                    raise BadSample("bad_meta", f"extra.edit.num_sources = {count!r}")
+                members += [f"{prefix}.{ext}" for prefix in (SOURCE_IMAGE_PREFIX, *EXTRA_SOURCE_PREFIXES)[:count]]
+                missing = [m for m in members if m not in raw]
+                if missing:
+                    raise BadSample("missing_member", f"no {', '.join(missing)} member")
             prompt_member = INSTRUCTION_EXTENSION if edit else CAPTION_EXTENSION
             if prompt_member not in raw:
                 raise BadSample("missing_member", f"no {prompt_member} member")
@@ -199,51 +198,24 @@ class PrecomputeProducer:
                 if size in images:
                     continue
                 # HWC uint8 as the loader decodes it (a writable copy, as its collate
-                # makes), then the CHW view its Batch carries.
-                target = torch.from_numpy(decode_image(raw[ext], size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
-                source = None
-                if edit:
-                    data = raw[f"{SOURCE_IMAGE_PREFIX}.{ext}"]
-                    source = torch.from_numpy(decode_image(data, size, self.job.reduced_decode, pixels).copy()).permute(2, 0, 1)
-                images[size] = (target, source)
+                # makes), then the CHW view its Batch carries: the target, then the sources.
+                images[size] = [torch.from_numpy(decode_image(raw[m], size, self.job.reduced_decode, pixels).copy())
+                                .permute(2, 0, 1) for m in members]
         except BadSample as bad:  # a bad sample is skipped and counted, never fatal
             tally.skip(where, str(bad))
             return None
-        return _Item(raw, meta, prompt, edit, images)
+        return _Item(raw, meta, AheadSample(prompt, images))
 
     @torch.no_grad()
     def _flush(self, chunk: list[_Item], tally: Tally) -> Iterator[Produced]:
-        enc, device, null = self.encoders, self.device, self.job.null_prompts
-        t2i = [it for it in chunk if not it.edit]
-        if t2i:
-            for it, row in zip(t2i, _rows(*enc.prompts.encode_t2i([it.prompt for it in t2i]))):
-                it.tensors[tensor_key("text")] = row
-            if null:
-                empty = _rows(*enc.prompts.encode_t2i([""]))[0]
-                for it in t2i:
-                    it.tensors[tensor_key("null")] = empty
-        for size in sorted({s for it in chunk for s in it.images}):
-            group = [it for it in chunk if size in it.images]
-            targets = torch.stack([it.images[size][0] for it in group]).to(device)
-            for it, lat in zip(group, enc.codec.encode(to_unit_range(targets))):
-                it.tensors[tensor_key("target", size)] = lat
-            edits = [it for it in group if it.edit]
-            if not edits:
-                continue
-            sources = [it.images[size][1] for it in edits]
-            for it, lat in zip(edits, enc.codec.encode(to_unit_range(torch.stack(sources).to(device)))):
-                it.tensors[tensor_key("source", size)] = lat
-            for it, row in zip(edits, _rows(*enc.prompts.encode_edit([it.prompt for it in edits], sources))):
-                it.tensors[tensor_key("text", size)] = row
-            if null:
-                for it, row in zip(edits, _rows(*enc.prompts.encode_edit([""] * len(edits), sources))):
-                    it.tensors[tensor_key("null", size)] = row
-        for it in chunk:
-            tally.add("precompute", "edit" if it.edit else Task.T2I.value)
+        """The family's encoders encode the chunk (`encode_ahead`: what its model encodes online)."""
+        encoded = self.encoders.encode_ahead([it.sample for it in chunk], null_prompts=self.job.null_prompts)
+        for it, tensors in zip(chunk, encoded):
+            tally.add("precompute", "edit" if it.sample.num_sources else Task.T2I.value)
             fields = {k: v for k, v in it.raw.items() if k != "__key__"}
             if not self.job.keep_images:
                 fields = {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS}
-            fields[MEMBER] = to_bytes(it.tensors)
+            fields[MEMBER] = to_bytes(tensors)
             yield Produced(it.raw["__key__"], fields, it.meta)
 
 

@@ -342,11 +342,6 @@ class TrainConfig:
     IGNORED = ("hydra", "experiment", "sweep", "debug")
 
     def __post_init__(self) -> None:
-        from qwenimg_train.models import get_family
-
-        if self.data.precomputed and not get_family(self.model.family).supports_precompute:
-            raise ValueError(f"data.precomputed = true with model.family = {self.model.family!r}, which has no "
-                             "precomputed inputs yet: train it on image shards (data.precomputed=false)")
         target = str((self.strategy or {}).get("_target_", ""))
         if self.model.base_dtype in QUANTIZED_BASES and "deepspeed" in target.lower():
             raise ValueError(f"model.base_dtype = {self.model.base_dtype!r} with strategy {target}: DeepSpeed cannot "

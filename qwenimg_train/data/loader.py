@@ -54,7 +54,7 @@ import webdataset as wds
 
 from data_pipelines.core.images import decode_image, nearest_bucket
 from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
-from data_pipelines.core.precomputed import from_bytes, tensor_key
+from data_pipelines.core.precomputed import for_bucket, from_bytes
 from data_pipelines.core.schema import (CAPTION_EXTENSION, EXTRA_SOURCE_PREFIXES, IMAGE_EXTENSIONS,
                                         INSTRUCTION_EXTENSION, SOURCE_IMAGE_PREFIX, Task)
 from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
@@ -100,13 +100,28 @@ class SourceShards:
 @dataclass
 class EncodedBatch:
     """A batch's encoder outputs, read from precomputed shards (data_pipelines.core.precomputed)
-    instead of running the VAE and Qwen2.5-VL: what `QwenImageModel.encode` would return
-    before packing."""
+    instead of running the frozen encoders: per sample, its tensors by kind for its bucket
+    (the empty prompt's text when its caption was dropped). The model family collates them
+    as its own encoder would (`encode_batch`)."""
 
-    target_bzhw: torch.Tensor  # normalised VAE latents of the targets [B, z, H/8, W/8]
-    source_bzhw: torch.Tensor | None  # the sources' [K, z, H/8, W/8], rows of the samples with has_source
-    text_btd: torch.Tensor  # Qwen2.5-VL last hidden states, template dropped, right-padded [B, T, D]
-    text_mask_bt: torch.Tensor  # long [B, T]: 1 = token
+    samples: list[dict[str, torch.Tensor]]
+
+    def stack(self, kind: str) -> torch.Tensor | None:
+        """The `kind` tensors of the samples that have one, stacked (one bucket: one shape)."""
+        rows = [s[kind] for s in self.samples if kind in s]
+        return torch.stack(rows) if rows else None
+
+    def padded(self, kind: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [T_i, D] right-padded to [B, T, D] with a long mask [B, T] (1 = token), as
+        the first generation's prompt encoder pads a mixed batch."""
+        rows = [s[kind] for s in self.samples]
+        length = max(r.shape[0] for r in rows)
+        out = rows[0].new_zeros(len(rows), length, *rows[0].shape[1:])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=out.device)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return out, mask
 
 
 @dataclass
@@ -275,9 +290,7 @@ class StageStream(torch.utils.data.IterableDataset):
         """Whether an edit pair's source count is one the model family takes (a malformed
         count passes here and is skipped as bad_meta when the sample is read)."""
         count = ((meta.get("extra") or {}).get("edit") or {}).get("num_sources", 1)
-        # The precompute job encodes one source per pair: multi-image edits are not precomputed.
-        most = 1 if self.precomputed else self.max_sources
-        return not (isinstance(count, int) and count > most)
+        return not (isinstance(count, int) and count > self.max_sources)
 
     def _worker(self) -> tuple[int, int]:
         """(role, workers): this loader worker's place in the stage's stream. The
@@ -456,10 +469,8 @@ class StageStream(torch.utils.data.IterableDataset):
         if dropped:
             prompt = ""
         if encoded:  # the tensors of this sample's bucket, as the online encoder would give them
-            text = tensor_key("null" if dropped else "text", size if pair else None)
             try:
-                encoded = {"target": encoded[tensor_key("target", size)], "text": encoded[text],
-                           "source": encoded[tensor_key("source", size)] if pair else None}
+                encoded = for_bucket(encoded, size, dropped=dropped)
             except KeyError as exc:
                 # The tag check at start-up makes this a shard that differs from its manifest.
                 raise ValueError(f"{where}: precomputed tensors lack {exc.args[0]!r} (has {sorted(encoded)}); "
@@ -508,16 +519,6 @@ def source_count(meta: Mapping) -> int:
     return count
 
 
-def collate_encoded(items: list[dict[str, torch.Tensor | None]]) -> EncodedBatch:
-    """Per-sample precomputed tensors -> one `EncodedBatch`: latents stacked (one bucket),
-    text rows right-padded with a mask, as `PromptEncoder.encode` pads a mixed batch."""
-    texts = [it["text"] for it in items]
-    length = max(t.shape[0] for t in texts)
-    text = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
-    mask = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, t in enumerate(texts):
-        text[i, : t.shape[0]] = t
-        mask[i, : t.shape[0]] = 1
-    sources = [it["source"] for it in items if it["source"] is not None]
-    return EncodedBatch(target_bzhw=torch.stack([it["target"] for it in items]),
-                        source_bzhw=torch.stack(sources) if sources else None, text_btd=text, text_mask_bt=mask)
+def collate_encoded(items: list[dict[str, torch.Tensor]]) -> EncodedBatch:
+    """Per-sample precomputed tensors (`for_bucket`) -> one `EncodedBatch`."""
+    return EncodedBatch(samples=list(items))

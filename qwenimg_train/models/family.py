@@ -37,8 +37,6 @@ class ModelFamily(Protocol):
     """Source images one edit may have (1: single-image editing; the loader filters edits with more out)."""
     processor_in_t2i: bool
     """Whether its text-to-image pipeline takes the processor too (one pipeline for every task)."""
-    supports_precompute: bool
-    """Whether the precompute job can encode its inputs ahead (`data.precomputed=true`)."""
     attention_paths: tuple[str, ...]
     """The `model.attention` values it takes ("auto" first: the best path on the training device)."""
 
@@ -53,7 +51,9 @@ class ModelFamily(Protocol):
         """A tiny folder at `path` (built once; an existing one is reused)."""
 
     def load_encoders(self, path: str | Path, *, dtype: str, max_sequence_length: int) -> Any:
-        """The frozen encoders (VAE, vision-language encoder, tokenizer, processor)."""
+        """The frozen encoders (VAE, vision-language encoder, tokenizer, processor); their
+        `encode_ahead(samples, null_prompts=)` gives the precompute job's tensors, which the
+        model's `encode_batch` collates (data_pipelines.core.precomputed)."""
 
     def transformer_class(self) -> type:
         """The diffusers transformer class of its checkpoints."""

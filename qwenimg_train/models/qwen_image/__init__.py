@@ -31,7 +31,6 @@ class QwenImageFamily:
     edit_style = "single"  # encoding.PromptEncoder: one source in the edit template
     max_sources = 1  # source images an edit sample may have (the loader filters edits with more out)
     processor_in_t2i = False  # QwenImagePipeline has no processor; the edit pipelines take it
-    supports_precompute = True  # single-source edits only (the loader filters multi-source pairs out)
     attention_paths = ("auto", "sdpa")  # its own processor (transformer.py) runs SDPA with a padding mask
 
     @property

@@ -74,6 +74,45 @@ class FrozenEncoders:
         self.text_encoder.to(device)
         return self
 
+    @torch.no_grad()
+    def encode_ahead(self, samples: Sequence, *, null_prompts: bool) -> list[dict[str, torch.Tensor]]:
+        """The precompute job's tensors (data_pipelines.core.precomputed) for `samples`
+        (`AheadSample`s), encoded as `QwenImageModel.encode` encodes them online: per bucket
+        the target's and each source's latents (`source`, `source2`, `source3`) and an
+        edit's prompt with its source images; a T2I prompt once; the empty prompt too."""
+        from data_pipelines.core.precomputed import rows, tensor_key
+
+        device = next(self.vae.parameters()).device
+        out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
+        t2i = [i for i, s in enumerate(samples) if not s.num_sources]
+        if t2i:
+            for i, row in zip(t2i, rows(*self.prompts.encode_t2i([samples[i].prompt for i in t2i]))):
+                out[i][tensor_key("text")] = row
+            if null_prompts:
+                empty = rows(*self.prompts.encode_t2i([""]))[0]
+                for i in t2i:
+                    out[i][tensor_key("null")] = empty
+        for size in sorted({size for s in samples for size in s.images}):
+            group = [i for i, s in enumerate(samples) if size in s.images]
+            targets = torch.stack([samples[i].images[size][0] for i in group]).to(device)
+            for i, latents in zip(group, self.codec.encode(to_unit_range(targets))):
+                out[i][tensor_key("target", size)] = latents
+            edits = [i for i in group if samples[i].num_sources]
+            if not edits:
+                continue
+            owners = [(i, kind) for i in edits for kind in ("source", "source2", "source3")[: samples[i].num_sources]]
+            sources = torch.stack([im for i in edits for im in samples[i].images[size][1:]]).to(device)
+            for (i, kind), latents in zip(owners, self.codec.encode(to_unit_range(sources))):
+                out[i][tensor_key(kind, size)] = latents
+            # what PromptEncoder.encode takes: one image, or (plus) the list of them
+            images = [list(samples[i].images[size][1:]) if self.edit_style == "plus" else samples[i].images[size][1]
+                      for i in edits]
+            prompts = [[samples[i].prompt for i in edits]] + ([[""] * len(edits)] if null_prompts else [])
+            for kind, texts in zip(("text", "null"), prompts):
+                for i, row in zip(edits, rows(*self.prompts.encode(texts, images))):
+                    out[i][tensor_key(kind, size)] = row
+        return out
+
 
 @dataclass
 class ModelInputs:
@@ -268,7 +307,16 @@ class QwenImageModel(nn.Module):
         carries them (`batch.encoded`), else the frozen encoders run on its images."""
         if batch.encoded is not None:
             e = batch.encoded
-            return assemble_inputs(e.target_bzhw, e.source_bzhw, batch.has_source, e.text_btd, e.text_mask_bt)
+            sources, counts = [], []
+            for sample in e.samples:  # every source latent, each sample's in picture order
+                own = [sample[k] for k in ("source", "source2", "source3") if k in sample]
+                sources += own
+                counts.append(len(own))
+            text, text_mask = e.padded("text")
+            multi = max(counts) > 1
+            return assemble_inputs(e.stack("target"), torch.stack(sources) if sources else None, batch.has_source,
+                                   text, text_mask,
+                                   num_sources=torch.tensor(counts, device=text.device) if multi else None)
         return self.encode(target_bchw=batch.target_bchw, prompts=batch.prompt, source_bchw=batch.source_bchw,
                            has_source=batch.has_source, extra_sources_bkchw=batch.extra_sources_bkchw,
                            num_sources=batch.num_sources)

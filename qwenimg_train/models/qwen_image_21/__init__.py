@@ -50,7 +50,6 @@ class QwenImage21Family:
     tiny_worlds = ("random",)
     max_sources = 3
     processor_in_t2i = True
-    supports_precompute = False  # its per-sample encodings are not written by the precompute job yet
     attention_paths = ("auto", "sdpa", "flex")  # model.attention_path_for: flex on CUDA, sdpa elsewhere
     max_sequence_length = 1024  # not a pipeline cap (2.1 does not truncate); the config's upper bound
 

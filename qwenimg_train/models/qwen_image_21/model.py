@@ -130,6 +130,50 @@ class FrozenEncoders21:
         valid = encoded.mask[0].bool()
         return encoded.embeds[0][valid], encoded.image_pad_mask[0][valid]
 
+    def encode_conditions(self, prepared: list, device) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
+        """Prepared conditions -> ([M, C] latents in order, unpatched; None without any, their (1, h, w))."""
+        if not prepared:
+            return None, []
+        latents = self.codec.encode(rgba_tensor(prepared).to(device))  # [n, z, 1, h', w']
+        return flatten_latents(latents).reshape(-1, latents.shape[1]), [(1, latents.shape[3], latents.shape[4])] * len(prepared)
+
+    @torch.no_grad()
+    def encode_ahead(self, samples: Sequence, *, null_prompts: bool) -> list[dict[str, torch.Tensor]]:
+        """The precompute job's tensors (data_pipelines.core.precomputed) for `samples`
+        (`AheadSample`s), as `QwenImage21Model.encode` encodes each online: per bucket the
+        target's latents [z, h, w] and, for an edit, its conditions' latents, their shapes,
+        and the prompt (and the empty prompt) with them, each with its slot mask; a T2I
+        prompt once."""
+        from data_pipelines.core.precomputed import tensor_key
+
+        device = next(self.vae.parameters()).device
+        out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
+        for i, sample in enumerate(samples):
+            if sample.num_sources:
+                continue
+            for kind, slots, prompt in [("text", "slots", sample.prompt)] + ([("null", "nullslots", "")] * null_prompts):
+                out[i][tensor_key(kind)], out[i][tensor_key(slots)] = self.encode_prompt(prompt, [])
+        for size in sorted({size for s in samples for size in s.images}):
+            if size[0] % 32 or size[1] % 32:
+                raise ValueError(f"bucket {size[0]}x{size[1]}: Qwen-Image-2.1 trains on sides that are multiples of 32")
+            group = [i for i, s in enumerate(samples) if size in s.images]
+            targets = torch.stack([samples[i].images[size][0] for i in group]).to(device)
+            for i, latents in zip(group, self.codec.encode(opaque_rgba(targets))):
+                out[i][tensor_key("target", size)] = latents[:, 0]
+            resolution = round(math.sqrt(size[0] * size[1]))
+            for i in group:
+                sources = samples[i].images[size][1:]
+                if not sources:
+                    continue
+                prepared = self.conditions(sources, resolution)
+                latents, shapes = self.encode_conditions(prepared, device)
+                out[i][tensor_key("conditions", size)] = latents
+                out[i][tensor_key("condshapes", size)] = torch.tensor(shapes, dtype=torch.int64)
+                texts = [("text", "slots", samples[i].prompt)] + ([("null", "nullslots", "")] * null_prompts)
+                for kind, slots, prompt in texts:
+                    out[i][tensor_key(kind, size)], out[i][tensor_key(slots, size)] = self.encode_prompt(prompt, prepared)
+        return out
+
 
 def rgba_tensor(images: list) -> torch.Tensor:
     """RGBA PIL images of one size -> [n, 4, H, W] in [-1, 1] (the pipeline's `preprocess`)."""
@@ -264,20 +308,23 @@ class QwenImage21Model(nn.Module):
             embeds, slot_mask = enc.encode_prompt(prompts[i], prepared)
             text.append(embeds)
             slots.append(slot_mask)
-            if prepared:
-                latents = enc.codec.encode(rgba_tensor(prepared).to(target_bchw.device))  # [n, z, 1, h', w']
-                conditions.append(flatten_latents(latents).reshape(-1, latents.shape[1]))
-                shapes.append([(1, latents.shape[3], latents.shape[4])] * len(prepared))
-            else:
-                conditions.append(None)
-                shapes.append([])
+            latents, own = enc.encode_conditions(prepared, target_bchw.device)
+            conditions.append(latents)
+            shapes.append(own)
         target_bnc = flatten_latents(target)
         mask = torch.ones(target_bnc.shape[:2], dtype=torch.bool, device=target_bnc.device)
         return Inputs21(target_bnc, mask, text, slots, conditions, shapes, (1, h, w))
 
     def encode_batch(self, batch) -> Inputs21:
-        if batch.encoded is not None:
-            raise ValueError("Qwen-Image-2.1 does not train on precomputed shards yet: set data.precomputed=false")
+        if batch.encoded is not None:  # precomputed (FrozenEncoders21.encode_ahead): collated as `encode` does
+            samples = batch.encoded.samples
+            target = torch.stack([s["target"] for s in samples])  # [B, z, h, w]
+            _, _, h, w = target.shape
+            target_bnc = target.flatten(2).transpose(1, 2)
+            mask = torch.ones(target_bnc.shape[:2], dtype=torch.bool, device=target_bnc.device)
+            shapes = [[tuple(r) for r in s["condshapes"].tolist()] if "condshapes" in s else [] for s in samples]
+            return Inputs21(target_bnc, mask, [s["text"] for s in samples], [s["slots"].bool() for s in samples],
+                            [s.get("conditions") for s in samples], shapes, (1, h, w))
         return self.encode(target_bchw=batch.target_bchw, prompts=batch.prompt, source_bchw=batch.source_bchw,
                            has_source=batch.has_source, extra_sources_bkchw=batch.extra_sources_bkchw,
                            num_sources=batch.num_sources)
