@@ -27,12 +27,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
-# fonts-noto-cjk covers Simplified and Traditional Chinese, Japanese and Korean.
+# fonts-noto-cjk covers Simplified and Traditional Chinese, Japanese and Korean; curl reads
+# http(s) data sources (data_pipelines/core/remote.py) and the remote-source tests.
 fonts:
-	@if command -v fc-list >/dev/null && [ -n "$$(fc-list :lang=zh-cn family)" ]; then :; else \
-		echo "no CJK font found: installing fonts-noto-cjk"; \
+	@if command -v fc-list >/dev/null && [ -n "$$(fc-list :lang=zh-cn family)" ] && command -v curl >/dev/null; then :; else \
+		echo "no CJK font or no curl found: installing fonts-noto-cjk and curl"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends fontconfig fonts-noto-cjk fonts-dejavu-core && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends fontconfig fonts-noto-cjk fonts-dejavu-core curl ca-certificates && \
 		fc-cache -f >/dev/null; \
 	fi
 

@@ -26,6 +26,10 @@ DeepSpeed (0.19)
     qwenimg_train/parallel/deepspeed_compat.py: the stage-3 fp32-partition fix and the
     DeepSpeedStrategy internals the CPU strategy calls. DeepSpeed is imported only
     under qwenimg_train/parallel/; its version is checked here like the others.
+torch (2.13)
+    DDP's `_set_params_and_buffers_to_ignore_for_model` (the module's configure_model), and
+    the DataLoader's `_get_iterator` / its worker iterator's `_shutdown_workers`
+    (qwenimg_train/data/datamodule.py: workers that a failed fit leaves running are ended).
 transformers (5.x)
     No private names; `from_pretrained(dtype=...)` needs >= 4.56 (the earlier
     `torch_dtype` is deprecated in 5.x).
@@ -113,6 +117,9 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
         "_setup_model_and_optimizer", "_init_deepspeed_distributed", "_get_process_group_backend"),
     # QwenImageModule.configure_model: DDP leaves the frozen base out of its broadcast
     "torch.nn.parallel:DistributedDataParallel": ("_set_params_and_buffers_to_ignore_for_model",),
+    # CurriculumDataModule.shutdown_workers: ends loader workers a failed fit leaves running
+    "torch.utils.data:DataLoader": ("_get_iterator",),
+    "torch.utils.data.dataloader:_MultiProcessingDataLoaderIter": ("_shutdown_workers",),
 }
 # DeepSpeed's own private names: qwenimg_train.parallel.deepspeed_compat.PRIVATE_NAMES.
 # Set on instances (in __init__ or on first use), so not checkable on the class.

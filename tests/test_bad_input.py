@@ -430,3 +430,30 @@ def test_input_paths_that_match_nothing_are_named(tmp_path):
 
         from_mapping(SyntheticJob, {"out_dir": "x", "num_shards": "4"})
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_stopped_by_bad_shards_exits_with_its_workers(tmp_path, shard_sources):
+    """Every synthetic shard corrupt, one loader worker per rank: the run stops with
+    SkippedTooMany, logs each bad shard once (it is drawn again and again), and the
+    process exits (its worker, which ignores SIGTERM, is shut down) instead of hanging."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import debug_overrides
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_sources["synthetic"], bad)
+    for tar in bad.glob("*.tar"):
+        tar.write_bytes(b"not a tar" * 1000)
+    args = debug_overrides({**shard_sources, "synthetic": str(bad)}, "data.num_workers=1", out=tmp_path / "run",
+                           models=tmp_path / "models")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("QWENIMG_RUN_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "qwenimg_train.training.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "SkippedTooMany" in proc.stderr and "({'bad_shard': " in proc.stderr, proc.stderr[-3000:]
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "skipped sample (bad_shard)" in line]
+    assert len(warned) == len(list(bad.glob("*.tar"))), warned

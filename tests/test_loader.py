@@ -104,6 +104,57 @@ def test_a_resumed_stream_continues_where_it_stopped(data, workers):
         StageStream(stage=stage(), stage_index=0, sources=data, batch_size=2, skip_batches=-1)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_with_buckets_gives_the_same_pixels(data, workers):
+    """With several buckets, a batch can hold samples drawn before the resume point
+    (drawn undecoded while skipping) and after it: they are decoded once skipping ends,
+    so every batch after the resume point equals the uninterrupted run's, pixels included."""
+    s = stage(resolution=None, buckets=["64x64", "96x48"], task_mix={"t2i": 0.6, "ti2i": 0.4})
+
+    def run(skip, count):
+        stream = StageStream(stage=s, stage_index=0, sources=data, batch_size=4, seed=8, skip_batches=skip,
+                             shuffle_buffer=16)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        return list(itertools.islice(loader, count))
+
+    uninterrupted, resumed = run(0, 10), run(3, 7)
+    for a, b in zip(uninterrupted[3:], resumed, strict=True):
+        assert (a.key, a.prompt, a.task) == (b.key, b.prompt, b.task)
+        assert torch.equal(a.target_bchw, b.target_bchw)
+        assert (a.source_bchw is None) == (b.source_bchw is None)
+        if a.source_bchw is not None:
+            assert torch.equal(a.source_bchw, b.source_bchw)
+            assert not a.source_bchw[~a.has_source].any()  # zeros where a sample has no source
+
+
+@pytest.mark.parametrize("mode,fmt,size", [("RGB", "JPEG", (64, 48)), ("L", "PNG", (64, 48)),
+                                           ("RGBA", "PNG", (48, 64)), ("RGB", "PNG", (96, 96))])
+def test_decoded_pixels_are_pillows_own(mode, fmt, size):
+    """`decode_image` packs the pixels in one pass (`rgb_array`): they equal Pillow's
+    own conversion, `np.asarray(im.convert("RGB"))`, resized or not."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.core.images import decode_image
+
+    raw = io.BytesIO()
+    Image.effect_noise(size, 60).convert(mode).save(raw, fmt)
+    for bucket in (size, (32, 32)):
+        got = decode_image(raw.getvalue(), bucket, reduced=False)
+        with Image.open(io.BytesIO(raw.getvalue())) as im:
+            im = im.convert("RGB")
+            if bucket != size:  # the loader's cover-and-centre-crop resize
+                scale = max(bucket[0] / im.width, bucket[1] / im.height)
+                cw, ch = bucket[0] / scale, bucket[1] / scale
+                x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
+                im = im.resize(bucket, Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+            want = np.asarray(im)
+        assert got.dtype == np.uint8 and got.shape == (bucket[1], bucket[0], 3)
+        assert np.array_equal(got, want)
+
+
 def test_bucket_batches_are_uniform(data):
     s = stage(resolution=None, buckets=["64x64", "96x48"], task_mix={"t2i": 1.0},
               source_weights={"synthetic": 1.0})

@@ -61,4 +61,25 @@ def _decode(opened: Image.Image, size: tuple[int, int], reduced: bool) -> np.nda
             cw, ch = tw / scale, th / scale
             x0, y0 = (im.width - cw) / 2, (im.height - ch) / 2
             im = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
-        return np.asarray(im, dtype=np.uint8)
+        return rgb_array(im)
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A loaded RGB image -> read-only uint8 array [H, W, 3], the pixels of `np.asarray(im)`.
+
+    Pillow stores RGB as 4 bytes a pixel; `np.asarray` packs it through `tobytes`, in
+    64 KiB pieces joined at the end: a second copy of every pixel. One call of the same
+    raw encoder with room for the whole image packs it once (about 30% faster at 512²).
+    `Image._getencoder` is Pillow's internal accessor that `tobytes` itself uses; if it
+    ever packs less than the whole image in one call, `tobytes` is the fallback."""
+    assert im.mode == "RGB", im.mode
+    width, height = im.size
+    encoder = Image._getencoder("RGB", "raw", "RGB")
+    try:
+        encoder.setimage(im.im, (0, 0, width, height))
+        _, status, data = encoder.encode(width * height * 3)
+    finally:
+        encoder.cleanup()
+    if status != 1 or len(data) != width * height * 3:  # not all of it in one call: Pillow's own way
+        data = im.tobytes()
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)

@@ -19,7 +19,6 @@ import multiprocessing as mp
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from tqdm import tqdm
@@ -143,9 +142,8 @@ def run_sharded(job: ShardedJob, producer: Producer | None = None) -> dict[str, 
     often built one already to validate its settings).
     """
     node_rank, num_nodes = node_split(job.node_rank, job.num_nodes)
-    out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = ShardSet(out_dir, job.prefix, job.num_shards, fingerprint(dict(job.settings)))
+    shards = ShardSet(job.out_dir, job.prefix, job.num_shards, fingerprint(dict(job.settings)))
+    shards.make_dirs()
     mine = node_shards(job.num_shards, node_rank, num_nodes)
     if job.overwrite:
         shards.clean(mine)
@@ -213,7 +211,8 @@ class JobSettings:
     """The settings every sharded `qwenimg-data` job has (each job's dataclass extends it)."""
 
     out_dir: str
-    """Folder for the shards, their statistics and manifest.json."""
+    """Folder for the shards, their statistics and manifest.json: a path, or an fsspec URL
+    (s3://bucket/prefix, gs://..., file:///path; docs/data.md, Remote sources)."""
     seed: int = 0
     num_shards: int = 8
     samples_per_shard: int = 256

@@ -9,6 +9,11 @@ complete shards, redoes partial ones, and refuses to mix shards of two configs.
 Work is split by shard index: node `r` of `n` takes indices `i % n == r` (SLURM
 array tasks or torchrun ranks), and the processes of a node share that list. The
 manifest is written by whichever process finds every shard complete.
+
+`out_dir` may also be an fsspec URL (s3://, gs://, memory://, ...): the files are then
+written to a local staging folder as above and uploaded (data_pipelines.core.remote.
+Destination), each shard's tar before its statistics, so "complete" means the same at
+the destination; the manifest goes up last.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import webdataset as wds
 
-from data_pipelines.core import files
+from data_pipelines.core import files, remote
 
 MANIFEST_NAME = "manifest.json"
 # Fixed tar header fields: the same samples always give the same bytes.
@@ -71,13 +76,26 @@ def node_shards(num_shards: int, node_rank: int, num_nodes: int) -> list[int]:
 
 
 class ShardSet:
-    """The shards of one job folder."""
+    """The shards of one job folder: a local folder, or an fsspec URL (files staged in
+    `out_dir`, a local folder, and uploaded as each is complete)."""
 
     def __init__(self, out_dir: str | Path, prefix: str, num_shards: int, fingerprint: str):
-        self.out_dir = Path(out_dir)
+        self.destination = remote.Destination(str(out_dir)) if remote.is_remote(out_dir) else None
+        self.out_dir = self.destination.staging if self.destination else remote.local_path(out_dir)
         self.prefix = prefix
         self.num_shards = num_shards
         self.fingerprint = fingerprint
+
+    def make_dirs(self) -> None:
+        if self.destination:
+            self.destination.make_dirs()
+        else:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def where(self, index: int) -> str:
+        """Where shard `index` lives, for messages (its URL for a remote destination)."""
+        path = self.tar_path(index)
+        return self.destination.where(path.name) if self.destination else str(path)
 
     def tar_path(self, index: int) -> Path:
         return self.out_dir / f"{self.prefix}-{index:06d}.tar"
@@ -87,13 +105,21 @@ class ShardSet:
 
     def read_stats(self, index: int) -> dict[str, Any] | None:
         path = self.stats_path(index)
-        if not path.exists() or not self.tar_path(index).exists():
-            return None
+        if self.destination:
+            text = self.destination.read_text(path.name)
+            if text is None or not self.destination.exists(self.tar_path(index).name):
+                return None
+        else:
+            if not path.exists() or not self.tar_path(index).exists():
+                return None
+            try:
+                text = path.read_text("utf-8")
+            except OSError:
+                return None
         try:
-            stats = json.loads(path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError):
+            return json.loads(text)
+        except json.JSONDecodeError:
             return None
-        return stats
 
     def is_complete(self, index: int) -> bool:
         stats = self.read_stats(index)
@@ -101,7 +127,7 @@ class ShardSet:
             return False
         if stats.get("fingerprint") != self.fingerprint:
             raise ValueError(
-                f"{self.tar_path(index)} was made with another configuration (fingerprint "
+                f"{self.where(index)} was made with another configuration (fingerprint "
                 f"{stats.get('fingerprint')} != {self.fingerprint}); write to a new out_dir, or set overwrite=true"
             )
         return True
@@ -115,7 +141,12 @@ class ShardSet:
         for index in indices:
             for path in self.out_dir.glob(f"{self.prefix}-{index:06d}.*"):
                 path.unlink(missing_ok=True)
+            if self.destination:
+                for path in (self.tar_path(index), self.stats_path(index)):
+                    self.destination.remove(path.name)
         (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        if self.destination:
+            self.destination.remove(MANIFEST_NAME)
 
     def remove_partial(self, indices: Iterable[int]) -> None:
         """Delete temporary files a killed run left for these shards (this node's only),
@@ -131,13 +162,18 @@ class ShardSet:
                 path.unlink(missing_ok=True)
 
     def write_stats(self, index: int, stats: Mapping[str, Any]) -> None:
+        """Mark shard `index` complete (its tar is in place). For a remote destination the
+        staged tar is uploaded, then the statistics: their presence marks it complete."""
         files.atomic_write_text(self.stats_path(index), json.dumps(dict(stats, fingerprint=self.fingerprint), sort_keys=True, ensure_ascii=False, indent=1))
+        if self.destination:
+            self.destination.upload(self.tar_path(index), self.tar_path(index).name)
+            self.destination.upload(self.stats_path(index), self.stats_path(index).name)
 
     def all_complete(self) -> bool:
         return all(self.is_complete(i) for i in range(self.num_shards))
 
-    def write_manifest(self, extra: Mapping[str, Any]) -> Path:
-        """Aggregate every shard's statistics into manifest.json."""
+    def write_manifest(self, extra: Mapping[str, Any]) -> Path | str:
+        """Aggregate every shard's statistics into manifest.json; its path (or URL)."""
         shards = []
         totals: dict[str, Counter] = {}
         num_samples = 0
@@ -159,6 +195,9 @@ class ShardSet:
         }
         path = self.out_dir / MANIFEST_NAME
         files.atomic_write_text(path, json.dumps(manifest, sort_keys=True, ensure_ascii=False, indent=1))
+        if self.destination:
+            self.destination.upload(path, MANIFEST_NAME)
+            return self.destination.where(MANIFEST_NAME)
         return path
 
 

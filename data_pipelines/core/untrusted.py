@@ -50,6 +50,8 @@ SKIP_REASONS = {
                "(path traversal, absolute path, unicode, empty segments)",
     "duplicate_member": "two tar members with the same key and extension",
     "bad_shard": "a tar that cannot be read on (cut short or corrupt): the rest of that shard is lost",
+    "unreachable_shard": "a remote shard that could not be opened or read to its end after data.remote_retries "
+                         "retries (the loader's): the rest of that shard is lost, this time it was drawn",
 }
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from data_pipelines.core.geometry import check_size
+from data_pipelines.core.remote import join_location
 from data_pipelines.core.schema import (
     CAPTION_EXTENSION,
     INSTRUCTION_EXTENSION,
@@ -200,7 +200,7 @@ def run(job: GlyphsJob, resolved_config: dict[str, Any] | None = None) -> dict[s
     summaries = {}
     for folder, producer_class, source in ((SCENE_FOLDER, GlyphSceneProducer, "synthetic"),
                                            (EDIT_FOLDER, GlyphEditProducer, "edit")):
-        sub = GlyphsJob(**{**asdict(job), "out_dir": str(Path(job.out_dir) / folder)})
+        sub = GlyphsJob(**{**asdict(job), "out_dir": join_location(job.out_dir, folder)})
         sharded = sub.sharded(prefix=producer_class.prefix, make_producer=functools.partial(producer_class, sub),
                               manifest_extra={"source": source, "image_format": job.image_format, "config": config,
                                               "world": "glyphs"})

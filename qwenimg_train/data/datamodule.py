@@ -17,6 +17,7 @@ LambdaLR factor).
 
 from __future__ import annotations
 
+import weakref
 from typing import Mapping
 
 import lightning.pytorch as pl
@@ -42,6 +43,8 @@ class CurriculumDataModule(pl.LightningDataModule):
         precomputed: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         max_sources: int = 1,
+        remote_retries: int = 3,
+        remote_backoff_s: float = 2.0,
     ):
         super().__init__()
         self.curriculum = curriculum
@@ -56,18 +59,22 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.precomputed = precomputed
         self.max_image_pixels = max_image_pixels
         self.max_sources = max_sources  # source images an edit may have (the model family's)
+        self.remote_retries = remote_retries  # tries after a remote manifest or shard fails (loader docstring)
+        self.remote_backoff_s = remote_backoff_s
         self.sources: dict[str, SourceShards] = {}
 
     def setup(self, stage: str | None = None) -> None:
         # Only the sources some stage draws from must exist: a configured folder that
-        # no stage uses (natural, at weight 0 by default) may be absent.
+        # no stage uses (natural, at weight 0 by default) may be absent. A source is a
+        # folder or a URL (SourceShards.from_location).
         needed = self.curriculum.required_sources
         self.sources = {}
         for name, path in self.source_dirs.items():
             if name not in needed:
                 continue
             try:
-                self.sources[name] = SourceShards.from_folder(name, path)
+                self.sources[name] = SourceShards.from_location(name, path, retries=self.remote_retries,
+                                                                backoff_s=self.remote_backoff_s)
             except ValueError as exc:
                 raise ValueError(f"data.sources.{name} = {str(path)!r}: {exc}") from None
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
@@ -132,9 +139,37 @@ class CurriculumDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             num_batches=max(1, end - step) * self.accumulate, precomputed=self.precomputed,
             max_image_pixels=self.max_image_pixels, max_sources=self.max_sources,
+            remote_retries=self.remote_retries, remote_backoff_s=self.remote_backoff_s,
         )
         from qwenimg_train.training.callbacks.graceful_stop import ignore_sigterm
 
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                           worker_init_fn=ignore_sigterm if self.num_workers else None)
+        return _StageLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            worker_init_fn=ignore_sigterm if self.num_workers else None)
+
+    def shutdown_workers(self) -> None:
+        """End every loader worker process still running. Training calls it when `fit`
+        ends, however it ends: an error raised while reading (SkippedTooMany, a bad
+        config) leaves the stream's iterator referenced by the error's traceback, so
+        torch never shuts its workers down, and the workers ignore SIGTERM
+        (`ignore_sigterm`), so the interpreter's exit would wait for them forever."""
+        _StageLoader.shutdown_all()
+
+
+class _StageLoader(torch.utils.data.DataLoader):
+    """A DataLoader that remembers (weakly) the worker iterators it starts, so that they
+    can be ended when training stops on an error (`CurriculumDataModule.shutdown_workers`)."""
+
+    _live: "weakref.WeakSet" = weakref.WeakSet()
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers:
+            _StageLoader._live.add(iterator)
+        return iterator
+
+    @classmethod
+    def shutdown_all(cls) -> None:
+        for iterator in list(cls._live):
+            iterator._shutdown_workers()  # torch's own, what its __del__ calls (idempotent); see compat
+        cls._live.clear()
 

@@ -5,7 +5,9 @@ For the active curriculum stage, every worker of every rank runs, per source:
     ResampledShards(urls)        shards drawn with replacement, seeded (no epochs:
                                  a stream never ends, ranks never run dry, #188/#225)
     tarfile_to_samples           tar members grouped into samples; a corrupt shard is
-                                 counted and skipped (handler)
+                                 counted and skipped (handler). A remote source's shards
+                                 go through `remote_tar_samples` instead: the same
+                                 grouping, with retries (below)
     shuffle(buffer)              seeded, so the stream is reproducible
     select(text class)           the stage's allowed text classes
 
@@ -25,24 +27,43 @@ Seeds derive from (seed, stage, rank, worker): two ranks or workers never read t
 same stream, and a stage's stream is the same on every run. A run resumed mid-stage
 continues exactly where it stopped: the stream is rebuilt and its first
 `skip_batches` batches are drawn again without decoding a single image (only tar
-reads, JSON and the sampling draws), then dropped. The batches after the resume
-point are the ones the uninterrupted run would have seen (unless an undecodable
-sample lies in the skipped span: skipping does not decode, so it cannot notice it).
+reads, JSON and the sampling draws), then dropped; the samples drawn meanwhile that
+a later batch holds (a bucket's batch can straddle the resume point) are decoded when
+skipping ends. The batches after the resume point are the ones the uninterrupted
+run would have seen (unless an undecodable sample lies in the skipped span:
+skipping does not decode, so it cannot notice it).
 
 Bad samples are skipped and counted by reason (`Batch.skipped`; the reasons are
 data_pipelines.core.untrusted.SKIP_REASONS: empty, truncated, undecodable, oversized (an
 image header over `max_image_pixels`, checked before decoding: decompression bombs),
-bad_json, bad_meta, bad_caption, missing_member, bad_key, duplicate_member, bad_shard);
-past `max_skip_fraction` of the samples seen the stream stops with an error naming
-the shard and key. Below it a bad sample is never fatal. Nothing is extracted to disk.
+bad_json, bad_meta, bad_caption, missing_member, bad_key, duplicate_member, bad_shard,
+unreachable_shard); past `max_skip_fraction` of the samples seen the stream stops with
+an error naming the shard and key. Below it a bad sample is never fatal. Nothing is
+extracted to disk.
+
+A source is a local folder or a URL (`SourceShards.from_location`: http(s), `pipe:`,
+s3://, gs://, any fsspec protocol; data_pipelines.core.remote). A local folder's shards
+are read as above, with no extra layer. A remote shard that fails to open, or fails
+mid-read (a transport error: the connection broke, curl or the command exited non-zero,
+the object store raised), is opened again after `remote_backoff_s`, then twice that,
+..., `remote_retries` times; a re-opened shard skips the samples it already yielded,
+so a retry that succeeds loses and repeats nothing, and the stream is the one an
+undisturbed run reads (resume included). After the last try the shard is given up:
+one warning, one `unreachable_shard` skip, and the samples not yet read from it are
+lost this time it was drawn (a sample half-read when the connection broke is dropped,
+never yielded in part); the stream draws its next shard. Tar content that is corrupt
+(the transfer itself succeeded) is `bad_shard`, as for a local file, and not retried.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tarfile
 import random
+import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +73,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_pipelines.core import remote
 from data_pipelines.core.images import decode_image, nearest_bucket
 from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
 from data_pipelines.core.precomputed import for_bucket, from_bytes
@@ -83,6 +105,45 @@ class SourceShards:
     name: str
     urls: list[str]
     manifest: dict[str, Any]
+    remote: bool = False  # urls are read through data_pipelines.core.remote.open_url (with retries)
+
+    @classmethod
+    def from_location(cls, name: str, location: str | Path, *, retries: int = 3,
+                      backoff_s: float = 2.0) -> "SourceShards":
+        """A source from a local folder (a path or file:// URL: `from_folder`) or a remote
+        one: a folder URL (`https://host/prefix/`, `s3://bucket/prefix/`, any fsspec
+        protocol), its manifest's URL (`.../manifest.json`), or a `pipe:` command with
+        `{file}` for the file name (`pipe:curl -s https://host/prefix/{file}`). The
+        manifest is read with `retries` and `backoff_s` as shards are (module docstring)."""
+        location = str(location)
+        if not remote.is_remote(location):
+            return cls.from_folder(name, remote.local_path(location))
+        try:
+            base, manifest_name = remote.locate(location)
+        except ValueError as exc:
+            raise ValueError(f"data source {name!r}: {exc}") from None
+        url = remote.join(base, manifest_name)
+        if remote.protocol(url) in ("http", "https") and not shutil.which("curl"):
+            raise ValueError(f"data source {name!r}: reading {url} needs curl, which is not on PATH; "
+                             "install it (apt-get install curl)")
+        try:
+            data = remote.read_url(url, retries=retries, backoff_s=backoff_s)
+        except Exception as exc:
+            tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
+            raise ValueError(
+                f"data source {name!r}: cannot read its manifest {url} ({remote.describe(exc)}; {tries}). Check the "
+                "URL (a folder URL is its prefix, or give the manifest.json URL itself), that the server or bucket "
+                "is reachable from here, and the credentials (docs/data.md, Remote sources)") from None
+        try:
+            manifest = json.loads(data)
+            shards = [s for s in manifest.get("shards", []) if s.get("num_samples", 0) > 0]
+            urls = [remote.join(base, s["file"]) for s in shards]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"data source {name!r}: {url} is not a shard manifest written by qwenimg-data "
+                             f"({str(exc)[:200]})") from None
+        if not urls:
+            raise ValueError(f"data source {name!r}: the manifest {url} lists no non-empty shard")
+        return cls(name, urls, manifest, remote=True)
 
     @classmethod
     def from_folder(cls, name: str, folder: str | Path) -> "SourceShards":
@@ -165,13 +226,17 @@ class Interleave:
     def __init__(self, weights: Mapping[str, float], rng: np.random.Generator):
         self.names = [k for k, w in weights.items() if w > 0]
         total = sum(weights[k] for k in self.names)
-        self.weights = np.array([weights[k] / total for k in self.names])
-        self.credit = rng.random(len(self.names)) * self.weights
+        self.weights = [weights[k] / total for k in self.names]
+        # Python floats, not a numpy array: two picks a sample, and on three numbers numpy's
+        # per-call cost is most of the work. The arithmetic (float64) and the pick are the same.
+        self.credit = (rng.random(len(self.names)) * np.array(self.weights)).tolist()
 
     def __next__(self) -> str:
-        self.credit += self.weights
-        i = int(np.argmax(self.credit))
-        self.credit[i] -= 1.0
+        credit = self.credit
+        for i, weight in enumerate(self.weights):
+            credit[i] += weight
+        i = credit.index(max(credit))  # the first of equal credits, as np.argmax
+        credit[i] -= 1.0
         return self.names[i]
 
 
@@ -183,6 +248,7 @@ class _SkipCounter:
         self.seen = 0
         self.max_fraction = max_fraction
         self.min_seen = min_seen
+        self._warned: set[tuple[str, str]] = set()  # each skip is logged once: a bad shard is drawn again and again
 
     def __call__(self, exc: BaseException) -> bool:
         """WebDataset's handler for errors reading a tar: a shard cut short or corrupt
@@ -200,7 +266,11 @@ class _SkipCounter:
     def skip(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
         total = sum(self.counts.values())
-        log.warning("skipped sample (%s): %s", reason, where)
+        if (reason, where) in self._warned or len(self._warned) >= 10_000:
+            log.debug("skipped sample (%s) again: %s", reason, where)
+        else:
+            self._warned.add((reason, where))
+            log.warning("skipped sample (%s): %s", reason, where)
         if self.seen + total >= self.min_seen and total > self.max_fraction * (self.seen + total):
             raise SkippedTooMany(
                 f"{total} of {self.seen + total} samples skipped ({dict(self.counts)}), over "
@@ -249,6 +319,8 @@ class StageStream(torch.utils.data.IterableDataset):
         precomputed: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         max_sources: int = 1,
+        remote_retries: int = 3,
+        remote_backoff_s: float = 2.0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -285,6 +357,12 @@ class StageStream(torch.utils.data.IterableDataset):
             raise ValueError(f"max_sources = {max_sources} must lie in [1, {1 + len(EXTRA_SOURCE_PREFIXES)}]")
         # Edits with more source images than the model family takes are filtered out (`_fits`).
         self.max_sources = max_sources
+        if remote_retries < 0 or remote_backoff_s < 0:
+            raise ValueError(f"remote_retries = {remote_retries}, remote_backoff_s = {remote_backoff_s}: both must be >= 0")
+        # A remote shard that fails is opened again this many times, remote_backoff_s, then
+        # twice that, ... apart, before it is given up (module docstring).
+        self.remote_retries = remote_retries
+        self.remote_backoff_s = remote_backoff_s
 
     def _fits(self, meta: Mapping) -> bool:
         """Whether an edit pair's source count is one the model family takes (a malformed
@@ -345,6 +423,14 @@ class StageStream(torch.utils.data.IterableDataset):
                             self.stage.name, len(urls), name, len(all_urls))
                 urls = all_urls
 
+    def _shard_reader(self, name: str, skips: _SkipCounter):
+        """The stage from shard URLs to samples: WebDataset's own for a local folder (no
+        extra layer), `remote_tar_samples` (retries, then `unreachable_shard`) for a URL."""
+        if not self.sources[name].remote:
+            return wds.tarfile_to_samples(handler=skips)
+        return functools.partial(remote_tar_samples, skips=skips, retries=self.remote_retries,
+                                 backoff_s=self.remote_backoff_s)
+
     def _pipeline(self, name: str, urls: list[str], seed: int, skips: _SkipCounter, allowed: set, select):
         rejected = [0]  # consecutive samples the filter refused
 
@@ -363,7 +449,7 @@ class StageStream(torch.utils.data.IterableDataset):
 
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True),
-            wds.tarfile_to_samples(handler=skips),
+            self._shard_reader(name, skips),
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
             wds.select(admit),
         )
@@ -390,7 +476,7 @@ class StageStream(torch.utils.data.IterableDataset):
         tasks = Interleave(stage.task_mix, rng)
         t2i_sources = Interleave(stage.source_weights, rng)
         sizes = stage.sizes()
-        pending: dict[tuple[int, int], list[dict]] = {}
+        pending: dict[tuple[int, int], _Bucket] = {}
         # A finite stream (one curriculum stage) splits its batches over the workers;
         # every rank yields the same count, so no rank waits at the stage's end.
         # Batch i of this rank is made by role i % workers (see _worker).
@@ -409,21 +495,41 @@ class StageStream(torch.utils.data.IterableDataset):
             if item is None:
                 continue
             skips.seen += 1
-            bucket = pending.setdefault(item["size"], [])
-            bucket.append(item)
-            if len(bucket) == self.batch_size:
-                pending[item["size"]] = []
+            bucket = pending.get(item["size"])
+            if bucket is None:
+                bucket = pending[item["size"]] = _Bucket(self.batch_size)
+            bucket.add(item)
+            if len(bucket.items) == self.batch_size:
+                del pending[item["size"]]
                 if skip > 0:
                     skip -= 1
+                    if skip == 0:  # the samples drawn undecoded that later batches hold
+                        pending = self._decode_pending(pending, sizes, rng, skips)
                     continue
                 yield self._collate(bucket, skips)
                 if remaining is not None:
                     remaining -= 1
 
+    def _decode_pending(self, pending: dict[tuple[int, int], "_Bucket"], sizes, rng,
+                        skips: _SkipCounter) -> dict[tuple[int, int], "_Bucket"]:
+        """The buckets with their samples decoded, once skipping to a resume point ends:
+        the samples drawn undecoded that the batches after it hold. An undecodable one
+        is skipped and counted now, one draw later than an uninterrupted run skips it."""
+        decoded = {}
+        for size, bucket in pending.items():
+            decoded[size] = _Bucket(self.batch_size)
+            for drawn in bucket.items:
+                item = self._item(drawn["sample"], drawn["task"], drawn["source"], sizes, rng, skips,
+                                  dropped=drawn["dropped"])
+                if item is not None:
+                    decoded[size].add(item)
+        return decoded
+
     def _item(self, sample: dict, task: str, name: str, sizes, rng, skips: _SkipCounter,
-              decode: bool = True) -> dict | None:
+              decode: bool = True, dropped: bool | None = None) -> dict | None:
         """One sample, decoded to its bucket; `decode=False` (skipping to a resume
-        point) makes the same draws and the same bucket choice without decoding."""
+        point) makes the same draws and the same bucket choice without decoding, and
+        keeps the sample and its draw (`dropped`: caption dropout) to decode it later."""
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         meta = sample["meta"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -465,7 +571,8 @@ class StageStream(torch.utils.data.IterableDataset):
         except Exception as exc:  # anything else a sample's bytes provoke (a bad safetensors member)
             skips.skip(type(exc).__name__, where)
             return None
-        dropped = rng.random() < self.stage.caption_dropout
+        if dropped is None:
+            dropped = rng.random() < self.stage.caption_dropout
         if dropped:
             prompt = ""
         if encoded:  # the tensors of this sample's bucket, as the online encoder would give them
@@ -479,28 +586,28 @@ class StageStream(torch.utils.data.IterableDataset):
             "task": task, "target": target, "source_img": source, "extra_sources": extra, "num_sources": count,
             "prompt": prompt, "key": sample["__key__"],
             "source": EDIT_SOURCE if pair else name, "text_class": meta.get("text_class", ""), "size": size,
-            "encoded": encoded,
+            "encoded": encoded, **({} if decode else {"sample": sample, "dropped": dropped}),
         }
 
-    def _collate(self, items: list[dict], skips: _SkipCounter) -> Batch:
+    def _collate(self, bucket: "_Bucket", skips: _SkipCounter) -> Batch:
+        items = bucket.items
         has_source = torch.tensor([it["task"] != Task.T2I for it in items])
         target = source = encoded = None
         if self.precomputed:
             encoded = collate_encoded([it["encoded"] for it in items])
         else:
-            # np.stack of HWC arrays is one memcpy per image; the BCHW view costs nothing.
-            target = torch.from_numpy(np.stack([it["target"] for it in items])).permute(0, 3, 1, 2)
-        if has_source.any() and not self.precomputed:
-            blank = np.zeros_like(items[0]["target"])
-            stacked = np.stack([it["source_img"] if it["source_img"] is not None else blank for it in items])
-            source = torch.from_numpy(stacked).permute(0, 3, 1, 2)
+            # HWC images, as decoded; the BCHW view costs nothing.
+            target = torch.from_numpy(bucket.target).permute(0, 3, 1, 2)
+            if bucket.source is not None:  # some sample has a source image
+                source = torch.from_numpy(bucket.source).permute(0, 3, 1, 2)
         extra = num_sources = None
         most = max(it["num_sources"] for it in items)
         if most > 1 and not self.precomputed:
-            blank = np.zeros_like(items[0]["target"])
-            stacked = np.stack([np.stack([*it["extra_sources"], *[blank] * (most - it["num_sources"])])
-                                if it["num_sources"] else np.stack([blank] * (most - 1)) for it in items])
-            extra = torch.from_numpy(stacked).permute(0, 1, 4, 2, 3)  # [B, K, 3, H, W]
+            # Each sample's extra sources, padded with zero images to the batch's most.
+            rows = [image for it in items
+                    for image in [*it["extra_sources"], *[None] * (most - 1 - len(it["extra_sources"]))]]
+            _, height, width, _ = bucket.target.shape
+            extra = stack_images(rows).view(len(items), most - 1, height, width, 3).permute(0, 1, 4, 2, 3)  # [B, K, 3, H, W]
             num_sources = torch.tensor([it["num_sources"] for it in items])
         return Batch(
             task=[it["task"] for it in items], target_bchw=target, source_bchw=source, has_source=has_source,
@@ -508,6 +615,109 @@ class StageStream(torch.utils.data.IterableDataset):
             text_class=[it["text_class"] for it in items], stage=self.stage.name, skipped=dict(skips.counts),
             worker=self._worker()[0], encoded=encoded, extra_sources_bkchw=extra, num_sources=num_sources,
         )
+
+
+def remote_tar_samples(shards: Iterator[dict], *, skips: _SkipCounter, retries: int, backoff_s: float,
+                       open_url=remote.open_url, sleep=time.sleep) -> Iterator[dict]:
+    """Remote shards ({"url": ...}, as ResampledShards yields them) -> samples, grouped
+    as `wds.tarfile_to_samples` groups them, with a transport failure retried.
+
+    A shard is opened with `open_url`; when opening or reading fails for a reason other
+    than corrupt tar content, it is opened again after `backoff_s`, 2 * `backoff_s`, ...
+    (`retries` times), and the samples it already yielded are read past, not yielded
+    again (a shard's bytes are the same on every read). Then it is given up: one
+    `unreachable_shard` skip (one warning line), the rest of the shard is lost, and the
+    next shard is read. A sample cut off by the failure is never yielded in part. Corrupt
+    content over a transfer that succeeded is `bad_shard` (the handler), not retried.
+    """
+    for shard in shards:
+        url = shard["url"]
+        done = 0  # samples of this shard yielded so far, over every try
+        for attempt in range(retries + 1):
+            position = [0]  # samples of this try so far; below `done` they are read past
+
+            def handler(exc: BaseException) -> bool:  # a duplicate member: counted once, not again on a retry
+                return True if position[0] < done else skips(exc)
+
+            try:
+                for sample in _tar_samples(open_url(url), url, handler):
+                    position[0] += 1
+                    if position[0] > done:
+                        done += 1
+                        yield sample
+                break
+            except SkippedTooMany:
+                raise
+            except (tarfile.TarError, EOFError) as exc:  # the bytes arrived, and they are not a valid tar
+                skips(exc)
+                break
+            except Exception as exc:
+                if attempt < retries:
+                    log.debug("remote shard %s failed (%s); trying again", url, remote.describe(exc))
+                    sleep(backoff_s * 2 ** attempt)
+                    continue
+                skips.skip("unreachable_shard", f"{url}: given up after {retries + 1} tries, {done} samples read "
+                           f"(the rest of the shard is lost this time): {remote.describe(exc)}")
+
+
+def _tar_samples(stream, url: str, handler) -> Iterator[dict]:
+    """One opened shard's samples (WebDataset's tar iterator and grouping). The stream is
+    closed at the end, which is where a pipe's failed exit status shows, so a transfer
+    that broke is reported as that, not as the truncated tar it left."""
+    try:
+        members = wds.tariterators.tar_file_iterator(stream)  # raises on any error: the caller decides
+        yield from wds.tariterators.group_by_keys(({**m, "__url__": url} for m in members), handler=handler)
+    except GeneratorExit:  # abandoned (the pipeline was dropped): stop a curl that is still writing
+        remote.close_quietly(stream)
+        raise
+    except BaseException:
+        stream.close()  # raises the transport error, if the transfer is what failed
+        raise
+    stream.close()
+
+
+class _Bucket:
+    """One aspect bucket's next batch, filled sample by sample.
+
+    A decoded sample's images are copied into the batch's arrays as it arrives (while
+    they are still in the CPU cache) and dropped, so a batch's pixels are copied once
+    and held once. The source array is a fresh `np.zeros`, whose pages the kernel maps
+    zeroed: the rows of samples without a source are never written (np.stack copied a
+    blank image into each, about half of collation's time with 20% TI2I)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.items: list[dict] = []
+        self.target: np.ndarray | None = None  # uint8 [B, H, W, 3], with the first decoded sample
+        self.source: np.ndarray | None = None  # uint8 [B, H, W, 3], zeros until a sample has a source
+
+    def add(self, item: dict) -> None:
+        row = len(self.items)
+        self.items.append(item)
+        target, source = item.pop("target"), item.pop("source_img")
+        if target is None:  # drawn undecoded (skipping to a resume point), or precomputed
+            return
+        if self.target is None:
+            self.target = np.empty((self.batch_size, *target.shape), dtype=np.uint8)
+        self.target[row] = target
+        if source is not None:
+            if self.source is None:
+                # np.zeros maps fresh zeroed pages: rows without a source cost nothing.
+                self.source = np.zeros(self.target.shape, dtype=np.uint8)
+            self.source[row] = source
+
+
+def stack_images(images: list[np.ndarray | None]) -> torch.Tensor:
+    """Same-shape uint8 HWC images -> a uint8 tensor [N, H, W, 3], each copied once into
+    it; a None is an image of zeros, which costs no copy (a batch's missing sources)."""
+    shape = next(image.shape for image in images if image is not None)
+    # np.zeros maps fresh zeroed pages instead of writing zeros; only the real rows are written.
+    out = (np.zeros if any(image is None for image in images) else np.empty)((len(images), *shape), dtype=np.uint8)
+    for row, image in zip(out, images):
+        if image is not None:
+            assert image.shape == shape, (image.shape, shape)  # one bucket per batch
+            row[...] = image
+    return torch.from_numpy(out)
 
 
 def source_count(meta: Mapping) -> int:

@@ -69,7 +69,8 @@ def build_datamodule(cfg: TrainConfig) -> CurriculumDataModule:
         total_steps=cfg.trainer.max_steps, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         num_workers=data.num_workers, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
         max_skip_fraction=data.max_skip_fraction, precomputed=data.precomputed,
-        max_image_pixels=data.max_image_pixels, max_sources=get_family(cfg.model.family).max_sources)
+        max_image_pixels=data.max_image_pixels, max_sources=get_family(cfg.model.family).max_sources,
+        remote_retries=data.remote_retries, remote_backoff_s=data.remote_backoff_s)
     datamodule.setup()
     return datamodule
 

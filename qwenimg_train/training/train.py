@@ -40,9 +40,12 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     module = builders.build_module(config, encoders, datamodule, saved)
     trainer = builders.build_trainer(config, callbacks.all, loggers, out)
     with builders.closing_loggers(loggers, trainer):
-        # weights_only: a checkpoint is tensors and plain containers, never code to run on load
-        trainer.fit(module, datamodule=datamodule, weights_only=True,
-                    ckpt_path=builders.resolve_ckpt(config.ckpt_path, out / "checkpoints"))
+        try:
+            # weights_only: a checkpoint is tensors and plain containers, never code to run on load
+            trainer.fit(module, datamodule=datamodule, weights_only=True,
+                        ckpt_path=builders.resolve_ckpt(config.ckpt_path, out / "checkpoints"))
+        finally:
+            datamodule.shutdown_workers()  # after an error too: otherwise the exit waits on them
     return builders.write_summary(config, trainer, callbacks, out)
 
 
