@@ -127,6 +127,26 @@ def test_a_resumed_stream_with_buckets_gives_the_same_pixels(data, workers):
             assert not a.source_bchw[~a.has_source].any()  # zeros where a sample has no source
 
 
+def test_batch_arrays_are_reused_only_once_released(data):
+    """The loader recycles a batch's target array (`_ArrayPool`) only when nothing else
+    holds it: batches kept by the consumer keep their pixels while later ones are drawn,
+    and batches dropped at once are recycled (and hold the same pixels)."""
+    s = stage(resolution=None, buckets=["64x64", "96x48"], task_mix={"t2i": 0.6, "ti2i": 0.4})
+
+    def stream():
+        return StageStream(stage=s, stage_index=0, sources=data, batch_size=4, seed=8, shuffle_buffer=16)
+
+    kept = list(itertools.islice(stream(), 12))  # every batch held
+    copies, pointers = [], set()
+    for batch in itertools.islice(stream(), 12):  # each dropped once copied
+        copies.append(batch.target_bchw.clone())
+        pointers.add(batch.target_bchw.data_ptr())
+    assert len(pointers) < 12  # recycled
+    assert len({b.target_bchw.data_ptr() for b in kept}) == 12  # none shared while held
+    for batch, copy in zip(kept, copies, strict=True):
+        assert torch.equal(batch.target_bchw, copy)
+
+
 @pytest.mark.parametrize("mode,fmt,size", [("RGB", "JPEG", (64, 48)), ("L", "PNG", (64, 48)),
                                            ("RGBA", "PNG", (48, 64)), ("RGB", "PNG", (96, 96))])
 def test_decoded_pixels_are_pillows_own(mode, fmt, size):
@@ -203,3 +223,41 @@ def test_bad_samples_are_counted_until_the_threshold(data, tmp_path):
     assert got[-1].skipped, "the corrupt image and the truncated shard are counted"
     with pytest.raises(SkippedTooMany, match="synthetic"):
         batches(StageStream(stage=s, stage_index=0, sources=bad, batch_size=8, seed=7, max_skip_fraction=0.0001), 40)
+
+
+def test_the_local_reader_gives_webdatasets_samples_and_reads_images_on_demand(data, tmp_path, monkeypatch):
+    """`shard_reader.local_tar_samples` yields what `wds.tarfile_to_samples` yields (keys,
+    members, bytes, order), over good shards and a truncated one; images are left in the
+    shard until the loader decodes them, so a stage's rejected samples are never read."""
+    import webdataset as wds
+
+    from qwenimg_train.data import shard_reader
+    from qwenimg_train.data.shard_reader import EAGER_BYTES, OnDemand, local_tar_samples, member_bytes
+
+    urls = data["synthetic"].urls[:2] + data["edit"].urls[:1]
+    whole = open(urls[0], "rb").read()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(whole[: len(whole) // 2 + 700])
+    urls.append(str(truncated))
+    errors = {"ours": [], "wds": []}
+
+    def handler(name):
+        return lambda exc: errors[name].append(type(exc).__name__) or True
+
+    ours = list(local_tar_samples(({"url": u} for u in urls), handler("ours")))
+    theirs = list(wds.tarfile_to_samples(handler=handler("wds"))([{"url": u} for u in urls]))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] and len(ours) > 100
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        assert all(member_bytes(a[k]) == b[k] for k in a if not k.startswith("__"))
+        assert all(isinstance(a[k], OnDemand) == (len(b[k]) > EAGER_BYTES) for k in a if not k.startswith("__"))
+    # the truncated shard: one bad_shard, everything before the cut kept (a stream reports it twice)
+    assert errors["ours"] == ["ReadError"] and set(errors["wds"]) == {"ReadError"}
+
+    reads = Counter()
+    monkeypatch.setattr(OnDemand, "read", lambda self, _read=OnDemand.read: reads.update([self.path]) or _read(self))
+    s = stage(text_classes=["complex"], source_weights={"synthetic": 1.0}, task_mix={"t2i": 1.0}, resolution=None,
+              buckets=["512x512", "768x384"])
+    batch = next(iter(StageStream(stage=s, stage_index=0, sources=data, batch_size=4, seed=1, shuffle_buffer=8)))
+    assert sum(reads.values()) == len(batch)  # the delivered images only: not those the filter rejected
+    assert shard_reader.local_tar_samples is local_tar_samples

@@ -63,6 +63,7 @@ import logging
 import tarfile
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ from data_pipelines.core.schema import (CAPTION_EXTENSION, EXTRA_SOURCE_PREFIXES
 from data_pipelines.core.shards import MANIFEST_NAME, derive_seed
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, check_meta_fields, load_json_object
 from qwenimg_train.data.curriculum import EDIT_SOURCE, SOURCES, Stage
+from qwenimg_train.data.shard_reader import local_tar_samples, member_bytes
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +287,7 @@ def read_meta(sample: Mapping[str, Any], skips: _SkipCounter) -> dict | None:
         check_key(sample.get("__key__"))
         if "json" not in sample:
             raise BadSample("missing_member", "no json member")
-        meta = load_json_object(sample["json"])
+        meta = load_json_object(member_bytes(sample["json"]))
         check_meta_fields(meta)
     except BadSample as bad:
         skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')!r}: {bad.detail}")
@@ -424,10 +426,11 @@ class StageStream(torch.utils.data.IterableDataset):
                 urls = all_urls
 
     def _shard_reader(self, name: str, skips: _SkipCounter):
-        """The stage from shard URLs to samples: WebDataset's own for a local folder (no
-        extra layer), `remote_tar_samples` (retries, then `unreachable_shard`) for a URL."""
+        """The stage from shard URLs to samples: random access for a local folder
+        (`shard_reader.local_tar_samples`: images read only when decoded), a stream with
+        retries (`remote_tar_samples`, then `unreachable_shard`) for a URL."""
         if not self.sources[name].remote:
-            return wds.tarfile_to_samples(handler=skips)
+            return functools.partial(local_tar_samples, handler=skips)
         return functools.partial(remote_tar_samples, skips=skips, retries=self.remote_retries,
                                  backoff_s=self.remote_backoff_s)
 
@@ -456,6 +459,7 @@ class StageStream(torch.utils.data.IterableDataset):
         return iter(pipeline)
 
     def __iter__(self) -> Iterator[Batch]:
+        keep_freed_memory()
         seed = self.stream_seed()
         rng = np.random.default_rng(seed)
         skips = _SkipCounter(self.max_skip_fraction)
@@ -477,6 +481,7 @@ class StageStream(torch.utils.data.IterableDataset):
         t2i_sources = Interleave(stage.source_weights, rng)
         sizes = stage.sizes()
         pending: dict[tuple[int, int], _Bucket] = {}
+        pool = _ArrayPool()
         # A finite stream (one curriculum stage) splits its batches over the workers;
         # every rank yields the same count, so no rank waits at the stage's end.
         # Batch i of this rank is made by role i % workers (see _worker).
@@ -497,27 +502,27 @@ class StageStream(torch.utils.data.IterableDataset):
             skips.seen += 1
             bucket = pending.get(item["size"])
             if bucket is None:
-                bucket = pending[item["size"]] = _Bucket(self.batch_size)
+                bucket = pending[item["size"]] = _Bucket(self.batch_size, pool)
             bucket.add(item)
             if len(bucket.items) == self.batch_size:
                 del pending[item["size"]]
                 if skip > 0:
                     skip -= 1
                     if skip == 0:  # the samples drawn undecoded that later batches hold
-                        pending = self._decode_pending(pending, sizes, rng, skips)
+                        pending = self._decode_pending(pending, sizes, rng, skips, pool)
                     continue
                 yield self._collate(bucket, skips)
                 if remaining is not None:
                     remaining -= 1
 
     def _decode_pending(self, pending: dict[tuple[int, int], "_Bucket"], sizes, rng,
-                        skips: _SkipCounter) -> dict[tuple[int, int], "_Bucket"]:
+                        skips: _SkipCounter, pool: "_ArrayPool") -> dict[tuple[int, int], "_Bucket"]:
         """The buckets with their samples decoded, once skipping to a resume point ends:
         the samples drawn undecoded that the batches after it hold. An undecodable one
         is skipped and counted now, one draw later than an uninterrupted run skips it."""
         decoded = {}
         for size, bucket in pending.items():
-            decoded[size] = _Bucket(self.batch_size)
+            decoded[size] = _Bucket(self.batch_size, pool)
             for drawn in bucket.items:
                 item = self._item(drawn["sample"], drawn["task"], drawn["source"], sizes, rng, skips,
                                   dropped=drawn["dropped"])
@@ -533,8 +538,8 @@ class StageStream(torch.utils.data.IterableDataset):
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         meta = sample["meta"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        load = ((lambda data, size: decode_image(data, size, self.reduced_decode, self.max_image_pixels)) if decode
-                else (lambda data, size: None))
+        load = ((lambda data, size: decode_image(member_bytes(data), size, self.reduced_decode, self.max_image_pixels))
+                if decode else (lambda data, size: None))
         pair = task != Task.T2I  # an edit pair: instruction and source image
         encoded = None
         try:
@@ -553,13 +558,13 @@ class StageStream(torch.utils.data.IterableDataset):
             if missing:
                 raise BadSample("missing_member", f"no {', '.join(missing)} member")
             try:
-                prompt = sample[members[0]].decode("utf-8")
+                prompt = member_bytes(sample[members[0]]).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise BadSample("bad_caption", str(exc)) from None
             target = source = None
             extra = []
             if self.precomputed:
-                encoded = from_bytes(sample[PRECOMPUTED_MEMBER]) if decode else {}
+                encoded = from_bytes(member_bytes(sample[PRECOMPUTED_MEMBER])) if decode else {}
             else:
                 target = load(sample[ext], size)
                 if pair:
@@ -590,6 +595,7 @@ class StageStream(torch.utils.data.IterableDataset):
         }
 
     def _collate(self, bucket: "_Bucket", skips: _SkipCounter) -> Batch:
+        bucket.finish()
         items = bucket.items
         has_source = torch.tensor([it["task"] != Task.T2I for it in items])
         target = source = encoded = None
@@ -681,15 +687,17 @@ class _Bucket:
 
     A decoded sample's images are copied into the batch's arrays as it arrives (while
     they are still in the CPU cache) and dropped, so a batch's pixels are copied once
-    and held once. The source array is a fresh `np.zeros`, whose pages the kernel maps
-    zeroed: the rows of samples without a source are never written (np.stack copied a
-    blank image into each, about half of collation's time with 20% TI2I)."""
+    and held once. The arrays come from the stream's `_ArrayPool`; the rows of the
+    source array that no sample of this batch wrote are zeros (`finish`: only the rows
+    an earlier batch wrote are cleared; np.stack copied a blank image into each)."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, pool: "_ArrayPool | None" = None):
         self.batch_size = batch_size
+        self.pool = pool
         self.items: list[dict] = []
         self.target: np.ndarray | None = None  # uint8 [B, H, W, 3], with the first decoded sample
-        self.source: np.ndarray | None = None  # uint8 [B, H, W, 3], zeros until a sample has a source
+        self.source: np.ndarray | None = None  # uint8 [B, H, W, 3], with the first sample that has a source
+        self.source_rows: set[int] = set()  # the rows of `source` written
 
     def add(self, item: dict) -> None:
         row = len(self.items)
@@ -697,14 +705,89 @@ class _Bucket:
         target, source = item.pop("target"), item.pop("source_img")
         if target is None:  # drawn undecoded (skipping to a resume point), or precomputed
             return
-        if self.target is None:
-            self.target = np.empty((self.batch_size, *target.shape), dtype=np.uint8)
+        if self.target is None:  # every row is written before the batch is yielded: no zeroing needed
+            shape = (self.batch_size, *target.shape)
+            self.target = self.pool.take("target", shape) if self.pool is not None else np.empty(shape, dtype=np.uint8)
         self.target[row] = target
         if source is not None:
-            if self.source is None:
-                # np.zeros maps fresh zeroed pages: rows without a source cost nothing.
-                self.source = np.zeros(self.target.shape, dtype=np.uint8)
+            if self.source is None:  # rows without a source are zeros (`finish`)
+                self.source = (self.pool.take("source", self.target.shape) if self.pool is not None
+                               else np.zeros(self.target.shape, dtype=np.uint8))
             self.source[row] = source
+            self.source_rows.add(row)
+
+    def finish(self) -> None:
+        """Before collation: the source rows this batch did not write are zeros."""
+        if self.source is not None and self.pool is not None:
+            self.pool.zero_stale_rows(self.source, self.source_rows)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc, once per process, to keep freed memory mapped (up to 256 MiB
+    at the top of the heap; blocks up to 32 MiB from the heap, not mmap). A loader
+    allocates and frees a few hundred KiB to a few MiB per image (Pillow's buffers, the
+    packed pixels); with glibc's defaults each is handed back to the kernel and the next
+    one faults its pages in again, zeroed: on a 2-core VM that was 10-25% of the loader's
+    time (bench_loader.py; the same as MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_
+    set in the environment). False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
+class _ArrayPool:
+    """Batch image arrays of one stream, reused once nothing outside the pool holds them.
+
+    A fresh 12 MB array a batch (16 images at 512²) is memory the kernel must map and
+    zero page by page as its rows are first written, several times the cost of copying
+    a decoded image into a row of an array already mapped. Arrays come from torch's
+    allocator (see `take`). An
+    array goes back into use only when its reference count says that the pool alone
+    holds it: a batch the consumer still holds (a prefetch queue, a tensor view, a
+    training step) keeps its array, and a batch sent from a worker process has been
+    copied into shared memory by then. At most `per_shape` arrays are kept per shape;
+    past that a batch gets a fresh array that is not kept."""
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self.arrays: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
+        self.written: dict[int, set[int]] = {}  # id of a kept array -> its rows that may be nonzero
+
+    def take(self, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+        """An array of `shape` for `kind` (target, source) that nobody else holds; its
+        contents are an earlier batch's (`zero_stale_rows`)."""
+        kept = self.arrays.setdefault((kind, shape), [])
+        for i in range(len(kept)):
+            # References: the list's, and getrefcount's own argument. Any other is a holder.
+            if sys.getrefcount(kept[i]) == 2:
+                return kept[i]
+        # torch's allocator, not numpy's: numpy advises the kernel to back arrays over 4 MiB
+        # with huge pages, and faulting in a 2 MiB page may stall on memory compaction (a
+        # copy into such a row took 5-10x its time on the 2-core VM; bench_loader.py).
+        array = torch.zeros(shape, dtype=torch.uint8).numpy()
+        if len(kept) < self.per_shape:
+            kept.append(array)
+            self.written[id(array)] = set()
+        return array
+
+    def zero_stale_rows(self, array: np.ndarray, rows: set[int]) -> None:
+        """`array` now holds data in `rows` only: rows an earlier batch wrote are zeroed."""
+        written = self.written.get(id(array))
+        if written is None:  # not kept: fresh zeros but for `rows`
+            return
+        for row in written - rows:
+            array[row] = 0
+        self.written[id(array)] = set(rows)
 
 
 def stack_images(images: list[np.ndarray | None]) -> torch.Tensor:
