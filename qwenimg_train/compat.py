@@ -30,6 +30,9 @@ torch (2.13)
     DDP's `_set_params_and_buffers_to_ignore_for_model` (the module's configure_model), and
     the DataLoader's `_get_iterator` / its worker iterator's `_shutdown_workers`
     (qwenimg_train/data/datamodule.py: workers that a failed fit leaves running are ended).
+Pillow (13)
+    `Image._getencoder`, which `Image.tobytes` itself calls: data_pipelines/core/images.py
+    `rgb_array` packs a decoded image in one call (a fallback to `tobytes` otherwise).
 transformers (5.x)
     No private names; `from_pretrained(dtype=...)` needs >= 4.56 (the earlier
     `torch_dtype` is deprecated in 5.x).
@@ -120,6 +123,8 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # CurriculumDataModule.shutdown_workers: ends loader workers a failed fit leaves running
     "torch.utils.data:DataLoader": ("_get_iterator",),
     "torch.utils.data.dataloader:_MultiProcessingDataLoaderIter": ("_shutdown_workers",),
+    # data_pipelines.core.images.rgb_array: one raw-encoder pass (what Image.tobytes calls)
+    "PIL.Image": ("_getencoder",),
 }
 # DeepSpeed's own private names: qwenimg_train.parallel.deepspeed_compat.PRIVATE_NAMES.
 # Set on instances (in __init__ or on first use), so not checkable on the class.

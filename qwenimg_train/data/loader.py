@@ -4,10 +4,13 @@ For the active curriculum stage, every worker of every rank runs, per source:
 
     ResampledShards(urls)        shards drawn with replacement, seeded (no epochs:
                                  a stream never ends, ranks never run dry, #188/#225)
-    tarfile_to_samples           tar members grouped into samples; a corrupt shard is
+    local_tar_samples            tar members grouped into samples, as WebDataset's
+                                 tarfile_to_samples groups them, read by random access:
+                                 images stay in the shard until decoded
+                                 (qwenimg_train/data/shard_reader.py); a corrupt shard is
                                  counted and skipped (handler). A remote source's shards
-                                 go through `remote_tar_samples` instead: the same
-                                 grouping, with retries (below)
+                                 go through `remote_tar_samples` instead: a stream, with
+                                 retries (below)
     shuffle(buffer)              seeded, so the stream is reproducible
     select(text class)           the stage's allowed text classes
 
@@ -21,7 +24,8 @@ proportions, which RandomMix only meets on average):
              at most half the stored size; resize to cover the bucket, centre crop
     bucket   the stage's aspect-ratio bucket nearest the image's; a batch holds one
              bucket, so every tensor in it has one shape
-    collate  into a typed `Batch`
+    collate  into a typed `Batch`: each image is copied into its bucket's batch array
+             as it is decoded; batch arrays are reused once released (`_ArrayPool`)
 
 Seeds derive from (seed, stage, rank, worker): two ranks or workers never read the
 same stream, and a stage's stream is the same on every run. A run resumed mid-stage
