@@ -5,12 +5,12 @@ and the tag). For every sample of an input shard folder (synthetic, design, natu
 or edit pairs, as the other jobs write them) it runs the frozen encoders of a model
 folder exactly as training would online:
 
-    decode      the target (and source) image at the bucket the loader would pick, with
-                the loader's own decoder (`data_pipelines.core.images.decode_image`), for each
-                bucket set of the job
-    VAE         normalised latents of the target, and of the source of an edit pair
-    Qwen2.5-VL  the caption with the T2I template, or the instruction with the source
-                image and the edit template; and the empty prompt (caption dropout)
+    decode      the target and an edit's one to three sources at the bucket the loader
+                would pick, with the loader's own decoder
+                (`data_pipelines.core.images.decode_image`), for each bucket set of the job
+    encode      the model family's encoders (`encode_ahead`, `family=`): its VAE latents
+                of every image, its vision-language encoder over the caption, or the
+                instruction with the source images; and the empty prompt (caption dropout)
 
 and writes the sample back under the same shard name with one more member,
 `<key>.pre.safetensors`, plus the original members (images too, unless
