@@ -258,6 +258,7 @@ class QwenImage21Model(nn.Module):
         super().__init__()
         self.attention = attention
         self.attention_path: str | None = None  # what runs, decided on the first forward's device
+        self._zero3: bool | None = None  # decided on the first forward (`_partitioned`)
         from qwenimg_train.models.lora import apply_lora
 
         self.transformer = transformer.train()
@@ -332,7 +333,13 @@ class QwenImage21Model(nn.Module):
     def layout_groups(self, inputs: Inputs21) -> list[list[int]]:
         """The batch's samples grouped by layout (prompt length, image-slot positions,
         condition shapes), in order of first appearance: the samples of one group run in
-        one diffusers forward, which reads the layout from its first row."""
+        one diffusers forward, which reads the layout from its first row.
+
+        Under ZeRO-3 every forward gathers the partitioned weights with collectives that
+        each rank must make alike, and two ranks' batches group differently: there each
+        sample runs alone (B forwards on every rank)."""
+        if self._partitioned():
+            return [[i] for i in range(len(inputs.text))]
         groups: dict[tuple, list[int]] = {}
         for i, (slots, shapes) in enumerate(zip(inputs.slots, inputs.condition_shapes)):
             key = (slots.shape[0], tuple(slots.nonzero().flatten().tolist()), tuple(shapes))
@@ -360,6 +367,12 @@ class QwenImage21Model(nn.Module):
             img_mask=img_mask, encoder_hidden_states_mask=None, return_dict=False,
         )[0]
         return out[:, -n:]
+
+    def _partitioned(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the transformer's weights (its parameters carry `ds_id`)."""
+        if self._zero3 is None:
+            self._zero3 = any(hasattr(p, "ds_id") for p in self.transformer.parameters())
+        return self._zero3
 
     def _attention_on(self, device: torch.device) -> None:
         path = attention_path_for(self.attention, device)
