@@ -759,10 +759,13 @@ class _ArrayPool:
     array goes back into use only when its reference count says that the pool alone
     holds it: a batch the consumer still holds (a prefetch queue, a tensor view, a
     training step) keeps its array, and a batch sent from a worker process has been
-    copied into shared memory by then. At most `per_shape` arrays are kept per shape;
-    past that a batch gets a fresh array that is not kept."""
+    copied into shared memory by then. At most `per_shape` arrays are kept per bucket
+    and kind (one being filled, one the consumer holds: a worker's batches are copied
+    into shared memory as they are sent, so two suffice there); past that a batch gets a
+    fresh array that is not kept. The pool thus holds at most two batches' images per
+    bucket beyond what the pending buckets hold anyway."""
 
-    def __init__(self, per_shape: int = 4):
+    def __init__(self, per_shape: int = 2):
         self.per_shape = per_shape
         self.arrays: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
         self.written: dict[int, set[int]] = {}  # id of a kept array -> its rows that may be nonzero
