@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,24 @@ EAGER_BYTES = 16 << 10
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # wds.tar_file_iterator's skip_meta
 
 
+_OPEN: "OrderedDict[str, int]" = OrderedDict()  # path -> descriptor, least recently read first
+_MAX_OPEN = 16
+
+
+def _descriptor(path: str) -> int:
+    """A read-only descriptor of `path`, kept open for the next images of the same shard
+    (a shuffle buffer spans a few shards per stream): one open per shard, not per image,
+    which matters on shared file systems where an open is a metadata round trip. Reads
+    use os.pread, so a descriptor inherited by a forked loader worker is safe to share."""
+    fd = _OPEN.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        while len(_OPEN) >= _MAX_OPEN:
+            os.close(_OPEN.popitem(last=False)[1])
+    _OPEN[path] = fd
+    return fd
+
+
 @dataclass(frozen=True)
 class OnDemand:
     """A member's bytes, left in its shard until read."""
@@ -45,9 +64,7 @@ class OnDemand:
     size: int
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+        data = os.pread(_descriptor(self.path), self.size, self.offset)
         if len(data) != self.size:  # the file changed since its header was read
             raise BadSample("bad_shard", f"{self.path}: a member's data ends early ({len(data)} of {self.size} bytes)")
         return data
