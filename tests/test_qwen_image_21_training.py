@@ -127,16 +127,16 @@ def test_samples_of_one_layout_share_a_forward_and_keep_their_own_loss(model):
             torch.testing.assert_close(together[i], loss[0], atol=1e-5, rtol=1e-5)
 
 
-def test_under_zero3_every_sample_runs_alone(folder, model):
+def test_under_zero3_every_sample_runs_alone(folder, model, monkeypatch):
     """ZeRO-3 gathers weights with collectives in every forward, which each rank must make
-    alike: with partitioned weights (DeepSpeed marks them `ds_id`) the batch is not grouped."""
+    alike: with partitioned weights (`parallel.sharding.is_sharded`) the batch is not grouped."""
     from diffusers import QwenImage21Transformer2DModel
 
     from qwenimg_train.models.qwen_image_21.model import QwenImage21Model
 
     inputs = model.encode(**_repeated_layouts())
     sharded = QwenImage21Model(QwenImage21Transformer2DModel.from_pretrained(folder / "transformer"), None)
-    next(sharded.transformer.parameters()).ds_id = 0
+    monkeypatch.setattr("qwenimg_train.parallel.sharding.is_sharded", lambda module: module is sharded.transformer)
     assert sharded.layout_groups(inputs) == [[0], [1], [2], [3], [4]]
 
 

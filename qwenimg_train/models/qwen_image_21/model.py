@@ -369,9 +369,11 @@ class QwenImage21Model(nn.Module):
         return out[:, -n:]
 
     def _partitioned(self) -> bool:
-        """Whether DeepSpeed ZeRO-3 partitions the transformer's weights (its parameters carry `ds_id`)."""
+        """Whether ZeRO-3 partitions the transformer's weights (qwenimg_train.parallel knows how to tell)."""
         if self._zero3 is None:
-            self._zero3 = any(hasattr(p, "ds_id") for p in self.transformer.parameters())
+            from qwenimg_train.parallel.sharding import is_sharded
+
+            self._zero3 = is_sharded(self.transformer)
         return self._zero3
 
     def _attention_on(self, device: torch.device) -> None:
