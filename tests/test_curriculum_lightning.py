@@ -156,3 +156,48 @@ def test_stage_lr_scale_reaches_the_optimizer(sources, tmp_path):
     )
     trainer.fit(model, datamodule=dm)
     assert model.lrs == pytest.approx([0.1] * 3 + [0.05] * 4 + [0.025] * 3)
+
+
+def test_skips_are_summed_over_workers_and_ranks_and_kept_across_a_resume(sources):
+    """`data/skipped/<reason>` and the summary's `data_skipped` count every worker of every
+    rank (the loggers write rank 0's values only), and a resumed stage adds to the
+    checkpoint's counts. The reduce is the strategy's (a real 2-rank all-reduce runs in
+    test_remote_sources' outage run); here the other rank is simulated."""
+    from types import SimpleNamespace
+
+    dm = CurriculumDataModule(curriculum=curriculum(), sources=sources, batch_size=2, total_steps=10)
+    other_rank = {"bad_shard": 1, "unreachable_shard": 2}
+
+    class Strategy:
+        root_device = torch.device("cpu")
+
+        def reduce(self, counts, reduce_op):
+            from data_pipelines.core.untrusted import SKIP_REASONS
+
+            assert reduce_op == "sum"
+            return counts + torch.tensor([float(other_rank.get(r, 0)) for r in SKIP_REASONS], dtype=counts.dtype)
+
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
+    trainer = SimpleNamespace(world_size=2, strategy=Strategy(), global_step=0)
+
+    class FakeBatch(SimpleNamespace):  # what the callback reads of a loader Batch
+        def __len__(self):
+            return 2
+
+    def batch(worker, skipped):
+        return FakeBatch(worker=worker, skipped=skipped)
+
+    callback = CurriculumCallback(dm)
+    trainer.global_step = 4  # stage b
+    callback.on_train_batch_start(trainer, module, batch(0, {"undecodable": 1}), 0)
+    callback.on_train_batch_start(trainer, module, batch(1, {"undecodable": 2, "bad_shard": 1}), 1)
+    assert logged["data/skipped/undecodable"] == 3 and logged["data/skipped/bad_shard"] == 2
+    assert logged["data/skipped/unreachable_shard"] == 2
+    assert callback.skipped_by_stage == {"b": {"undecodable": 3, "bad_shard": 2, "unreachable_shard": 2}}
+
+    resumed = CurriculumCallback(dm)
+    resumed.load_state_dict(callback.state_dict())
+    other_rank.clear()
+    resumed.on_train_batch_start(trainer, module, batch(0, {"undecodable": 1}), 0)  # the stream counts from zero
+    assert resumed.skipped_by_stage == {"b": {"undecodable": 4, "bad_shard": 2, "unreachable_shard": 2}}

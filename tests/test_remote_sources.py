@@ -384,7 +384,15 @@ def test_two_ranks_train_from_http_through_an_outage(http, shard_sources, tmp_pa
     assert server.killed_at == 6 and server.restarted.is_set()
     losses, skipped = _losses_and_skips(tmp_path / "run")
     assert sorted(losses) == list(range(6))
+    # the logged counts and the summary's are both ranks' (either may be the one that gave up)
     assert skipped.get("unreachable_shard", 0) >= 1, skipped
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    counted = sum(stage.get("unreachable_shard", 0) for stage in summary["data_skipped"].values())
+    assert counted >= skipped["unreachable_shard"], (summary["data_skipped"], skipped)  # logged: per stage
+    # one summary, printed once, over both ranks: 2 steps x 2 ranks x 4 samples per stage
+    assert proc.stdout.count('"global_step"') == 1 and summary["throughput"]["ranks"] == 2
+    assert [sum(stage["samples_by_task"].values()) for stage in summary["stages"].values()] == [16, 16, 16]
+    assert (proc.stdout + proc.stderr).count("streams share shards") == 1  # the same on every rank and stage
     assert "given up after 3 tries" in proc.stderr + proc.stdout
     tars = sum(n for p, n in server.requests.items() if p.endswith(".tar"))
     assert tars > 6  # the run read shards again once the server was back

@@ -38,6 +38,14 @@ def _print_json(result: Any) -> None:
     print(json.dumps(result, indent=1, ensure_ascii=False))
 
 
+def _show_train(result: Any) -> None:
+    """The run summary, printed once: by global rank 0 (every rank returns it)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        _print_json(result)
+
+
 def _train(cfg) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -93,7 +101,7 @@ def _plan(mapping: dict[str, Any]) -> str:
     return run(mapping)
 
 
-train = console_script(_train, config_dir=config_dir, config_name="train", show=_print_json, plain=False,
+train = console_script(_train, config_dir=config_dir, config_name="train", show=_show_train, plain=False,
                        logger="qwenimg-train")
 # The tools log to the terminal only (their roots set hydra/job_logging), so their job
 # names name no file.

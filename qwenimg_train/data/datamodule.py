@@ -17,6 +17,7 @@ LambdaLR factor).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Mapping
 
@@ -25,6 +26,8 @@ import torch
 
 from qwenimg_train.data.curriculum import Curriculum
 from qwenimg_train.data.loader import MAX_IMAGE_PIXELS, SourceShards, StageStream
+
+log = logging.getLogger(__name__)
 
 
 class CurriculumDataModule(pl.LightningDataModule):
@@ -62,6 +65,7 @@ class CurriculumDataModule(pl.LightningDataModule):
         self.remote_retries = remote_retries  # tries after a remote manifest or shard fails (loader docstring)
         self.remote_backoff_s = remote_backoff_s
         self.sources: dict[str, SourceShards] = {}
+        self._shared_warned = False
 
     def setup(self, stage: str | None = None) -> None:
         # Only the sources some stage draws from must exist: a configured folder that
@@ -131,6 +135,13 @@ class CurriculumDataModule(pl.LightningDataModule):
         step = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
+        if rank == 0 and not self._shared_warned:  # the same on every rank, stage and worker: said once
+            self._shared_warned = True
+            streams = world * max(1, self.num_workers)
+            for name, source in self.sources.items():
+                if len(source.urls) < streams:
+                    log.warning("source %s has %d shards for %d streams (ranks x loader workers): streams share "
+                                "shards and differ by seed only", name, len(source.urls), streams)
         index, start, end = self.stage_at(step)
         stream = StageStream(
             stage=self.curriculum.stages[index], stage_index=index, sources=self.sources,

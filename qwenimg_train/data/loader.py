@@ -398,10 +398,7 @@ class StageStream(torch.utils.data.IterableDataset):
         slots = self.world_size * workers
         if len(urls) >= slots:
             return urls[self.rank * workers + worker :: slots]
-        if not getattr(self, "_warned", False):
-            log.warning("source %s has %d shards for %d streams (ranks x workers): streams share shards", name, len(urls), slots)
-            self._warned = True
-        return urls
+        return urls  # the data module said so once (warn_shared_shards)
 
     def _samples(self, name: str, seed: int, skips: _SkipCounter, select=None) -> Iterator[dict]:
         """The flat WebDataset pipeline of one source (see the module docstring).

@@ -629,7 +629,7 @@ def write_summary_md(path: Path, job: ReportJob, run_dir: Path, logs: RunLogs, p
         logged = sorted(v for _, v in s.get(f"perf/{key}", []))
         median = logged[len(logged) // 2] if logged else None
         rows.append([key.replace("_per_s", "/s"), throughput.get(key), median])
-    lines += _table(["", "run mean (summary.json)", "median of logged steps"], rows) + [""]
+    lines += _table(["", "run mean, all ranks (summary.json)", "median of logged steps (rank 0)"], rows) + [""]
 
     lines += ["## OCR metrics", ""]
     ocr = ocr_columns(s)

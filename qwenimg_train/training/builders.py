@@ -140,6 +140,7 @@ class RunCallbacks:
 
     all: list
     summary: Any
+    curriculum: Any
     graceful: Any
     nonfinite: Any | None
     ocr_eval: Any | None
@@ -161,8 +162,9 @@ def build_callbacks(cfg: CallbacksConfig, *, datamodule: CurriculumDataModule, o
     checkpoint_dir = output_dir / "checkpoints"
     ckpt = cfg.checkpoint
     summary, graceful = run_summary.RunSummary(), GracefulStop()  # SIGTERM: last.ckpt at the step end, then exit
+    curriculum = CurriculumCallback(datamodule)
     callbacks = [
-        CurriculumCallback(datamodule), summary, graceful,
+        curriculum, summary, graceful,
         # keep-last-K: rank periodic checkpoints by step (a candidate ModelCheckpoint always has).
         AtomicModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:06d}", auto_insert_metric_name=False,
                               every_n_train_steps=ckpt.every_n_train_steps, save_last=ckpt.save_last,
@@ -189,7 +191,7 @@ def build_callbacks(cfg: CallbacksConfig, *, datamodule: CurriculumDataModule, o
                                    stage_ending_at=datamodule.stage_ending_at, family=family, at_start=o.at_start,
                                    edit_source_area=o.edit_source_area)
         callbacks.append(ocr_eval)
-    return RunCallbacks(callbacks, summary, graceful, nonfinite, ocr_eval)
+    return RunCallbacks(callbacks, summary, curriculum, graceful, nonfinite, ocr_eval)
 
 
 def build_loggers(cfg: TrainConfig, saved: dict[str, Any]) -> list:
@@ -255,14 +257,15 @@ def closing_loggers(loggers: list, trainer) -> Iterator[None]:
 
 
 def write_summary(cfg: TrainConfig, trainer, callbacks: RunCallbacks, output_dir: Path) -> dict[str, Any]:
-    """The run summary (steps, losses per stage and task, throughput, stops, OCR scores,
-    paths), written by rank 0 to `<output_dir>/summary.json` and returned."""
+    """The run summary (steps, losses per stage and task, throughput, stops, bad samples
+    skipped per stage and reason, OCR scores, paths), written by rank 0 to `<output_dir>/summary.json` and returned."""
     checkpoint_dir = output_dir / "checkpoints"
     result = callbacks.summary.summary(trainer)
     if callbacks.graceful.stopped_at is not None:
         result["stopped_by"] = {"signal": "SIGTERM", "step": callbacks.graceful.stopped_at}
     if callbacks.nonfinite is not None:
         result["nonfinite_skipped"] = callbacks.nonfinite.skipped
+    result["data_skipped"] = callbacks.curriculum.skipped_by_stage
     if callbacks.ocr_eval is not None:
         result["ocr_eval"] = callbacks.ocr_eval.history
     result["paths"] = {"output_dir": str(output_dir), "checkpoints": str(checkpoint_dir),

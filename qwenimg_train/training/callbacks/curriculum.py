@@ -1,7 +1,8 @@
 """The curriculum stage in logs and checkpoints.
 
 Logs `curriculum/stage` (index), `curriculum/step_in_stage` and
-`data/skipped/<reason>` every step, reports stage changes, and keeps the stage in the
+`data/skipped/<reason>` (summed over loader workers and ranks) every step, reports stage
+changes, and keeps the stage in the
 checkpoint to detect a curriculum that changed between a run and its resume. The
 stage itself follows from the global step (qwenimg_train.data.datamodule): nothing
 here decides it.
@@ -13,7 +14,9 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
+from data_pipelines.core.untrusted import SKIP_REASONS
 from qwenimg_train.data.datamodule import CurriculumDataModule
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,9 @@ class CurriculumCallback(pl.Callback):
         self.datamodule = datamodule
         self.stage_index: int | None = None
         self.skipped: dict[int, dict[str, int]] = {}  # latest cumulative counts per loader worker
+        # the run summary's `data_skipped`: stage name -> reason -> samples, every rank's
+        self.skipped_by_stage: dict[str, dict[str, int]] = {}
+        self._before_resume: dict[str, dict[str, int]] = {}  # counted before the checkpoint resumed from
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         index, start, _ = self.datamodule.stage_at(trainer.global_step)
@@ -36,24 +42,44 @@ class CurriculumCallback(pl.Callback):
         pl_module.log("curriculum/stage", float(index), on_step=True, on_epoch=False, batch_size=len(batch))
         pl_module.log("curriculum/step_in_stage", float(trainer.global_step - start), on_step=True, on_epoch=False,
                       batch_size=len(batch))
-        # data/skipped/<reason>: bad samples skipped so far in this stage, summed over workers.
+        # data/skipped/<reason>: bad samples skipped so far in this stage, summed over workers
+        # and ranks (the loggers write rank 0's values: a skip on another rank would not show).
         self.skipped[batch.worker] = batch.skipped
-        totals: dict[str, int] = {}
-        for counts in self.skipped.values():
-            for reason, n in counts.items():
-                totals[reason] = totals.get(reason, 0) + n
+        totals = self.stage_skips(trainer)
+        if totals:
+            name = self.datamodule.curriculum.stages[index].name
+            before = self._before_resume.get(name, {})
+            self.skipped_by_stage[name] = {r: before.get(r, 0) + totals.get(r, 0) for r in {*before, *totals}}
         for reason, n in totals.items():
             pl_module.log(f"data/skipped/{reason}", float(n), on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def stage_skips(self, trainer) -> dict[str, int]:
+        """The skips of this stage so far, by reason, over every worker of every rank. With
+        several ranks this is a collective (one all-reduce of len(SKIP_REASONS) counts):
+        every rank calls it at the same point of each step."""
+        reasons = list(SKIP_REASONS)
+        counts = torch.zeros(len(reasons), dtype=torch.float64)
+        for worker_counts in self.skipped.values():
+            for reason, n in worker_counts.items():
+                counts[reasons.index(reason)] += n
+        if trainer.world_size > 1:
+            device = trainer.strategy.root_device
+            counts = trainer.strategy.reduce(counts.to(device), reduce_op="sum").cpu()
+        return {reason: int(n) for reason, n in zip(reasons, counts.tolist()) if n}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.skipped = {}  # a new stage, a new stream: its workers count from zero
 
     def state_dict(self) -> dict[str, Any]:
         names = [s.name for s in self.datamodule.curriculum.stages]
-        return {"stage_index": self.stage_index, "stages": names, "curriculum": self.datamodule.curriculum.name}
+        return {"stage_index": self.stage_index, "stages": names, "curriculum": self.datamodule.curriculum.name,
+                "skipped_by_stage": self.skipped_by_stage}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         names = [s.name for s in self.datamodule.curriculum.stages]
+        # a resumed stage's stream counts from zero again: its skips add to the checkpoint's
+        self.skipped_by_stage = {k: dict(v) for k, v in state_dict.get("skipped_by_stage", {}).items()}
+        self._before_resume = {k: dict(v) for k, v in self.skipped_by_stage.items()}
         if state_dict.get("stages") != names:
             log.warning(
                 "resuming with another curriculum (%s, stages %s) than the checkpoint's (%s, stages %s): "

@@ -2,8 +2,8 @@
 
 Lightning's ThroughputMonitor needs FLOP counts and a device with a known peak to
 be useful and logs under its own names; this is the few lines the run needs.
-`summary()` gives steps, mean loss per stage and per stage × task, and throughput;
-`train()` writes it to `<output_dir>/summary.json`.
+`summary()` gives steps, mean loss per stage and per stage × task, samples per task
+and throughput, over every rank; `train()` writes it to `<output_dir>/summary.json`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 
 class RunSummary(pl.Callback):
@@ -48,21 +49,44 @@ class RunSummary(pl.Callback):
             t[1] += count
 
     def summary(self, trainer) -> dict[str, Any]:
-        stages = {
-            name: {
-                "steps": s["steps"],
-                "loss": s["loss_sum"] / max(1, s["steps"]),
-                "loss_by_task": {t: total / count for t, (total, count) in sorted(s["tasks"].items())},
-                "samples_by_task": {t: count for t, (_, count) in sorted(s["tasks"].items())},
-            }
-            for name, s in self.stages.items()
-        }
+        """The run's figures over every rank: each stage's mean loss (over its steps and
+        the ranks), samples per task summed, throughput summed (the logged `perf/*` are
+        rank 0's). With several ranks this is a collective: every rank calls it after fit."""
+        parts = self._gathered(trainer)
+        stages: dict[str, dict[str, Any]] = {}
+        for part in parts:
+            for name, s in part["stages"].items():
+                merged = stages.setdefault(name, {"steps": s["steps"], "loss_sum": 0.0, "n": 0, "tasks": {}})
+                merged["loss_sum"] += s["loss_sum"]
+                merged["n"] += s["steps"]
+                for task, (total, count) in s["tasks"].items():
+                    t = merged["tasks"].setdefault(task, [0.0, 0])
+                    t[0] += total
+                    t[1] += count
+
+        def rate(key: str) -> float | None:
+            rates = [p[key] / p["timed"] for p in parts if p["timed"]]
+            return sum(rates) if rates else None
+
         return {
             "global_step": trainer.global_step,
-            "stages": stages,
-            "throughput": {
-                "samples_per_s": self.samples / self.timed if self.timed else None,
-                "tokens_per_s": self.tokens / self.timed if self.timed else None,
+            "stages": {
+                name: {
+                    "steps": s["steps"],
+                    "loss": s["loss_sum"] / max(1, s["n"]),
+                    "loss_by_task": {t: total / count for t, (total, count) in sorted(s["tasks"].items())},
+                    "samples_by_task": {t: count for t, (_, count) in sorted(s["tasks"].items())},
+                }
+                for name, s in stages.items()
             },
+            "throughput": {"samples_per_s": rate("samples"), "tokens_per_s": rate("tokens"), "ranks": len(parts)},
             "fit_seconds": time.perf_counter() - self._fit_start if self._fit_start else None,
         }
+
+    def _gathered(self, trainer) -> list[dict[str, Any]]:
+        mine = {"stages": self.stages, "samples": self.samples, "tokens": self.tokens, "timed": self.timed}
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [mine]
+        parts: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        return parts
