@@ -247,6 +247,58 @@ def test_http_outage_mid_shard_is_resumed_and_a_dead_shard_counted_until_the_thr
         list(itertools.islice(iter(stream), 100))
 
 
+def _members(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every shard's members (name -> bytes) in a local output folder."""
+    import tarfile
+
+    out = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+    return out
+
+
+def test_verify_precompute_and_preview_read_a_remote_folder(http, shard_sources, tmp_path):
+    """The jobs that read shards take a folder URL: the shards its manifest lists, each
+    downloaded when reached (retried), give what the local folder gives; a shard that
+    stays unreachable stops the job with its URL, and a rerun finishes it."""
+    from data_pipelines.jobs.precompute import PrecomputeJob, run as run_precompute
+    from data_pipelines.jobs.preview import PreviewJob, make_sheet
+    from data_pipelines.jobs.verify import VerifyJob, run as run_verify
+
+    url, local = f"{http.url}/edit/", shard_sources["edit"]
+    verified = {}
+    for name, where in (("remote", url), ("local", local)):
+        verified[name] = run_verify(VerifyJob(in_dir=where, out_dir=str(tmp_path / f"verify-{name}"), progress=False,
+                                              remote_backoff_s=0.01))
+    assert _members(tmp_path / "verify-remote") == _members(tmp_path / "verify-local")
+    manifests = {n: json.loads((tmp_path / f"verify-{n}" / "manifest.json").read_text()) for n in ("remote", "local")}
+    assert manifests["remote"]["counts"] == manifests["local"]["counts"]
+    assert manifests["remote"]["verified_from"] == url and manifests["remote"]["source_manifest"]["source"] == "edit"
+
+    model = tmp_path / "models" / "tiny"
+    job = dict(pretrained_path=str(model), build_tiny=True, max_sequence_length=32, resolutions=[32], progress=False,
+               remote_backoff_s=0.01)
+    http.faults = {"/design/design-000001.tar": ["fail", "cut"]}  # two failed tries, then read
+    run_precompute(PrecomputeJob(in_dir=f"{http.url}/design/", out_dir=str(tmp_path / "pre-remote"), **job))
+    run_precompute(PrecomputeJob(in_dir=shard_sources["design"], out_dir=str(tmp_path / "pre-local"), **job))
+    assert _members(tmp_path / "pre-remote") == _members(tmp_path / "pre-local")
+    assert http.requests["/design/design-000001.tar"] == 3
+
+    sheet, skipped = make_sheet(PreviewJob(shards=url, out=str(tmp_path / "sheet.png"), num_samples=4, thumb_size=32,
+                                           remote_backoff_s=0.01))
+    assert sheet.is_file() and skipped == {}
+
+    # down for good: the job stops naming the shard; once it is back, a rerun completes
+    down = tmp_path / "pre-down"
+    http.faults = {"/design/design-000001.tar": ["fail"] * 4}
+    with pytest.raises(remote.RemoteError, match=r"/design/design-000001.tar: .*503.* \(4 tries\); rerun the job"):
+        run_precompute(PrecomputeJob(in_dir=f"{http.url}/design/", out_dir=str(down), **job))
+    again = run_precompute(PrecomputeJob(in_dir=f"{http.url}/design/", out_dir=str(down), **job))
+    assert again["shards_kept"] == 1 and again["shards_written"] == 1
+    assert _members(down) == _members(tmp_path / "pre-local")
+
+
 def test_jobs_write_to_an_fsspec_destination(tmp_path):
     """A job whose out_dir is an fsspec URL (memory://) writes the shards a local run
     writes, byte for byte, plus their statistics and the manifest; a rerun keeps them;

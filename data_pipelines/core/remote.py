@@ -15,6 +15,10 @@ as the path it names) or a remote one:
 A folder URL's files are `<url>/<name>`; a URL ending in `.json` names the manifest
 itself, with the shards beside it.
 
+Jobs that read shards (verify, precompute, preview) take a folder location too: a
+remote folder's shards are the ones its manifest lists (`InputFolder`), each downloaded
+to a temporary file as a job reaches it (`local_copy`, with retries) and read there.
+
 Jobs write to a local folder, or to an fsspec destination (`Destination`): each shard
 is written to a local staging folder as usual, then uploaded, its tar first and its
 statistics last, so a shard is complete at the destination exactly when its
@@ -24,13 +28,17 @@ shard is. http(s) and `pipe:` are read-only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -208,6 +216,91 @@ def describe(exc: BaseException) -> str:
     """One line for a transport failure (no traceback)."""
     text = " ".join(str(a) for a in exc.args if not isinstance(a, (bytes, bytearray))) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+class InputShard(NamedTuple):
+    """A shard a job reads: its file name and its location (a path, a URL or a command)."""
+
+    name: str
+    location: str
+
+
+class InputFolder:
+    """A folder of shards a job reads: a local folder (its `.tar` files matching
+    `pattern`) or a remote folder location (the files its manifest lists); `manifest` is
+    the folder's manifest.json (None when a local folder has none). Remote reads are
+    tried `retries` more times, `backoff_s` doubling."""
+
+    def __init__(self, location: str | Path, pattern: str = "*.tar", *, retries: int = 3, backoff_s: float = 2.0):
+        self.location, self.retries, self.backoff_s = str(location), retries, backoff_s
+        self.remote = is_remote(self.location)
+        self.manifest: dict[str, Any] | None = None
+        if not self.remote:
+            folder = local_path(self.location)
+            if folder.is_file():
+                self.shards = [InputShard(folder.name, str(folder))]
+                return
+            if not folder.is_dir():
+                raise ValueError(f"{self.location!r} is not a folder")
+            self.shards = [InputShard(p.name, str(p)) for p in sorted(folder.glob(pattern))]
+            if (folder / "manifest.json").is_file():
+                self.manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
+            return
+        base, manifest_name = locate(self.location)
+        url = join(base, manifest_name)
+        if protocol(url) in ("http", "https") and not shutil.which("curl"):
+            raise ValueError(f"reading {url} needs curl, which is not on PATH; install it (apt-get install curl)")
+        try:
+            data = read_url(url, retries=retries, backoff_s=backoff_s)
+        except Exception as exc:
+            raise ValueError(f"cannot read the manifest {url} ({describe(exc)}; {retries + 1} tries): a remote folder "
+                             "is read through the manifest.json qwenimg-data writes beside its shards; check the "
+                             "URL, that it is reachable from here, and the credentials") from None
+        try:
+            self.manifest = json.loads(data)
+            names = sorted(s["file"] for s in self.manifest["shards"])
+            self.shards = [InputShard(name, join(base, name)) for name in names]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"{url} is not a shard manifest written by qwenimg-data ({str(exc)[:200]})") from None
+
+    @property
+    def identity(self) -> str:
+        return self.identify(self.location)
+
+    @staticmethod
+    def identify(location: str | Path) -> str:
+        """What names a folder in manifests and settings: its absolute path, or its URL."""
+        return str(location) if is_remote(location) else str(local_path(location).resolve())
+
+    @contextlib.contextmanager
+    def local_copy(self, shard: InputShard) -> Iterator[Path]:
+        """The shard as a local file: itself, or a download (retried as a whole) to a
+        temporary file that is removed afterwards. A download that fails every try raises
+        RemoteError naming the URL: the job stops there and a rerun redoes that shard."""
+        if not is_remote(shard.location):
+            yield local_path(shard.location)
+            return
+        handle, tmp = tempfile.mkstemp(prefix="qwenimg-input-", suffix=".tar")
+        os.close(handle)
+        try:
+            def download() -> None:
+                stream = open_url(shard.location)
+                try:
+                    with open(tmp, "wb") as out:
+                        shutil.copyfileobj(stream, out, 1 << 20)
+                except BaseException:
+                    close_quietly(stream)
+                    raise
+                stream.close()
+
+            try:
+                retry(download, retries=self.retries, backoff_s=self.backoff_s)
+            except Exception as exc:
+                raise RemoteError(f"{shard.location}: {describe(exc)} ({self.retries + 1} tries); rerun the job "
+                                  "once it is reachable: it goes on from the shards it finished") from None
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class Destination:

@@ -176,7 +176,8 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
 
 
 def read_tar_samples(
-    path: str, *, report: Callable[[str, str], None] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES
+    path: str, *, report: Callable[[str, str], None] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES,
+    label: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of a shard as {ext: bytes, '__key__': key}, grouped like WebDataset groups them.
 
@@ -186,6 +187,7 @@ def read_tar_samples(
     a duplicate member is dropped, an over-large one not read, and a tar that breaks
     off (cut short, corrupt header) ends the shard (`bad_shard`). Without `report`
     they raise. Keys are *not* checked here (`check_key`): the caller counts bad ones.
+    Problems name the shard as `label` (default: `path`; a downloaded copy names its URL).
     """
     def problem(where: str, reason: str, detail: str) -> None:
         if report is None:
@@ -205,7 +207,7 @@ def read_tar_samples(
                     yield current
                     current = {}
                 current["__key__"] = key
-                where = f"{path}:{key}"
+                where = f"{label or path}:{key}"
                 if ext in current:
                     problem(where, "duplicate_member", f"second {ext!r} member")
                     continue
@@ -215,6 +217,6 @@ def read_tar_samples(
                 data = tar.extractfile(member)
                 current[ext] = data.read() if data is not None else b""
     except (tarfile.TarError, OSError, EOFError) as exc:
-        problem(str(path), "bad_shard", _describe(exc))
+        problem(str(label or path), "bad_shard", _describe(exc))
     if current:
         yield current

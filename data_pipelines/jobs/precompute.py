@@ -26,7 +26,6 @@ counted, never fatal.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from data_pipelines.core.schema import (
     Task,
 )
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, parse_meta, read_tar_samples
-from data_pipelines.jobs.verify import input_shards
+from data_pipelines.jobs.verify import check_in_out, input_shards
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PrecomputeJob:
     in_dir: str
-    """A shard folder written by another qwenimg-data job (its manifest is carried over)."""
+    """A shard folder written by another qwenimg-data job (its manifest is carried over), local
+    or a remote folder location (https://, s3://, pipe:...; data_pipelines.core.remote)."""
     out_dir: str
     """Folder for the shards with precomputed inputs (same names) and their manifest."""
     pretrained_path: str
@@ -95,12 +95,18 @@ class PrecomputeJob:
     num_nodes: int | None = None
     overwrite: bool = False
     progress: bool = True
+    remote_retries: int = 3
+    """A remote in_dir: tries after a failed manifest or shard download (then the job stops)."""
+    remote_backoff_s: float = 2.0
+    """Seconds before the first retry, doubling after each."""
 
     def __post_init__(self) -> None:
         from qwenimg_train.models import FAMILIES, get_family
 
-        if Path(self.in_dir).resolve() == Path(self.out_dir).resolve():
-            raise ValueError("out_dir must differ from in_dir (precompute never rewrites its input)")
+        check_in_out(self.in_dir, self.out_dir, "precompute")
+        if self.remote_retries < 0 or self.remote_backoff_s < 0:
+            raise ValueError(f"remote_retries = {self.remote_retries} and remote_backoff_s = {self.remote_backoff_s} "
+                             "must be >= 0")
         if self.family not in FAMILIES:
             raise ValueError(f"family = {self.family!r}; use one of {sorted(FAMILIES)} (the run's model.family)")
         if self.encoder_dtype not in ENCODER_DTYPES:
@@ -147,17 +153,21 @@ class PrecomputeProducer:
         from qwenimg_train.models import get_family
 
         self.job = job
-        self.paths = input_shards(job.in_dir)[1]
+        self.folder = input_shards(job.in_dir, job.remote_retries, job.remote_backoff_s)[1]
         self.device = _device(job.device)
         self.encoders = get_family(job.family).load_encoders(job.pretrained_path, dtype=job.encoder_dtype,
                                                              max_sequence_length=job.max_sequence_length).to(self.device)
         self.bucket_sets = job.sizes()
 
     def produce(self, index: int, tally: Tally) -> Iterator[Produced]:
-        path = self.paths[index]
+        shard = self.folder.shards[index]
+        with self.folder.local_copy(shard) as path:
+            yield from self._encoded(shard, path, tally)
+
+    def _encoded(self, shard, path: Path, tally: Tally) -> Iterator[Produced]:
         chunk: list[_Item] = []
-        for raw in read_tar_samples(str(path), report=tally.skip):
-            item = self._read(raw, f"{path.name}:{raw.get('__key__')!r}", tally)
+        for raw in read_tar_samples(str(path), report=tally.skip, label=shard.location):
+            item = self._read(raw, f"{shard.name}:{raw.get('__key__')!r}", tally)
             if item is None:
                 continue
             chunk.append(item)
@@ -234,12 +244,11 @@ def run(job: PrecomputeJob) -> dict[str, Any]:
     if job.build_tiny:
         family.build_tiny(job.pretrained_path, world=job.tiny_world)
     family.check_folder(job.pretrained_path)
-    prefix, paths = input_shards(job.in_dir)
+    prefix, folder = input_shards(job.in_dir, job.remote_retries, job.remote_backoff_s)
     tag = job_tag(job)
-    extra: dict[str, Any] = {"precompute": tag.to_dict(), "precomputed_from": str(Path(job.in_dir).resolve())}
-    source_manifest = Path(job.in_dir) / "manifest.json"
-    if source_manifest.exists():
-        source = json.loads(source_manifest.read_text("utf-8"))
+    extra: dict[str, Any] = {"precompute": tag.to_dict(), "precomputed_from": folder.identity}
+    if folder.manifest is not None:
+        source = folder.manifest
         extra["source_manifest"] = source
         if "source" in source:
             extra["source"] = source["source"]
@@ -249,7 +258,7 @@ def run(job: PrecomputeJob) -> dict[str, Any]:
         settings["max_image_pixels"] = job.max_image_pixels
     summary = run_sharded(
         ShardedJob(
-            out_dir=job.out_dir, prefix=prefix, num_shards=len(paths), settings=settings,
+            out_dir=job.out_dir, prefix=prefix, num_shards=len(folder.shards), settings=settings,
             make_producer=functools.partial(PrecomputeProducer, job), workers=job.workers, node_rank=job.node_rank,
             num_nodes=job.num_nodes, overwrite=job.overwrite, progress=job.progress, manifest_extra=extra,
         )

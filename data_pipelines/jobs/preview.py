@@ -12,10 +12,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from data_pipelines.core.remote import InputFolder
 from data_pipelines.core.contact_sheet import Cell, label_font, paint_sheet
 from data_pipelines.core.schema import IMAGE_EXTENSIONS, SOURCE_IMAGE_PREFIX, SampleMeta
 from data_pipelines.core.untrusted import MAX_IMAGE_PIXELS, BadSample, check_key, decode_rgb, parse_meta
@@ -28,26 +30,32 @@ CLASS_COLOURS = {"none": (160, 160, 160), "simple": (40, 200, 90), "complex": (2
 @dataclass
 class PreviewJob:
     shards: str
-    """A shard folder (every .tar in it) or one .tar file."""
+    """A shard folder (every .tar in it), one .tar file, or a remote folder location
+    (https://, s3://, pipe:...: the shards its manifest lists)."""
     out: str
     """The PNG to write."""
     num_samples: int = 24
     columns: int = 6
     thumb_size: int = 256
+    remote_retries: int = 3
+    """A remote in_dir: tries after a failed manifest or shard download (then the job stops)."""
+    remote_backoff_s: float = 2.0
+    """Seconds before the first retry, doubling after each."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.columns < 1 or self.thumb_size < 32:
             raise ValueError("preview: num_samples and columns must be >= 1, thumb_size >= 32")
+        if self.remote_retries < 0 or self.remote_backoff_s < 0:
+            raise ValueError(f"remote_retries = {self.remote_retries} and remote_backoff_s = {self.remote_backoff_s} "
+                             "must be >= 0")
 
 
-def shard_urls(path: str | Path) -> list[str]:
-    path = Path(path)
-    if path.is_file():
-        return [str(path)]
-    urls = sorted(str(p) for p in path.glob("*.tar"))
-    if not urls:
-        raise ValueError(f"no .tar shards in {str(path)!r}; generate some first (qwenimg-data --config-name synthetic)")
-    return urls
+def input_folder(location: str | Path, retries: int = 3, backoff_s: float = 2.0) -> InputFolder:
+    """The shards to preview: a folder's (or remote folder's) `.tar` files, or one `.tar`."""
+    folder = InputFolder(location, retries=retries, backoff_s=backoff_s)
+    if not folder.shards:
+        raise ValueError(f"no .tar shards in {str(location)!r}; generate some first (qwenimg-data --config-name synthetic)")
+    return folder
 
 
 def run(job: PreviewJob) -> Path:
@@ -63,9 +71,9 @@ def make_sheet(job: PreviewJob) -> tuple[Path, dict[str, int]]:
         log.warning("preview: %s", exc)
         return True
 
-    dataset = wds.WebDataset(shard_urls(job.shards), shardshuffle=False, empty_check=False, handler=handler)
+    folder = input_folder(job.shards, job.remote_retries, job.remote_backoff_s)
     thumbs = []
-    for sample in dataset:
+    for sample in _samples(folder, handler, enough=lambda: len(thumbs) >= job.num_samples):
         try:
             check_key(sample.get("__key__"))
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -100,6 +108,16 @@ def make_sheet(job: PreviewJob) -> tuple[Path, dict[str, int]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out, dict(sorted(skipped.items()))
+
+
+def _samples(folder: InputFolder, handler, enough) -> Iterator[dict]:
+    """The folder's samples through WebDataset, shard after shard (a remote shard is
+    downloaded when reached: `InputFolder.local_copy`), until `enough()`."""
+    for shard in folder.shards:
+        if enough():
+            return
+        with folder.local_copy(shard) as path:
+            yield from wds.WebDataset([str(path)], shardshuffle=False, empty_check=False, handler=handler)
 
 
 def _annotate(image: Image.Image, meta: SampleMeta, size: int):
