@@ -275,6 +275,14 @@ def test_verify_precompute_and_preview_read_a_remote_folder(http, shard_sources,
     manifests = {n: json.loads((tmp_path / f"verify-{n}" / "manifest.json").read_text()) for n in ("remote", "local")}
     assert manifests["remote"]["counts"] == manifests["local"]["counts"]
     assert manifests["remote"]["verified_from"] == url and manifests["remote"]["source_manifest"]["source"] == "edit"
+    # a pipe: command carrying a credential: read the same, the credential in no output
+    secret = "Bearer qwenimg-test-secret-7f3"
+    piped = f"pipe:curl -s --fail -H 'Authorization: {secret}' {http.url}/edit/{{file}}"
+    run_verify(VerifyJob(in_dir=piped, out_dir=str(tmp_path / "verify-pipe"), progress=False))
+    assert _members(tmp_path / "verify-pipe") == _members(tmp_path / "verify-local")
+    written = [p for p in (tmp_path / "verify-pipe").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+    assert "Authorization: <redacted>" in (tmp_path / "verify-pipe" / "manifest.json").read_text()
 
     model = tmp_path / "models" / "tiny"
     job = dict(pretrained_path=str(model), build_tiny=True, max_sequence_length=32, resolutions=[32], progress=False,

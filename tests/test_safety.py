@@ -106,3 +106,22 @@ def test_secrets_never_reach_saved_configs_logs_or_checkpoints(tmp_path, shard_s
     assert leaks == []
     assert list((run / "checkpoints").glob("*.ckpt")) and (run / "config.yaml").is_file()
     assert "<redacted>" in (run / "config.yaml").read_text()
+
+
+def test_credentials_inside_locations_are_redacted():
+    """A data location may carry its credential (a URL's password, a signed URL, a pipe:
+    command's header): saved configs and job manifests keep the location, not the secret."""
+    from data_pipelines.core.config import redact_secrets
+
+    config = {"data": {"sources": {
+        "design": "https://bob:hunter2@data.example.com/design/",
+        "synthetic": "pipe:curl -s -H 'Authorization: Bearer abc.def' https://h/synthetic/{file}",
+        "edit": "https://b.s3.amazonaws.com/edit/manifest.json?X-Amz-Credential=AK%2F1&X-Amz-Signature=beef&X-Amz-Date=1",
+        "natural": "s3://bucket/natural/"}}, "steps": [3, "https://h/a?sig=xyz&sp=r"]}
+    redacted = redact_secrets(config)
+    assert redacted == {"data": {"sources": {
+        "design": "https://bob:<redacted>@data.example.com/design/",
+        "synthetic": "pipe:curl -s -H 'Authorization: <redacted>' https://h/synthetic/{file}",
+        "edit": "https://b.s3.amazonaws.com/edit/manifest.json?X-Amz-Credential=<redacted>&X-Amz-Signature=<redacted>"
+                "&X-Amz-Date=1",
+        "natural": "s3://bucket/natural/"}}, "steps": [3, "https://h/a?sig=<redacted>&sp=r"]}

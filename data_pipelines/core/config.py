@@ -153,13 +153,35 @@ _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key[_-]?secret|token|secret|pass
 REDACTED = "<redacted>"
 
 
+# Credentials inside a value: a URL's password (https://user:PASSWORD@host), a signed
+# URL's query parameters (S3/GCS/Azure presigned: X-Amz-Signature, sig, token, ...) and
+# an HTTP header in a `pipe:` command (-H 'Authorization: Bearer ...').
+_SECRET_IN_TEXT = [
+    (re.compile(r"(://[^/\s:@]+:)[^@\s/]+@"), rf"\1{REDACTED}@"),
+    (re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|"
+                r"sig|signature|token|access_token|api[_-]?key|key)=)[^&\s'\"]+"), rf"\1{REDACTED}"),
+    (re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|private-token|cookie)(\s*:\s*)[^'\"\n]+"),
+     rf"\1\2{REDACTED}"),
+]
+
+
+def redact_text(text: str) -> str:
+    """`text` with the credentials a location may carry replaced by '<redacted>'."""
+    for pattern, replacement in _SECRET_IN_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def redact_secrets(config: Any) -> Any:
     """A copy of a plain config with the values of credential-like keys replaced by
     '<redacted>' (the keys stay, so the config still shows they were set; a mapping under
-    such a key is searched, not dropped)."""
+    such a key is searched, not dropped), and the credentials inside string values (a
+    URL's password or signature, a `pipe:` command's Authorization header) too."""
     if isinstance(config, Mapping):
         return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(v, (str, bytes, int))
                     else redact_secrets(v)) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact_secrets(v) for v in config]
+    if isinstance(config, str):
+        return redact_text(config)
     return config

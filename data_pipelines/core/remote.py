@@ -44,6 +44,8 @@ from urllib.request import url2pathname
 
 from webdataset.gopen import Pipe
 
+from data_pipelines.core.config import redact_text
+
 T = TypeVar("T")
 
 # What curl's exit codes mean (`man curl`, EXIT CODES), for errors a user can act on.
@@ -213,9 +215,9 @@ def close_quietly(stream) -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a transport failure (no traceback)."""
+    """One line for a transport failure (no traceback, no credential from the URL or command)."""
     text = " ".join(str(a) for a in exc.args if not isinstance(a, (bytes, bytearray))) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+    return redact_text(f"{type(exc).__name__}: {text}")[:300]
 
 
 class InputShard(NamedTuple):
@@ -253,15 +255,17 @@ class InputFolder:
         try:
             data = read_url(url, retries=retries, backoff_s=backoff_s)
         except Exception as exc:
-            raise ValueError(f"cannot read the manifest {url} ({describe(exc)}; {retries + 1} tries): a remote folder "
-                             "is read through the manifest.json qwenimg-data writes beside its shards; check the "
-                             "URL, that it is reachable from here, and the credentials") from None
+            message = (f"cannot read the manifest {url} ({describe(exc)}; {retries + 1} tries): a remote folder is "
+                       "read through the manifest.json qwenimg-data writes beside its shards; check the URL, that it "
+                       "is reachable from here, and the credentials")
+            raise ValueError(redact_text(message)) from None
         try:
             self.manifest = json.loads(data)
             names = sorted(s["file"] for s in self.manifest["shards"])
             self.shards = [InputShard(name, join(base, name)) for name in names]
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise ValueError(f"{url} is not a shard manifest written by qwenimg-data ({str(exc)[:200]})") from None
+            message = f"{url} is not a shard manifest written by qwenimg-data ({str(exc)[:200]})"
+            raise ValueError(redact_text(message)) from None
 
     @property
     def identity(self) -> str:
@@ -269,8 +273,10 @@ class InputFolder:
 
     @staticmethod
     def identify(location: str | Path) -> str:
-        """What names a folder in manifests and settings: its absolute path, or its URL."""
-        return str(location) if is_remote(location) else str(local_path(location).resolve())
+        """What names a folder in manifests and settings: its absolute path, or its URL
+        with any credential in it redacted (a signed URL's signature changes; the folder
+        does not)."""
+        return redact_text(str(location)) if is_remote(location) else str(local_path(location).resolve())
 
     @contextlib.contextmanager
     def local_copy(self, shard: InputShard) -> Iterator[Path]:
@@ -296,8 +302,9 @@ class InputFolder:
             try:
                 retry(download, retries=self.retries, backoff_s=self.backoff_s)
             except Exception as exc:
-                raise RemoteError(f"{shard.location}: {describe(exc)} ({self.retries + 1} tries); rerun the job "
-                                  "once it is reachable: it goes on from the shards it finished") from None
+                message = (f"{shard.location}: {describe(exc)} ({self.retries + 1} tries); rerun the job once it is "
+                           "reachable: it goes on from the shards it finished")
+                raise RemoteError(redact_text(message)) from None
             yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import webdataset as wds
 
 from data_pipelines.core import files, remote
+from data_pipelines.core.config import redact_secrets
 
 MANIFEST_NAME = "manifest.json"
 # Fixed tar header fields: the same samples always give the same bytes.
@@ -191,7 +192,7 @@ class ShardSet:
             "fingerprint": self.fingerprint,
             "counts": {name: dict(sorted(c.items())) for name, c in sorted(totals.items())},
             "shards": shards,
-            **extra,
+            **redact_secrets(dict(extra)),  # a job's config may hold a signed URL or a pipe: header
         }
         path = self.out_dir / MANIFEST_NAME
         files.atomic_write_text(path, json.dumps(manifest, sort_keys=True, ensure_ascii=False, indent=1))

@@ -24,6 +24,7 @@ from typing import Mapping
 import lightning.pytorch as pl
 import torch
 
+from data_pipelines.core.config import redact_text
 from qwenimg_train.data.curriculum import Curriculum
 from qwenimg_train.data.loader import MAX_IMAGE_PIXELS, SourceShards, StageStream
 
@@ -80,7 +81,8 @@ class CurriculumDataModule(pl.LightningDataModule):
                 self.sources[name] = SourceShards.from_location(name, path, retries=self.remote_retries,
                                                                 backoff_s=self.remote_backoff_s)
             except ValueError as exc:
-                raise ValueError(f"data.sources.{name} = {str(path)!r}: {exc}") from None
+                # the location, as a user wrote it, may carry a credential
+                raise ValueError(redact_text(f"data.sources.{name} = {str(path)!r}: {exc}")) from None
         self.curriculum.check_sources({name: s.manifest for name, s in self.sources.items()})
 
     def check_precomputed(self, expected) -> None:

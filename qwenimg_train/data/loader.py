@@ -79,6 +79,7 @@ import torch
 import webdataset as wds
 
 from data_pipelines.core import remote
+from data_pipelines.core.config import redact_text
 from data_pipelines.core.images import decode_image, nearest_bucket
 from data_pipelines.core.precomputed import MEMBER as PRECOMPUTED_MEMBER
 from data_pipelines.core.precomputed import for_bucket, from_bytes
@@ -270,6 +271,7 @@ class _SkipCounter:
         return True  # keep going
 
     def skip(self, reason: str, where: str) -> None:
+        where = redact_text(where)  # a location may carry its credential (docs/data.md, Remote sources)
         self.counts[reason] += 1
         total = sum(self.counts.values())
         if (reason, where) in self._warned or len(self._warned) >= 10_000:
@@ -398,7 +400,7 @@ class StageStream(torch.utils.data.IterableDataset):
         slots = self.world_size * workers
         if len(urls) >= slots:
             return urls[self.rank * workers + worker :: slots]
-        return urls  # the data module said so once (warn_shared_shards)
+        return urls  # CurriculumDataModule.train_dataloader warns of this once
 
     def _samples(self, name: str, seed: int, skips: _SkipCounter, select=None) -> Iterator[dict]:
         """The flat WebDataset pipeline of one source (see the module docstring).

@@ -257,8 +257,9 @@ def closing_loggers(loggers: list, trainer) -> Iterator[None]:
 
 
 def write_summary(cfg: TrainConfig, trainer, callbacks: RunCallbacks, output_dir: Path) -> dict[str, Any]:
-    """The run summary (steps, losses per stage and task, throughput, stops, bad samples
-    skipped per stage and reason, OCR scores, paths), written by rank 0 to `<output_dir>/summary.json` and returned."""
+    """The run summary over every rank (steps, losses per stage and task, throughput,
+    stops, bad samples skipped per stage and reason, OCR scores, paths), written by rank 0
+    to `<output_dir>/summary.json` and returned. Every rank calls it (a collective)."""
     checkpoint_dir = output_dir / "checkpoints"
     result = callbacks.summary.summary(trainer)
     if callbacks.graceful.stopped_at is not None:

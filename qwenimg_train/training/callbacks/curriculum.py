@@ -2,7 +2,7 @@
 
 Logs `curriculum/stage` (index), `curriculum/step_in_stage` and
 `data/skipped/<reason>` (summed over loader workers and ranks) every step, reports stage
-changes, and keeps the stage in the
+changes, and keeps the stage (and the skips per stage, for the run summary) in the
 checkpoint to detect a curriculum that changed between a run and its resume. The
 stage itself follows from the global step (qwenimg_train.data.datamodule): nothing
 here decides it.
