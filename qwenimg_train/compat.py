@@ -123,6 +123,8 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # CurriculumDataModule.shutdown_workers: ends loader workers a failed fit leaves running
     "torch.utils.data:DataLoader": ("_get_iterator",),
     "torch.utils.data.dataloader:_MultiProcessingDataLoaderIter": ("_shutdown_workers",),
+    # training.callbacks.progress: the bar's label is the curriculum stage
+    "lightning.pytorch.callbacks:RichProgressBar": ("_get_train_description",),
     # data_pipelines.core.images.rgb_array: one raw-encoder pass (what Image.tobytes calls)
     "PIL.Image": ("_getencoder",),
 }

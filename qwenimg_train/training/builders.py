@@ -218,7 +218,11 @@ def build_trainer(cfg: TrainConfig, callbacks: list, loggers: list, output_dir: 
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    from qwenimg_train.training.callbacks.progress import StageProgressBar
+
     strategy = instantiate(cfg.strategy) if cfg.strategy else "auto"
+    if cfg.trainer.enable_progress_bar:  # labelled with the curriculum stage, not "Epoch 2/-2"
+        callbacks = [*callbacks, StageProgressBar()]
     return pl.Trainer(**cfg.trainer.kwargs(), strategy=strategy, default_root_dir=str(output_dir), callbacks=callbacks,
                       logger=loggers or False, gradient_clip_val=cfg.optim.grad_clip,
                       reload_dataloaders_every_n_epochs=1, max_epochs=-1)

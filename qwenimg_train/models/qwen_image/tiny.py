@@ -42,6 +42,7 @@ import torch
 
 # The pipelines' templates and drop counts live with the prompt encoder.
 from qwenimg_train.models.qwen_image.encoding import EDIT_DROP as EDIT_DROP_TOKENS
+from qwenimg_train.models.weights import quiet_loading
 from qwenimg_train.models.qwen_image.encoding import EDIT_TEMPLATE as EDIT_PROMPT_TEMPLATE
 from qwenimg_train.models.qwen_image.encoding import T2I_DROP as T2I_DROP_TOKENS
 from qwenimg_train.models.qwen_image.encoding import T2I_TEMPLATE as T2I_PROMPT_TEMPLATE
@@ -302,6 +303,7 @@ def _processor_files(directory: Path, tokenizer) -> None:
 
 def _write_checkpoint(directory: Path, spec: TinySpec, pipeline_class: PipelineClass, seed: int,
                       vae: torch.nn.Module | None = None) -> None:
+    quiet_loading()  # transformers' "Writing model shards" bar: chatter in a run's console
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from qwenimg_train.models.weights import quiet_loading
+
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = "QwenImage21Pipeline"
@@ -272,6 +274,7 @@ def _latent_stats(z_dim: int, generator: torch.Generator) -> tuple[list[float], 
 
 
 def _write_checkpoint(directory: Path, spec: TinySpec21, seed: int) -> None:
+    quiet_loading()  # transformers' "Writing model shards" bar: chatter in a run's console
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
 
     if sum(spec.axes_dims_rope) != spec.attention_head_dim:
