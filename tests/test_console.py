@@ -21,12 +21,13 @@ CHATTER = [
     ("lightning.pytorch.utilities.rank_zero", logging.INFO,
      "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
      "(https://pypi.org/project/litlogger/) to enable LitLogger"),
+    ("lightning.pytorch.utilities.rank_zero", logging.INFO, "TPU available: False, using: 0 TPU cores"),
     ("RapidOCR", logging.WARNING, "The text detection result is empty"),
     ("RapidOCR", logging.WARNING, "The text recognize result is empty"),
     ("DeepSpeed", logging.WARNING,
      "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."),
 ]
-CHATTER_PATTERNS = ("💡 Tip", "litmodels", "litlogger", "result is empty", "Setting accelerator to CPU",
+CHATTER_PATTERNS = ("💡 Tip", "litmodels", "litlogger", "TPU available", "result is empty", "Setting accelerator to CPU",
                     "LeafSpec", "torch_dtype", "anonymous setting")
 
 
@@ -111,6 +112,7 @@ from data_pipelines.core.app import console_script
 def run(cfg):
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
     rank_zero_info("GPU available: False, used: False")
+    rank_zero_info("TPU available: False, using: 0 TPU cores")
     rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]")
     logging.getLogger("RapidOCR").warning("The text detection result is empty")
     logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, "

@@ -204,18 +204,18 @@ def test_skips_are_summed_over_workers_and_ranks_and_kept_across_a_resume(source
 
 
 def test_the_progress_bar_names_the_curriculum_stage(sources):
-    """One stage is one epoch and max_epochs is -1: the bar says "stage 2/3 b", not
-    Lightning's "Epoch 1/-2"."""
+    """One stage is one epoch and max_epochs is -1: the bar says "stage 1 b" (the index
+    the logs and metrics use), not Lightning's "Epoch 1/-2"."""
     from types import SimpleNamespace
 
     from qwenimg_train.training.callbacks.progress import StageProgressBar, stage_label
 
     dm = CurriculumDataModule(curriculum=curriculum(), sources=sources, batch_size=2, total_steps=10)
     labels = [stage_label(SimpleNamespace(datamodule=dm, global_step=step)) for step in (0, 2, 3, 6, 7, 9)]
-    assert labels == ["stage 1/3 a"] * 2 + ["stage 2/3 b"] * 2 + ["stage 3/3 c"] * 2
+    assert labels == ["stage 0 a"] * 2 + ["stage 1 b"] * 2 + ["stage 2 c"] * 2
     bar = StageProgressBar()
     bar._trainer = SimpleNamespace(datamodule=dm, global_step=4, max_epochs=-1)
-    assert bar._get_train_description(1) == "stage 2/3 b"
+    assert bar._get_train_description(1) == "stage 1 b"
     bar._trainer = SimpleNamespace(datamodule=None, global_step=4, max_epochs=-1)  # not a curriculum run
     assert bar._get_train_description(1).startswith("Epoch 1")
 

@@ -18,7 +18,8 @@ What it changes, and why:
   their own only when the root logger has none, and then stop propagating themselves.
 * Advertisements and per-item notices are lowered to DEBUG (dropped unless their
   logger is set to DEBUG, e.g. `hydra.verbose=RapidOCR`): Lightning's "💡 Tip: ... litmodels / litlogger"
-  (lightning/pytorch/trainer/connectors/callback_connector.py), rapidocr's
+  (lightning/pytorch/trainer/connectors/callback_connector.py) and its "TPU available:
+  False" on every machine without one (lightning/pytorch/trainer/setup.py), rapidocr's
   "The text detection result is empty" for every image without text
   (rapidocr/main.py `run_ocr_steps`), and DeepSpeed's "Setting accelerator to CPU"
   on a machine without GPU (deepspeed/accelerator/real_accelerator.py).
@@ -36,7 +37,7 @@ import warnings
 
 DEMOTED: dict[str, tuple[str, ...]] = {
     # logger name -> message patterns (re.search) lowered to DEBUG
-    "lightning.pytorch.utilities.rank_zero": (r"^💡 Tip: ",),
+    "lightning.pytorch.utilities.rank_zero": (r"^💡 Tip: ", r"^TPU available: False, using: 0 TPU cores$"),
     "lightning.fabric.utilities.rank_zero": (r"^💡 Tip: ",),
     "RapidOCR": (r"^The text (detection|recognize) result is empty$", r"^The text classifier is empty$"),
     "DeepSpeed": (r"^Setting accelerator to CPU\.",),
