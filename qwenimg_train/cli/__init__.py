@@ -56,7 +56,21 @@ def _train(cfg) -> dict[str, Any]:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(cfg)  # a failed job raises: Hydra records it and runs the others
     with user_errors_exit(logging.getLogger("qwenimg-train")):
-        return train(cfg)
+        result = train(cfg)
+    end_process_group()
+    return result
+
+
+def end_process_group() -> None:
+    """After a run that finished on every rank: the ranks meet at a barrier and end their
+    process group together, in Python, rather than each at its interpreter's exit
+    (Lightning's atexit hook), where a rank was seen to abort once in gloo's teardown
+    ("terminate called without an active exception", exit -6) after a complete run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _export(mapping: dict[str, Any]):
