@@ -42,11 +42,11 @@ import torch
 
 # The pipelines' templates and drop counts live with the prompt encoder.
 from qwenimg_train.models.qwen_image.encoding import EDIT_DROP as EDIT_DROP_TOKENS
-from qwenimg_train.models.weights import quiet_loading
 from qwenimg_train.models.qwen_image.encoding import EDIT_TEMPLATE as EDIT_PROMPT_TEMPLATE
 from qwenimg_train.models.qwen_image.encoding import T2I_DROP as T2I_DROP_TOKENS
 from qwenimg_train.models.qwen_image.encoding import T2I_TEMPLATE as T2I_PROMPT_TEMPLATE
 from qwenimg_train.models.qwen_image.encoding import _torchvision_works, load_processor  # noqa: F401  (re-exported for tests)
+from qwenimg_train.models.weights import quiet_loading
 
 if TYPE_CHECKING:
     from transformers import Qwen2Tokenizer
