@@ -51,7 +51,7 @@ def _train(cfg) -> dict[str, Any]:
     from hydra.types import RunMode
 
     from qwenimg_train.training.sweep import sweep_job
-    from qwenimg_train.training.train import train
+    from qwenimg_train.training.train import end_process_group, train
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(cfg)  # a failed job raises: Hydra records it and runs the others
@@ -59,18 +59,6 @@ def _train(cfg) -> dict[str, Any]:
         result = train(cfg)
     end_process_group()
     return result
-
-
-def end_process_group() -> None:
-    """After a run that finished on every rank: the ranks meet at a barrier and end their
-    process group together, in Python, rather than each at its interpreter's exit
-    (Lightning's atexit hook), where a rank was seen to abort once in gloo's teardown
-    ("terminate called without an active exception", exit -6) after a complete run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _export(mapping: dict[str, Any]):

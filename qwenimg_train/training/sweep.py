@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qwenimg_train.training.train import train
+from qwenimg_train.training.train import end_process_group, train
 
 log = logging.getLogger("qwenimg-train")
 
@@ -47,8 +47,11 @@ def sweep_job(cfg: DictConfig) -> dict[str, Any]:
     argv, env = sys.argv, dict(os.environ)
     task = [o for o, key in zip(hc.overrides.task, keys) if key not in ("sweep", "paths.output_dir")]
     sys.argv = [argv[0], *task, f'paths.output_dir="{job_dir}"', "hydra.mode=RUN"]
+    finished = False
     try:
-        return train(cfg)
+        result = train(cfg)
+        finished = True
+        return result
     except Exception as exc:
         # Into the job's log (<job dir>/<job name>.log), where qwenimg-sweep-report finds the cause.
         log.error("job %s failed: %s: %s", hc.job.num, type(exc).__name__, exc)
@@ -57,5 +60,7 @@ def sweep_job(cfg: DictConfig) -> dict[str, Any]:
         sys.argv = argv
         os.environ.clear()
         os.environ.update(env)
-        if dist.is_available() and dist.is_initialized():
+        if finished:
+            end_process_group()  # as the job's other ranks do (they run `qwenimg-train` in run mode)
+        elif dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -49,6 +49,19 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return builders.write_summary(config, trainer, callbacks, out)
 
 
+def end_process_group() -> None:
+    """After a run that finished on every rank: the ranks meet at a barrier and end their
+    process group together, in Python, rather than each at its interpreter's exit
+    (Lightning's atexit hook), where a rank was seen to abort once in gloo's teardown
+    ("terminate called without an active exception", exit -6) after a complete run.
+    Every rank of the run must call it: `qwenimg-train` after train(), and a sweep job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from qwenimg_train.cli import train as main
 
